@@ -1,0 +1,1 @@
+"""imagetool: build release images and manage the lab cluster."""

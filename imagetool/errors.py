@@ -1,0 +1,82 @@
+"""One exception hierarchy for the whole core; the CLI maps it to exit codes in one place."""
+
+from __future__ import annotations
+
+
+class ImagetoolError(Exception):
+    """Base of every error the core raises on purpose. The message is shown to the operator."""
+
+    exit_code = 1
+
+
+class InputError(ImagetoolError):
+    """Bad input: a malformed or invalid release file, inventory, name or option."""
+
+    exit_code = 2
+
+
+class NotFoundError(InputError):
+    """A release, image, node or file that was asked for does not exist."""
+
+
+class AlreadyExistsError(InputError):
+    """Something would be overwritten without --force."""
+
+
+class RolloutFailedError(ImagetoolError):
+    """A rollout or rollback stopped: nodes failed and were rolled back."""
+
+    exit_code = 3
+
+
+class UnreachableError(ImagetoolError):
+    """A node could not be reached (connect, authentication, host key, timeout)."""
+
+    exit_code = 4
+
+
+class HostKeyError(UnreachableError):
+    """A node's host key is unknown or changed."""
+
+
+class VerificationError(ImagetoolError):
+    """An image, manifest or signature does not check out."""
+
+    exit_code = 5
+
+
+class BuildError(ImagetoolError):
+    """diskimage-builder or the squashfs step failed."""
+
+    exit_code = 6
+
+
+class HostSetupError(ImagetoolError):
+    """This machine lacks something: a system tool, root, kernel support."""
+
+    exit_code = 7
+
+
+class LockedError(ImagetoolError):
+    """A node is locked by another rollout."""
+
+    exit_code = 8
+
+
+class NodeError(ImagetoolError):
+    """A node helper command failed on the node."""
+
+    exit_code = 1
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "unexpected error",
+    2: "bad input (release file, inventory, name or option)",
+    3: "rollout stopped: nodes failed and were rolled back",
+    4: "nodes unreachable",
+    5: "verification failed (sha256 or signature)",
+    6: "build failed",
+    7: "missing system tool or privilege",
+    8: "node locked by another rollout",
+}

@@ -1,0 +1,46 @@
+"""Names that end up in file names and on nodes' command lines: validated once, here."""
+
+from __future__ import annotations
+
+import re
+
+from imagetool.errors import InputError
+
+# A release name and version become file names (<name>-<version>.squashfs) on the controller
+# and on every node, so neither may contain '/', '..', whitespace or shell metacharacters.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+~_]{0,62}$")
+RELEASE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}-[A-Za-z0-9][A-Za-z0-9.+~_]{0,62}$")
+
+
+def check_name(name: object, where: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InputError(
+            f"{where}: {name!r} is not a valid release name "
+            "(lowercase letters, digits and '-', starting with a letter or digit, at most 63)"
+        )
+    return name
+
+
+def check_version(version: object, where: str = "version") -> str:
+    if isinstance(version, (int, float)) and not isinstance(version, bool):
+        version = str(version)
+    if not isinstance(version, str) or not VERSION_RE.match(version) or ".." in version:
+        raise InputError(
+            f"{where}: {version!r} is not a valid version "
+            "(letters, digits and '.+~_', starting with a letter or digit, no '..', at most 63)"
+        )
+    return version
+
+
+def check_release_id(release_id: object, where: str = "release") -> str:
+    """A release id is '<name>-<version>', e.g. 'webapp-1.0'."""
+    if not isinstance(release_id, str) or not RELEASE_ID_RE.match(release_id) or ".." in release_id:
+        raise InputError(
+            f"{where}: {release_id!r} is not a valid release id (expected NAME-VERSION, e.g. webapp-1.0)"
+        )
+    return release_id
+
+
+def release_id(name: str, version: str) -> str:
+    return f"{name}-{version}"

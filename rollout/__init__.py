@@ -1,0 +1,1 @@
+"""rollout: everything that touches nodes."""
