@@ -1,0 +1,290 @@
+"""Build a release: diskimage-builder makes the root tree, imagetool makes the squashfs and manifest.
+
+The squashfs is made here rather than by diskimage-builder so that compression, block size, file
+order and timestamps are ours: two builds of the same inputs should differ as little as possible,
+which is what makes delta transfer worth anything.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from imagetool.errors import AlreadyExistsError, BuildError, HostSetupError, NotFoundError
+from imagetool.manifest import BuilderInfo, ImageInfo, Manifest, parse_dpkg_manifest, sha256_file
+from imagetool.release import Release, effective_mirrors
+from imagetool.signing import sign_file
+from imagetool.store import Store, StoredRelease
+from imagetool.systools import disk_image_create, require, require_root
+
+# This project's own elements, added to every build.
+PROJECT_ELEMENTS = ["imagetool-readonly-root", "imagetool-node", "imagetool-health"]
+
+# Files in the built tree that differ between two builds of the same inputs and that nothing on a
+# node reads (the node's own /var hides the image's /var at run time). Removing them keeps deltas
+# small; what still differs is measured by bench/reproducibility.py.
+BUILD_NOISE = [
+    "var/log/*",
+    "var/cache/apt/*.bin",
+    "var/cache/debconf/*-old",
+    "var/lib/dpkg/*-old",
+    "var/lib/apt/lists/*",
+    "var/cache/ldconfig/aux-cache",
+    "etc/dib-manifests/dib_environment",
+    "etc/dib-manifests/dib_arguments",
+    "etc/dib_dib-manifests",
+]
+
+Progress = Callable[[str, str], None]  # (step, detail)
+
+
+def elements_dir() -> Path:
+    """The project's elements: $IMAGETOOL_ELEMENTS, or elements/ beside the package."""
+    explicit = os.environ.get("IMAGETOOL_ELEMENTS")
+    candidates = [Path(explicit)] if explicit else []
+    candidates.append(Path(__file__).resolve().parent.parent / "elements")
+    for c in candidates:
+        if (c / "imagetool-node").is_dir():
+            return c
+    raise HostSetupError(
+        f"imagetool's elements not found (looked in {', '.join(map(str, candidates))}); set IMAGETOOL_ELEMENTS"
+    )
+
+
+@dataclass
+class BuildOptions:
+    force: bool = False
+    sign_key: Path | None = None
+    work_dir: Path | None = None  # where diskimage-builder's output and the root tree go
+    keep_work: bool = False
+
+
+def dib_environment(release: Release, elements: Path) -> dict[str, str]:
+    """The environment disk-image-create runs in (pure: tested against exact values)."""
+    mirrors = effective_mirrors(release)
+    release_json = {
+        "name": release.name,
+        "version": release.version,
+        "services": list(release.services),
+        "release_sha256": hashlib.sha256(release.path.read_bytes()).hexdigest(),
+    }
+    env = {
+        "DIB_RELEASE": release.base.release,
+        "DIB_DISTRIBUTION_MIRROR": mirrors.distribution or "",
+        "ELEMENTS_PATH": ":".join([str(elements), *(str(p) for p in release.element_paths)]),
+        "IMAGETOOL_RELEASE_JSON": json.dumps(release_json, sort_keys=True),
+        "IMAGETOOL_SERVICES": " ".join(release.services),
+        "IMAGETOOL_HEALTH_CHECKS": json.dumps(
+            [{"name": h.name, "command": h.command, "timeout": h.timeout} for h in release.health_checks]
+        ),
+    }
+    if release.base.distribution == "debian" and mirrors.security:
+        env["DIB_DEBIAN_SECURITY_MIRROR"] = mirrors.security
+    if release.source_date_epoch is not None:
+        env["SOURCE_DATE_EPOCH"] = str(release.source_date_epoch)
+    env.update(release.environment)
+    return env
+
+
+def dib_command(release: Release, output: Path) -> list[str]:
+    argv = [disk_image_create(), "-t", "tar", "-o", str(output), "--no-tmpfs"]
+    if release.packages:
+        argv += ["-p", ",".join(release.packages)]
+    argv += [*release.dib_elements, *PROJECT_ELEMENTS]
+    return argv
+
+
+def squashfs_command(tree: Path, output: Path, release: Release, epoch: int | None) -> list[str]:
+    sq = release.squashfs
+    argv = ["mksquashfs", str(tree), str(output), "-noappend", "-comp", sq.compression, "-b", str(sq.block_size)]
+    if sq.compression in ("zstd", "xz", "gzip") and sq.level is not None:
+        flag = {"zstd": "-Xcompression-level", "gzip": "-Xcompression-level", "xz": "-Xdict-size"}[sq.compression]
+        if sq.compression != "xz":
+            argv += [flag, str(sq.level)]
+    if epoch is not None:
+        argv += ["-mkfs-time", str(epoch)]
+    argv += ["-processors", str(os.cpu_count() or 1), "-no-progress"]
+    return argv
+
+
+def source_date_epoch(release: Release) -> int | None:
+    if release.source_date_epoch is not None:
+        return release.source_date_epoch
+    env = os.environ.get("SOURCE_DATE_EPOCH")
+    return int(env) if env and env.isdigit() else None
+
+
+def clamp_mtimes(tree: Path, epoch: int) -> int:
+    """Clamp every timestamp newer than SOURCE_DATE_EPOCH to it; older ones (from packages) stay."""
+    changed = 0
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in [*dirnames, *filenames, ""]:
+            path = os.path.join(dirpath, name) if name else dirpath
+            st = os.lstat(path)
+            if st.st_mtime > epoch:
+                os.utime(path, (epoch, epoch), follow_symlinks=False)
+                changed += 1
+    return changed
+
+
+def remove_build_noise(tree: Path) -> list[str]:
+    removed = []
+    for pattern in BUILD_NOISE:
+        for p in tree.glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(str(p.relative_to(tree)))
+    return removed
+
+
+def _run_logged(argv: list[str], log: Path, env: dict[str, str], progress: Progress, step: str) -> None:
+    """Run a long step with its output appended to the build log; progress shows its latest phase."""
+    with open(log, "ab") as logf:
+        logf.write(f"\n$ {' '.join(argv)}\n".encode())
+        logf.flush()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                logf.write(line)
+                text = line.decode(errors="replace").strip()
+                m = re.search(r"Running hooks from .*/hooks/(\S+)", text) or re.search(r"Running (\S+\.d)", text)
+                if m:
+                    progress(step, m.group(1))
+            rc = proc.wait()
+        except BaseException:
+            # Ctrl-C reaches diskimage-builder too (same process group); give it time to unmount.
+            try:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=120)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                proc.kill()
+                proc.wait()
+            raise
+    if rc != 0:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise BuildError(f"{step} failed (exit status {rc}); last lines of {log}:\n" + "\n".join(tail))
+
+
+def build(release: Release, store: Store, options: BuildOptions | None = None,
+          progress: Progress | None = None) -> StoredRelease:
+    """Build `release` into `store`. The store gains the release completely or not at all."""
+    options = options or BuildOptions()
+    progress = progress or (lambda step, detail: None)
+    require_root("imagetool build")
+    require("debootstrap", "mksquashfs", "sudo", "tar")
+    if store.has(release.id) and not options.force:
+        raise AlreadyExistsError(f"release {release.id} already in store {store.path}; use --force to rebuild it")
+    if options.sign_key is not None and not Path(options.sign_key).exists():
+        raise NotFoundError(f"--sign-key {options.sign_key}: no such file")
+    elements = elements_dir()
+    env = {**os.environ, **dib_environment(release, elements)}
+    epoch = source_date_epoch(release)
+
+    base = options.work_dir or Path(os.environ.get("IMAGETOOL_WORKDIR", "/var/tmp"))
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"imagetool-build-{release.id}-", dir=base))
+    log = work / "build.log"
+    started = time.monotonic()
+    try:
+        with store.staging(release.id) as staging:
+            progress("diskimage-builder", "starting")
+            _run_logged(dib_command(release, work / "image"), log, env, progress, "diskimage-builder")
+            dib_seconds = time.monotonic() - started
+
+            progress("unpack", "root tree")
+            tree = work / "root"
+            tree.mkdir()
+            _run_logged(
+                ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", str(work / "image.tar"),
+                 "-C", str(tree)],
+                log, env, progress, "unpack")
+            (work / "image.tar").unlink()
+            remove_build_noise(tree)
+            if epoch is not None:
+                clamp_mtimes(tree, epoch)
+
+            progress("squashfs", release.squashfs.compression)
+            sq_started = time.monotonic()
+            # mksquashfs refuses SOURCE_DATE_EPOCH together with -mkfs-time; we pass the time explicitly.
+            sq_env = {k: v for k, v in env.items() if k != "SOURCE_DATE_EPOCH"}
+            _run_logged(squashfs_command(tree, staging.squashfs_path, release, epoch), log, sq_env, progress,
+                        "squashfs")
+            sq_seconds = time.monotonic() - sq_started
+
+            progress("manifest", "sha256")
+            dpkg = work / "image.d" / "dib-manifests" / "dib-manifest-dpkg-image"
+            packages = parse_dpkg_manifest(dpkg) if dpkg.exists() else []
+            if not packages:
+                raise BuildError(f"diskimage-builder wrote no package list ({dpkg}); see {log}")
+            manifest = make_manifest(release, staging.squashfs_path, packages, epoch,
+                                     [*release.dib_elements, *PROJECT_ELEMENTS], env)
+            staging.manifest_path.write_bytes(manifest.to_json())
+            if options.sign_key is not None:
+                progress("sign", str(options.sign_key))
+                staging.sig_path.write_bytes(sign_file(staging.manifest_path, options.sign_key))
+            with open(log, "a") as f:
+                f.write(f"\nimagetool: diskimage-builder {dib_seconds:.1f}s, squashfs {sq_seconds:.1f}s, "
+                        f"total {time.monotonic() - started:.1f}s\n")
+            shutil.copyfile(log, staging.log_path)
+            progress("store", str(store.path))
+            return staging.commit(force=options.force)
+    except BaseException:
+        # The store is untouched (staging removed itself); keep the log where the operator can read it.
+        if log.exists():
+            kept = base / f"imagetool-build-{release.id}.failed.log"
+            shutil.copyfile(log, kept)
+        raise
+    finally:
+        if not options.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def make_manifest(release: Release, squashfs: Path, packages: list, epoch: int | None,
+                  elements: list[str], env: dict[str, str]) -> Manifest:
+    return Manifest(
+        name=release.name,
+        version=release.version,
+        description=release.description,
+        built_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        source_date_epoch=epoch,
+        release_sha256=hashlib.sha256(release.path.read_bytes()).hexdigest(),
+        builder=BuilderInfo(
+            imagetool=_version("imagetool"),
+            diskimage_builder=_version("diskimage-builder"),
+            python=platform.python_version(),
+            host=platform.node(),
+        ),
+        base=release.base,
+        mirrors=effective_mirrors(release),
+        elements=tuple(elements),
+        environment=dict(release.environment),
+        squashfs=release.squashfs,
+        packages=tuple(sorted(packages, key=lambda p: (p.name, p.arch))),
+        services=release.services,
+        health_checks=release.health_checks,
+        image=ImageInfo(file=f"{release.id}.squashfs",
+                        size=squashfs.stat().st_size, sha256=sha256_file(squashfs)),
+    )
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,537 @@
+"""The release description: a YAML file that says what goes into an image.
+
+`load_release` turns the file into frozen dataclasses or raises InputError naming the file, the
+key and the problem. Nothing downstream re-validates, so everything that ends up in a file name,
+a command line or a DIB environment variable is checked here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from imagetool.errors import InputError, NotFoundError
+from imagetool.names import check_name, check_version, release_id
+
+DISTRIBUTIONS = {"debian": "debian-minimal", "ubuntu": "ubuntu-minimal"}
+DEFAULT_DISTRIBUTION = "debian"
+DEFAULT_RELEASE = "bookworm"
+
+COMPRESSIONS = ("zstd", "xz", "gzip", "lzo", "lz4")
+# Only these compressors take -Xcompression-level in mksquashfs; xz and lz4 have no level, and
+# silently ignoring a level the operator wrote would be a lie.
+LEVEL_RANGES = {"zstd": (1, 22), "gzip": (1, 9), "lzo": (1, 9)}
+DEFAULT_LEVELS = {"zstd": 15, "gzip": 9}
+DEFAULT_BLOCK_SIZE = 131072
+DEFAULT_HEALTH_TIMEOUT = 10
+
+RELEASE_CODENAME_RE = re.compile(r"^[a-z0-9]+$")
+ELEMENT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
+# A leading '-' would read as an option to systemctl; '/' or spaces would escape the unit name.
+SERVICE_RE = re.compile(r"^[A-Za-z0-9@_:][A-Za-z0-9@_.:-]*\.(service|socket|timer|target)$")
+HEALTH_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+ENV_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+TOP_KEYS = (
+    "name",
+    "version",
+    "description",
+    "base",
+    "mirrors",
+    "elements",
+    "element_paths",
+    "packages",
+    "services",
+    "health_checks",
+    "environment",
+    "squashfs",
+    "source_date_epoch",
+)
+BASE_KEYS = ("distribution", "release")
+MIRROR_KEYS = ("distribution", "security")
+HEALTH_KEYS = ("name", "command", "timeout")
+SQUASHFS_KEYS = ("compression", "level", "block_size")
+
+
+@dataclass(frozen=True)
+class Base:
+    distribution: str = DEFAULT_DISTRIBUTION
+    release: str = DEFAULT_RELEASE
+
+    @property
+    def element(self) -> str:
+        """The diskimage-builder element that provides this base."""
+        return DISTRIBUTIONS[self.distribution]
+
+
+@dataclass(frozen=True)
+class Mirrors:
+    # None means "use what apt uses on the build machine" (see effective_mirrors).
+    distribution: str | None = None
+    security: str | None = None
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    name: str
+    command: str
+    timeout: float = DEFAULT_HEALTH_TIMEOUT
+
+
+@dataclass(frozen=True)
+class SquashfsOptions:
+    compression: str = "zstd"
+    level: int | None = DEFAULT_LEVELS["zstd"]
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class Release:
+    path: Path
+    name: str
+    version: str
+    description: str = ""
+    base: Base = field(default_factory=Base)
+    mirrors: Mirrors = field(default_factory=Mirrors)
+    elements: tuple[str, ...] = ()
+    element_paths: tuple[Path, ...] = ()
+    # As written in the file, for manifests: absolute build paths differ between CI machines.
+    element_paths_given: tuple[str, ...] = ()
+    packages: tuple[str, ...] = ()
+    services: tuple[str, ...] = ()
+    health_checks: tuple[HealthCheck, ...] = ()
+    environment: dict[str, str] = field(default_factory=dict)
+    squashfs: SquashfsOptions = field(default_factory=SquashfsOptions)
+    source_date_epoch: int | None = None
+
+    @property
+    def id(self) -> str:
+        return release_id(self.name, self.version)
+
+    @property
+    def dib_elements(self) -> list[str]:
+        """All elements to pass to disk-image-create: the base element first."""
+        return [self.base.element, *self.elements]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+class _Ctx:
+    """Carries the file name so every message can say where the problem is."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def error(self, key: str, problem: str) -> InputError:
+        return InputError(f"{self.where}: key '{key}': {problem}")
+
+    def at(self, key: str) -> str:
+        return f"{self.where}: key '{key}'"
+
+    def got(self, key: str, expected: str, value: Any) -> InputError:
+        return self.error(key, f"expected {expected}, got {value!r} ({_type_name(value)})")
+
+    def mapping(self, value: Any, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.got(key, "a mapping", value)
+        for k in value:
+            if not isinstance(k, str) or k not in allowed:
+                full = f"{key}.{k}" if key else str(k)
+                raise self.error(full, f"unknown key; allowed keys: {', '.join(allowed)}")
+        return value
+
+    def string(self, value: Any, key: str, regex: re.Pattern[str] | None = None, what: str = "") -> str:
+        if not isinstance(value, str):
+            raise self.got(key, "a string", value)
+        if regex is not None and not regex.match(value):
+            raise self.error(key, f"{value!r} is not a valid {what}")
+        return value
+
+    def string_list(self, value: Any, key: str, regex: re.Pattern[str], what: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.got(key, "a list", value)
+        items: list[str] = []
+        for i, item in enumerate(value):
+            item = self.string(item, f"{key}[{i}]", regex, what)
+            if item in items:
+                raise self.error(f"{key}[{i}]", f"{item!r} is listed twice")
+            items.append(item)
+        return tuple(items)
+
+    def integer(self, value: Any, key: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.got(key, "an integer", value)
+        return value
+
+
+def load_release(path: str | Path) -> Release:
+    path = Path(path)
+    where = str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"{where}: release file does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"{where}: is a directory, expected a release file (YAML)") from None
+    except OSError as e:
+        raise InputError(f"{where}: cannot read release file: {e.strerror or e}") from None
+    try:
+        doc = yaml.safe_load(data)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = e.problem or e.context or "syntax error"
+        ctx = e.context_mark
+        if e.context and ctx is not None and e.problem and (ctx.line, ctx.column) != (mark.line, mark.column):
+            # "unexpected end of stream" alone points at the end; the opening quote is what to fix.
+            problem += f" ({e.context} at line {ctx.line + 1}, column {ctx.column + 1})"
+        raise InputError(f"{where}: {loc}malformed YAML: {problem}") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"{where}: malformed YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise InputError(
+            f"{where}: top level: expected a mapping (name: ..., version: ...), got {_type_name(doc)}"
+        )
+    return _parse_release(doc, path, _Ctx(where))
+
+
+def _parse_release(doc: dict[str, Any], path: Path, c: _Ctx) -> Release:
+    c.mapping(doc, "", TOP_KEYS)
+    for required in ("name", "version"):
+        if required not in doc or doc[required] is None:
+            raise c.error(required, "missing (required)")
+    name = check_name(doc["name"], where=c.at("name"))
+    version = check_version(doc["version"], where=c.at("version"))
+
+    description = doc.get("description")
+    description = "" if description is None else c.string(description, "description")
+
+    base = _parse_base(doc.get("base"), c)
+    mirrors = _parse_mirrors(doc.get("mirrors"), c)
+    elements = c.string_list(
+        doc.get("elements"), "elements", ELEMENT_RE, "element name (lowercase letters, digits, '_' and '-')"
+    )
+    if base.element in elements:
+        i = elements.index(base.element)
+        raise c.error(f"elements[{i}]", f"{base.element!r} comes from base.distribution; do not list it")
+
+    given = c.string_list(doc.get("element_paths"), "element_paths", re.compile(r"^.+$"), "path")
+    here = path.absolute().parent
+    element_paths = []
+    for i, p in enumerate(given):
+        full = (here / p).resolve()
+        if not full.is_dir():
+            raise c.error(f"element_paths[{i}]", f"{p!r} is not a directory (looked for {full})")
+        element_paths.append(full)
+
+    packages = c.string_list(
+        doc.get("packages"), "packages", PACKAGE_RE, "Debian package name (lowercase letters, digits and '+.-')"
+    )
+    services = c.string_list(
+        doc.get("services"), "services", SERVICE_RE, "systemd unit name (letters, digits and '@_.:-', ending in .service, .socket, .timer or .target)"
+    )
+    health_checks = _parse_health_checks(doc.get("health_checks"), c)
+    environment = _parse_environment(doc.get("environment"), c)
+    squashfs = _parse_squashfs(doc.get("squashfs"), c)
+
+    sde = doc.get("source_date_epoch")
+    if sde is not None:
+        sde = c.integer(sde, "source_date_epoch")
+        if sde < 0:
+            raise c.error("source_date_epoch", f"must not be negative, got {sde}")
+
+    return Release(
+        path=path.absolute(),
+        name=name,
+        version=version,
+        description=description,
+        base=base,
+        mirrors=mirrors,
+        elements=elements,
+        element_paths=tuple(element_paths),
+        element_paths_given=given,
+        packages=packages,
+        services=services,
+        health_checks=health_checks,
+        environment=environment,
+        squashfs=squashfs,
+        source_date_epoch=sde,
+    )
+
+
+def _parse_base(value: Any, c: _Ctx) -> Base:
+    if value is None:
+        return Base()
+    c.mapping(value, "base", BASE_KEYS)
+    dist = value.get("distribution", DEFAULT_DISTRIBUTION)
+    dist = c.string(dist, "base.distribution")
+    if dist not in DISTRIBUTIONS:
+        raise c.error("base.distribution", f"{dist!r} is not supported; choose one of: {', '.join(DISTRIBUTIONS)}")
+    rel = value.get("release", DEFAULT_RELEASE)
+    rel = c.string(rel, "base.release", RELEASE_CODENAME_RE, "release codename (lowercase letters and digits)")
+    return Base(distribution=dist, release=rel)
+
+
+def _check_url(value: Any, key: str, c: _Ctx) -> str:
+    url = c.string(value, key)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or any(ch.isspace() for ch in url):
+        raise c.error(key, f"{url!r} is not an http:// or https:// URL")
+    return url.rstrip("/")
+
+
+def _parse_mirrors(value: Any, c: _Ctx) -> Mirrors:
+    if value is None:
+        return Mirrors()
+    c.mapping(value, "mirrors", MIRROR_KEYS)
+    out: dict[str, str | None] = {}
+    for k in MIRROR_KEYS:
+        v = value.get(k)
+        out[k] = None if v is None else _check_url(v, f"mirrors.{k}", c)
+    return Mirrors(**out)
+
+
+def _parse_health_checks(value: Any, c: _Ctx) -> tuple[HealthCheck, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise c.got("health_checks", "a list", value)
+    checks: list[HealthCheck] = []
+    seen: set[str] = set()
+    for i, item in enumerate(value):
+        key = f"health_checks[{i}]"
+        c.mapping(item, key, HEALTH_KEYS)
+        for required in ("name", "command"):
+            if item.get(required) is None:
+                raise c.error(f"{key}.{required}", "missing (required)")
+        name = c.string(
+            item["name"], f"{key}.name", HEALTH_NAME_RE, "health check name (lowercase letters, digits, '_' and '-')"
+        )
+        if name in seen:
+            raise c.error(f"{key}.name", f"health check {name!r} is defined twice")
+        seen.add(name)
+        command = c.string(item["command"], f"{key}.command")
+        if not command.strip():
+            raise c.error(f"{key}.command", "must not be empty")
+        timeout = item.get("timeout", DEFAULT_HEALTH_TIMEOUT)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+            raise c.got(f"{key}.timeout", "a number of seconds", timeout)
+        if not timeout > 0 or timeout != timeout or timeout == float("inf"):
+            raise c.error(f"{key}.timeout", f"must be a positive number of seconds, got {timeout!r}")
+        checks.append(HealthCheck(name=name, command=command, timeout=timeout))
+    return tuple(checks)
+
+
+def _parse_environment(value: Any, c: _Ctx) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise c.got("environment", "a mapping", value)
+    env: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not ENV_KEY_RE.match(k):
+            raise c.error(f"environment.{k}", f"{k!r} is not a valid variable name (must match {ENV_KEY_RE.pattern})")
+        # DIB's own switches are 1/0 (e.g. DIB_AVOID_PACKAGES_UPDATE=1), so YAML booleans map there.
+        if isinstance(v, bool):
+            env[k] = "1" if v else "0"
+        elif isinstance(v, int):
+            env[k] = str(v)
+        elif isinstance(v, str):
+            if "\0" in v:
+                raise c.error(f"environment.{k}", "must not contain a NUL character")
+            env[k] = v
+        else:
+            raise c.got(f"environment.{k}", "a string, integer or boolean", v)
+    return env
+
+
+def _parse_squashfs(value: Any, c: _Ctx) -> SquashfsOptions:
+    if value is None:
+        return SquashfsOptions()
+    c.mapping(value, "squashfs", SQUASHFS_KEYS)
+    comp = c.string(value.get("compression", "zstd"), "squashfs.compression")
+    if comp not in COMPRESSIONS:
+        raise c.error("squashfs.compression", f"{comp!r} is not supported; choose one of: {', '.join(COMPRESSIONS)}")
+    level = value.get("level")
+    if level is None:
+        level = DEFAULT_LEVELS.get(comp)
+    else:
+        level = c.integer(level, "squashfs.level")
+        if comp not in LEVEL_RANGES:
+            raise c.error("squashfs.level", f"{comp} has no compression level; remove the key or use one of: {', '.join(LEVEL_RANGES)}")
+        lo, hi = LEVEL_RANGES[comp]
+        if not lo <= level <= hi:
+            raise c.error("squashfs.level", f"{level} is out of range for {comp} ({lo}..{hi})")
+    block = value.get("block_size", DEFAULT_BLOCK_SIZE)
+    block = c.integer(block, "squashfs.block_size")
+    if not (4096 <= block <= 1048576) or block & (block - 1):
+        raise c.error("squashfs.block_size", f"{block} is not a power of two between 4096 and 1048576")
+    return SquashfsOptions(compression=comp, level=level, block_size=block)
+
+
+def release_to_dict(release: Release) -> dict[str, Any]:
+    """A JSON-able view of the release as written (element paths relative, as in the file)."""
+    return {
+        "name": release.name,
+        "version": release.version,
+        "id": release.id,
+        "description": release.description,
+        "base": {"distribution": release.base.distribution, "release": release.base.release},
+        "mirrors": {"distribution": release.mirrors.distribution, "security": release.mirrors.security},
+        "elements": list(release.elements),
+        "element_paths": list(release.element_paths_given),
+        "packages": list(release.packages),
+        "services": list(release.services),
+        "health_checks": [
+            {"name": h.name, "command": h.command, "timeout": h.timeout} for h in release.health_checks
+        ],
+        "environment": dict(release.environment),
+        "squashfs": {
+            "compression": release.squashfs.compression,
+            "level": release.squashfs.level,
+            "block_size": release.squashfs.block_size,
+        },
+        "source_date_epoch": release.source_date_epoch,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Mirrors: the build machine's apt already knows a reachable mirror; hosts like the default
+# security.debian.org may not be reachable from CI, so read apt's sources rather than guessing.
+
+
+def _is_security_suite(suite: str) -> bool:
+    return suite.endswith("-security") or "/updates" in suite
+
+
+def _is_distribution_suite(suite: str) -> bool:
+    # A suite ending in '/' is a flat third-party repository, never a distribution mirror.
+    return not (
+        _is_security_suite(suite)
+        or suite.endswith("-updates")
+        or suite.endswith("-backports")
+        or suite.endswith("/")
+    )
+
+
+def _one_line_entries(text: str) -> list[tuple[str, str]]:
+    entries = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        line = re.sub(r"\[[^\]]*\]", " ", line)
+        fields = line.split()
+        if len(fields) < 3 or fields[0] != "deb":
+            continue
+        entries.append((fields[1], fields[2]))
+    return entries
+
+
+def _deb822_entries(text: str) -> list[tuple[str, str]]:
+    entries = []
+    stanzas: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    last_key: str | None = None
+    for raw in text.splitlines():
+        if raw.startswith("#"):
+            continue
+        if not raw.strip():
+            if current:
+                stanzas.append(current)
+            current, last_key = {}, None
+            continue
+        if raw[0] in " \t" and last_key is not None:
+            current[last_key] += " " + raw.strip()
+            continue
+        if ":" in raw:
+            k, v = raw.split(":", 1)
+            last_key = k.strip().lower()
+            current[last_key] = v.strip()
+    if current:
+        stanzas.append(current)
+    for st in stanzas:
+        if st.get("enabled", "yes").strip().lower() in ("no", "false", "0"):
+            continue
+        if "deb" not in st.get("types", "").split():
+            continue
+        for uri in st.get("uris", "").split():
+            for suite in st.get("suites", "").split():
+                entries.append((uri, suite))
+    return entries
+
+
+def detect_apt_mirrors(sources_dir: Path = Path("/etc/apt")) -> tuple[str | None, str | None]:
+    """(distribution mirror, security mirror) as configured for apt on this machine."""
+    sources_dir = Path(sources_dir)
+    entries: list[tuple[str, str]] = []
+    files: list[tuple[Path, bool]] = [(sources_dir / "sources.list", False)]
+    d = sources_dir / "sources.list.d"
+    if d.is_dir():
+        for f in sorted(d.iterdir()):
+            if f.name.endswith(".list"):
+                files.append((f, False))
+            elif f.name.endswith(".sources"):
+                files.append((f, True))
+    for f, deb822 in files:
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        entries.extend(_deb822_entries(text) if deb822 else _one_line_entries(text))
+
+    dist = next((u.rstrip("/") for u, s in entries if _is_distribution_suite(s)), None)
+    sec = next((u.rstrip("/") for u, s in entries if _is_security_suite(s)), None)
+    if sec is None and dist is not None:
+        sec = f"{dist}-security"
+    return dist, sec
+
+
+def effective_mirrors(release: Release, sources_dir: Path = Path("/etc/apt")) -> Mirrors:
+    """The mirrors the build will use: the release's own, else what apt uses on this machine."""
+    dist, sec = release.mirrors.distribution, release.mirrors.security
+    if dist is None or sec is None:
+        found_dist, found_sec = detect_apt_mirrors(sources_dir)
+        if dist is None and found_dist is not None:
+            other = "ubuntu" if release.base.distribution == "debian" else "debian"
+            # A Debian host's mirror cannot serve an Ubuntu image (and vice versa): say so now
+            # rather than let debootstrap fail minutes into the build.
+            if other in found_dist.lower() and release.base.distribution not in found_dist.lower():
+                raise InputError(
+                    f"{release.path}: key 'mirrors.distribution': this machine's apt mirror "
+                    f"{found_dist} looks like {other}, not {release.base.distribution}; "
+                    f"set mirrors.distribution in {release.path}"
+                )
+        if dist is None:
+            dist = found_dist
+        if sec is None:
+            sec = found_sec if release.mirrors.distribution is None else f"{dist}-security"
+    if dist is None:
+        raise InputError(
+            f"{release.path}: key 'mirrors.distribution': no apt mirror found in {sources_dir} on this "
+            f"machine; set mirrors.distribution in {release.path}"
+        )
+    return Mirrors(distribution=dist, security=sec)

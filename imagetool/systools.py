@@ -1,0 +1,61 @@
+"""The host tools imagetool drives, and the Debian packages that provide them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from imagetool.errors import HostSetupError
+
+PACKAGES = {
+    "debootstrap": "debootstrap",
+    "mksquashfs": "squashfs-tools",
+    "unsquashfs": "squashfs-tools",
+    "sudo": "sudo",
+    "systemd-nspawn": "systemd-container",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "scp": "openssh-client",
+    "ip": "iproute2",
+    "mount": "mount",
+    "losetup": "mount",
+    "tar": "tar",
+    "zstd": "zstd",
+}
+
+
+def require(*tools: str) -> dict[str, str]:
+    """Return the path of each tool, or fail naming the package that provides the missing ones."""
+    found: dict[str, str] = {}
+    missing: list[str] = []
+    for tool in tools:
+        path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin")
+        if path is None:
+            missing.append(tool)
+        else:
+            found[tool] = path
+    if missing:
+        pkgs = sorted({PACKAGES.get(t, t) for t in missing})
+        raise HostSetupError(
+            f"missing system tool(s): {', '.join(missing)}; install with: "
+            f"apt-get install {' '.join(pkgs)} (or run scripts/setup)"
+        )
+    return found
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise HostSetupError(f"{what} needs root (it mounts filesystems and creates network namespaces)")
+
+
+def disk_image_create() -> str:
+    """diskimage-builder's entry point, preferring the one installed beside this Python."""
+    beside = Path(sys.executable).parent / "disk-image-create"
+    if beside.exists():
+        return str(beside)
+    path = shutil.which("disk-image-create")
+    if path is None:
+        raise HostSetupError("disk-image-create not found; install diskimage-builder (pip install -e .)")
+    return path

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from imagetool.errors import AlreadyExistsError, InputError, VerificationError
+from imagetool.manifest import BuilderInfo, ImageInfo, Manifest, Package, sha256_file
+from imagetool.release import Base, HealthCheck, Mirrors, SquashfsOptions
+from imagetool.signing import generate_keypair, sign_file, verify_release
+
+
+def make_manifest(image: ImageInfo) -> Manifest:
+    return Manifest(
+        name="webapp",
+        version="1.0",
+        description="",
+        built_at="2026-11-23T09:30:00Z",
+        source_date_epoch=None,
+        release_sha256="a" * 64,
+        builder=BuilderInfo("0.1.0", "3.43.0", "3.11.7", "ci-1"),
+        base=Base("debian", "bookworm"),
+        mirrors=Mirrors("http://deb.debian.org/debian", "http://deb.debian.org/debian-security"),
+        elements=("debian-minimal",),
+        environment={},
+        squashfs=SquashfsOptions(),
+        packages=(Package("bash", "5.2.15-2+b2", "amd64"),),
+        services=("webapp.service",),
+        health_checks=(HealthCheck("http", "true", 10),),
+        image=image,
+    )
+
+
+@pytest.fixture
+def release(tmp_path: Path) -> dict[str, Path]:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    generate_keypair(keys / "signing.key", keys / "signing.pub")
+    img = tmp_path / "webapp-1.0.squashfs"
+    img.write_bytes(os.urandom(50_000))
+    man = tmp_path / "webapp-1.0.manifest.json"
+    man.write_bytes(make_manifest(ImageInfo(img.name, img.stat().st_size, sha256_file(img))).to_json())
+    sig = tmp_path / "webapp-1.0.sig"
+    sig.write_bytes(sign_file(man, keys / "signing.key"))
+    return {"img": img, "man": man, "sig": sig, "key": keys / "signing.key", "pub": keys / "signing.pub"}
+
+
+def test_keygen_mode_and_refusal(tmp_path: Path) -> None:
+    priv, pub = tmp_path / "k", tmp_path / "k.pub"
+    generate_keypair(priv, pub)
+    assert stat.S_IMODE(priv.stat().st_mode) == 0o600
+    assert priv.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert pub.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    before = priv.read_bytes()
+    with pytest.raises(AlreadyExistsError, match=str(priv)):
+        generate_keypair(priv, pub)
+    assert priv.read_bytes() == before
+    generate_keypair(priv, pub, force=True)
+    assert priv.read_bytes() != before
+    assert stat.S_IMODE(priv.stat().st_mode) == 0o600
+
+
+def test_signature_format(release: dict[str, Path]) -> None:
+    content = release["sig"].read_bytes()
+    assert content.endswith(b"\n")
+    assert len(base64.b64decode(content.strip(), validate=True)) == 64
+
+
+def test_sign_and_verify(release: dict[str, Path]) -> None:
+    m = verify_release(release["img"], release["man"], release["sig"], release["pub"])
+    assert m.id == "webapp-1.0"
+
+
+def test_verify_without_key_checks_hash_only(release: dict[str, Path]) -> None:
+    release["sig"].unlink()
+    assert verify_release(release["img"], release["man"], None, None).id == "webapp-1.0"
+
+
+def test_tampered_image(release: dict[str, Path]) -> None:
+    data = bytearray(release["img"].read_bytes())
+    data[1234] ^= 0x01
+    release["img"].write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match="sha256") as info:
+        verify_release(release["img"], release["man"], release["sig"], release["pub"])
+    assert str(release["img"]) in str(info.value)
+
+
+def test_truncated_image(release: dict[str, Path]) -> None:
+    data = release["img"].read_bytes()
+    release["img"].write_bytes(data[:-1])
+    with pytest.raises(VerificationError, match="size"):
+        verify_release(release["img"], release["man"], None, None)
+
+
+def test_tampered_manifest(release: dict[str, Path]) -> None:
+    text = release["man"].read_text().replace('"webapp.service"', '"evil.service"')
+    release["man"].write_text(text)
+    with pytest.raises(VerificationError, match="does not match key"):
+        verify_release(release["img"], release["man"], release["sig"], release["pub"])
+
+
+def test_wrong_key(release: dict[str, Path], tmp_path: Path) -> None:
+    generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
+    with pytest.raises(VerificationError, match="other.pub"):
+        verify_release(release["img"], release["man"], release["sig"], tmp_path / "other.pub")
+
+
+def test_missing_signature(release: dict[str, Path]) -> None:
+    release["sig"].unlink()
+    with pytest.raises(VerificationError, match="has no signature"):
+        verify_release(release["img"], release["man"], release["sig"], release["pub"])
+    with pytest.raises(VerificationError, match="has no signature"):
+        verify_release(release["img"], release["man"], None, release["pub"])
+
+
+def test_garbage_signature(release: dict[str, Path]) -> None:
+    release["sig"].write_text("not base64 !!!\n")
+    with pytest.raises(VerificationError, match=str(release["sig"])):
+        verify_release(release["img"], release["man"], release["sig"], release["pub"])
+
+
+def test_bad_key_files(release: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("hello")
+    with pytest.raises(InputError, match="bad.pem"):
+        verify_release(release["img"], release["man"], release["sig"], bad)
+    with pytest.raises(InputError, match="bad.pem"):
+        sign_file(release["man"], bad)
+    # A private key where a public one belongs is a mistake worth naming, too.
+    with pytest.raises(InputError, match="signing.key"):
+        verify_release(release["img"], release["man"], release["sig"], release["key"])
