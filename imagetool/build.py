@@ -45,7 +45,7 @@ BUILD_NOISE = [
     "var/cache/ldconfig/aux-cache",
     "etc/dib-manifests/dib_environment",
     "etc/dib-manifests/dib_arguments",
-    "etc/dib_dib-manifests",
+    "lost+found",
 ]
 
 Progress = Callable[[str, str], None]  # (step, detail)
@@ -140,6 +140,18 @@ def clamp_mtimes(tree: Path, epoch: int) -> int:
     return changed
 
 
+# diskimage-builder's tar leaves out the API filesystems' mount points; a root needs them.
+MOUNT_POINTS = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "run": 0o755, "tmp": 0o1777, "var": 0o755}
+
+
+def ensure_mount_points(tree: Path) -> None:
+    for name, mode in MOUNT_POINTS.items():
+        p = tree / name
+        if not p.exists():
+            p.mkdir()
+            os.chmod(p, mode)
+
+
 def remove_build_noise(tree: Path) -> list[str]:
     removed = []
     for pattern in BUILD_NOISE:
@@ -216,6 +228,7 @@ def build(release: Release, store: Store, options: BuildOptions | None = None,
                 log, env, progress, "unpack")
             (work / "image.tar").unlink()
             remove_build_noise(tree)
+            ensure_mount_points(tree)
             if epoch is not None:
                 clamp_mtimes(tree, epoch)
 

@@ -1,0 +1,169 @@
+"""The lab's bootloader: one supervisor process per node plays the node's firmware.
+
+It reads the node's boot control (/var/lib/imagetool/boot/control.json on the node's /var),
+consumes a one-shot `next` entry the way `grub-reboot` does (cleared before the boot, so a failed
+boot falls back to the default on the next one), loop-mounts that image read-only and boots it with
+systemd-nspawn. When the container reboots (nspawn exits 133) it boots again the same way; a
+power-off ends the node. Signals from `imagetool lab`: SIGUSR1 = hard reset, SIGTERM = power cut.
+
+Run as `python -m imagetool.firmware LAB_DIR NODE`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NSPAWN_REBOOT = 133
+# A node whose image keeps dying right after boot is halted rather than looping forever.
+CRASH_LOOP_LIMIT = 5
+CRASH_LOOP_WINDOW = 60.0
+
+
+class Firmware:
+    def __init__(self, lab_dir: Path, node: str) -> None:
+        self.lab_dir = lab_dir
+        self.node = node
+        self.node_dir = lab_dir / "nodes" / node
+        self.var = self.node_dir / "var"
+        self.root = self.node_dir / "root"
+        self.info = json.loads((self.node_dir / "node.json").read_text())
+        self.nspawn: subprocess.Popen[bytes] | None = None
+        self.power_off = False
+        self.crashes: list[float] = []
+
+    # -- boot control, exactly as a bootloader sees it
+
+    def control_path(self) -> Path:
+        return self.var / "lib/imagetool/boot/control.json"
+
+    def choose_image(self) -> str | None:
+        path = self.control_path()
+        try:
+            ctl = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            self.log(f"boot control unreadable ({e}); no bootable image")
+            return None
+        default, next_ = ctl.get("default"), ctl.get("next")
+        if next_:
+            # Consume the one-shot entry before booting it: if this boot dies, the next is the default.
+            ctl["next"] = None
+            ctl["last_one_shot"] = next_
+            tmp = path.with_name(".control.json.firmware")
+            tmp.write_text(json.dumps(ctl, indent=2, sort_keys=True) + "\n")
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            if self.image_file(next_).exists():
+                return next_
+            self.log(f"one-shot image {next_} missing; booting default {default}")
+        if default and self.image_file(default).exists():
+            return default
+        self.log(f"default image {default!r} missing; no bootable image")
+        return None
+
+    def image_file(self, image_id: str) -> Path:
+        return self.var / "lib/imagetool/images" / f"{image_id}.squashfs"
+
+    # -- one boot
+
+    def boot(self, image_id: str) -> int:
+        self.root.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-o", "loop,ro", str(self.image_file(image_id)), str(self.root)], check=True)
+        (self.node_dir / "booted").write_text(json.dumps({"image": image_id, "time": time.time()}) + "\n")
+        self.log(f"booting {image_id}")
+        try:
+            argv = [
+                "systemd-nspawn", "--boot", "--read-only", "--register=no", "--keep-unit",
+                f"--network-namespace-path=/run/netns/{self.info['netns']}",
+                "-D", str(self.root), f"--bind={self.var}:/var",
+                f"--machine={self.node}", f"--uuid={self.info['machine_uuid']}",
+                "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=pipe",
+                "--kill-signal=SIGRTMIN+3",
+            ]
+            with open(self.node_dir / "console.log", "ab") as console:
+                self.nspawn = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=console)
+                (self.node_dir / "nspawn.pid").write_text(f"{self.nspawn.pid}\n")
+                rc = self.nspawn.wait()
+            return rc
+        finally:
+            self.nspawn = None
+            (self.node_dir / "booted").unlink(missing_ok=True)
+            (self.node_dir / "nspawn.pid").unlink(missing_ok=True)
+            subprocess.run(["umount", str(self.root)], capture_output=True)
+
+    def hard_stop(self) -> None:
+        """Pull the plug: kill the container's init, which takes every process in it along."""
+        proc = self.nspawn
+        if proc is None:
+            return
+        for pid in container_inits(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def run(self) -> int:
+        signal.signal(signal.SIGUSR1, lambda *_: self.hard_stop())
+
+        def power_cut(*_: object) -> None:
+            self.power_off = True
+            self.hard_stop()
+
+        signal.signal(signal.SIGTERM, power_cut)
+        signal.signal(signal.SIGINT, power_cut)
+        while not self.power_off:
+            image = self.choose_image()
+            if image is None:
+                self.log("halted: nothing to boot")
+                return 1
+            rc = self.boot(image)
+            if self.power_off:
+                break
+            if rc == 0:
+                self.log("powered off")
+                return 0
+            if rc != NSPAWN_REBOOT:
+                # A reset or a crash: the machine restarts, as one with a watchdog would.
+                now = time.monotonic()
+                self.crashes = [t for t in self.crashes if now - t < CRASH_LOOP_WINDOW] + [now]
+                self.log(f"{image} stopped with status {rc}; restarting")
+                if len(self.crashes) >= CRASH_LOOP_LIMIT:
+                    self.log("halted: crash loop")
+                    return 1
+            else:
+                self.log("reboot")
+        self.log("power cut")
+        return 0
+
+    def log(self, msg: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} firmware[{self.node}]: {msg}", flush=True)
+
+
+def container_inits(nspawn_pid: int) -> list[int]:
+    """The container's PID 1 is a direct child of systemd-nspawn."""
+    children: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{nspawn_pid}/task"):
+            with open(f"/proc/{nspawn_pid}/task/{task}/children") as f:
+                children.extend(int(p) for p in f.read().split())
+    except OSError:
+        pass
+    return children
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m imagetool.firmware LAB_DIR NODE", file=sys.stderr)
+        return 2
+    return Firmware(Path(args[0]), args[1]).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
