@@ -7,7 +7,9 @@ which is what makes delta transfer worth anything.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
@@ -21,7 +23,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from imagetool.errors import AlreadyExistsError, BuildError, HostSetupError, NotFoundError
 from imagetool.manifest import BuilderInfo, ImageInfo, Manifest, parse_dpkg_manifest, sha256_file
@@ -208,6 +210,27 @@ def build(release: Release, store: Store, options: BuildOptions | None = None,
     env = {**os.environ, **dib_environment(release, elements)}
     epoch = source_date_epoch(release)
 
+    with _build_lock(progress):
+        return _build_locked(release, store, options, progress, env, epoch)
+
+
+@contextlib.contextmanager
+def _build_lock(progress: Progress) -> Iterator[None]:
+    """One build at a time per machine: diskimage-builder's caches (apt archives, debootstrap
+    tarballs in ~/.cache/image-create) are shared, and apt refuses to share its lock."""
+    path = Path(os.environ.get("IMAGETOOL_BUILD_LOCK", "/var/lock/imagetool-build.lock"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress("waiting", f"for another build on this machine ({path})")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _build_locked(release: Release, store: Store, options: BuildOptions, progress: Progress,
+                  env: dict[str, str], epoch: int | None) -> StoredRelease:
     base = options.work_dir or Path(os.environ.get("IMAGETOOL_WORKDIR", "/var/tmp"))
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"imagetool-build-{release.id}-", dir=base))

@@ -379,3 +379,331 @@ def lab_fill(node: str, leave: str, lab_name: str, lab_dir: str | None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------------------------ nodes: stage,
+# ------------------------------------------------------------------------------ rollout, rollback, status
+
+inventory_option = click.option(
+    "-i", "--inventory", required=True, type=click.Path(dir_okay=False), help="Inventory file (YAML).")
+host_keys_option = click.option(
+    "--accept-new-host-keys", is_flag=True, help="Trust and record host keys not yet in known_hosts.")
+limit_option = click.option(
+    "--limit", multiple=True, metavar="NAME|GROUP", help="Only these nodes or groups (repeatable).")
+parallel_option = click.option(
+    "--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+    help="Nodes staged or contacted at once.")
+
+
+def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The batching, policy and health-gate options rollout and rollback share."""
+    from rollout.batch import DEFAULT_BATCHES
+
+    options = [
+        click.option("--batch", "batches", default=DEFAULT_BATCHES, show_default=True,
+                     help="Batch sizes, Ansible serial style: '1,2,25%' (the last repeats). The first batch is the canary."),
+        click.option("--pause", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds between batches."),
+        click.option("--max-failures", default="0", show_default=True, metavar="N|P%",
+                     help="Failed nodes tolerated (over the whole run) before stopping."),
+        click.option("--on-failure", type=click.Choice(["rollback-node", "rollback-all"]), default="rollback-node",
+                     show_default=True, help="When stopping: leave moved nodes, or move every one back too."),
+        click.option("--confirm-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
+                     help="Seconds a node waits for confirmation of a new boot before it reboots back by itself."),
+        click.option("--boot-timeout", type=click.FloatRange(min=1), default=180, show_default=True,
+                     help="Seconds to wait for a node to come back after a reboot."),
+        click.option("--health-timeout", type=click.FloatRange(min=0), default=120, show_default=True,
+                     help="Seconds a freshly booted node may take to become healthy."),
+        click.option("--check-http", multiple=True, metavar="URL[=STATUS]",
+                     help="Extra health check from here, e.g. http://{host}:8080/health=200 (repeatable)."),
+        click.option("--check-tcp", multiple=True, metavar="HOST:PORT", help="Extra TCP check from here, e.g. {host}:5432."),
+        click.option("--check-command", multiple=True, metavar="CMD", help="Extra check command run on the node."),
+        click.option("--rollout-id", default=None, help="Take over an interrupted run's locks by its id and carry on."),
+        click.option("--break-lock-older-than", type=click.FloatRange(min=0), default=None, metavar="S",
+                     help="Take over locks older than S seconds left by another run."),
+        click.option("--dry-run", is_flag=True, help="Connect, plan and show; change nothing."),
+        limit_option,
+        parallel_option,
+        host_keys_option,
+        json_option,
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _make_options(kw: dict[str, Any], command: str) -> Any:
+    from rollout.health import cli_checks
+    from rollout.update import RolloutOptions
+
+    return RolloutOptions(
+        batches=kw["batches"], pause=kw["pause"], max_failures=kw["max_failures"], on_failure=kw["on_failure"],
+        confirm_timeout=kw["confirm_timeout"], boot_timeout=kw["boot_timeout"], health_timeout=kw["health_timeout"],
+        parallel=kw["parallel"], dry_run=kw["dry_run"], accept_new_host_keys=kw["accept_new_host_keys"],
+        rollout_id=kw["rollout_id"], limit=list(kw["limit"]) or None,
+        checks=cli_checks(kw["check_http"], kw["check_tcp"], kw["check_command"]),
+        command=command, break_lock_older_than=kw["break_lock_older_than"],
+    )
+
+
+class LiveView:
+    """Per-node live view on stderr: batch, step, detail, time in step; byte progress while
+    staging. Events arrive from worker threads. Without a terminal, one line per event."""
+
+    def __init__(self, names: list[str], title: str, *, stage_events: bool = False) -> None:
+        import threading
+
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self.title = title
+        self.started = time.monotonic()
+        self.rows: dict[str, dict[str, Any]] = {
+            n: {"batch": "", "step": "waiting", "detail": "", "since": self.started} for n in names}
+        self.lock = threading.Lock()
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), console=console)
+        self.tasks: dict[str, Any] = {}
+        self.total_task: Any = None
+        self.interactive = console.is_terminal
+        self.live: Any = None
+        # `imagetool stage` has no rollout events: staging results are its only news.
+        self.stage_events = stage_events
+
+    def __enter__(self) -> LiveView:
+        if self.interactive:
+            from rich.live import Live
+
+            self.live = Live(self, console=console, refresh_per_second=4)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+
+        with self.lock:
+            t = Table(title=f"{self.title}  ({time.monotonic() - self.started:.0f}s)", title_justify="left")
+            for col in ("node", "batch", "step", "detail", "time"):
+                t.add_column(col)
+            now = time.monotonic()
+            for name, row in self.rows.items():
+                style = {"done": "green", "skipped": "green", "failed": "bold red", "rolled-back": "yellow",
+                         "rollback": "yellow", "not-started": "dim"}.get(row["step"], "")
+                step = f"[{style}]{row['step']}[/]" if style else row["step"]
+                t.add_row(name, row["batch"], step, escape(row["detail"][-80:]), f"{now - row['since']:.0f}s")
+            return Group(self.progress, t) if self.tasks else t
+
+    def event(self, node: str, step: str, detail: str) -> None:
+        with self.lock:
+            row = self.rows.get(node)
+            if step == "batch" and row is not None:
+                row["batch"] = detail
+                return
+            if row is not None:
+                if row["step"] != step:
+                    row["since"] = time.monotonic()
+                row["step"], row["detail"] = step, detail
+        if not self.interactive:
+            console.print(f"{time.monotonic() - self.started:6.1f}s  {node:<16} {step:<12} {escape(detail)}",
+                          highlight=False)
+
+    # rollout.stage.StageProgress
+    def stage_start(self, node: str, total: int) -> None:
+        with self.lock:
+            if node in self.tasks:
+                self.progress.reset(self.tasks[node], total=total)
+            else:
+                self.tasks[node] = self.progress.add_task(node, total=total)
+            if self.total_task is None:
+                self.total_task = self.progress.add_task("[bold]total[/]", total=0)
+            self.progress.update(self.total_task, total=sum(t.total or 0 for t in self.progress.tasks
+                                                              if t.id != self.total_task))
+
+    def stage_advance(self, node: str, done: int) -> None:
+        with self.lock:
+            task = self.tasks.get(node)
+            if task is None:
+                return
+            self.progress.update(task, completed=done)
+            self.progress.update(self.total_task, completed=sum(t.completed for t in self.progress.tasks
+                                                                  if t.id != self.total_task))
+
+    def stage_end(self, node: str, result: Any) -> None:
+        if self.stage_events:
+            self.event(node, "failed" if result.error else "staged",
+                       f"{result.outcome}, {human_bytes(result.bytes_sent)}" + (f": {result.error}" if result.error else ""))
+
+
+def _first_line(text: str | None, width: int = 60) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def show_result(result: Any, as_json: bool) -> None:
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        what = f"{result.kind} {result.rollout_id}" + (f" → {result.target}" if result.target else "")
+        t = Table(title=what + (" (dry run)" if result.dry_run else ""))
+        for col in ("node", "batch", "from", "to", "outcome", "time", "bytes"):
+            t.add_column(col)
+        t.add_column("error", no_wrap=True, overflow="ellipsis")
+        for r in result.nodes:
+            style = {"done": "green", "skipped": "green", "planned": "cyan", "failed": "bold red",
+                     "rolled-back": "yellow", "not-started": "dim"}[r.outcome]
+            t.add_row(r.node, str(r.batch or ""), r.from_id or "-", r.to_id or "-", f"[{style}]{r.outcome}[/]",
+                      f"{r.seconds:.0f}s", human_bytes(r.bytes_sent), escape(_first_line(r.error)))
+        out.print(t)
+        for r in result.nodes:
+            if r.error and r.outcome not in ("not-started",):
+                console.print(f"[bold]{r.node}[/]: {escape(r.error)}", highlight=False)
+        counts: dict[str, int] = {}
+        for r in result.nodes:
+            counts[r.outcome] = counts.get(r.outcome, 0) + 1
+        console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" in {result.seconds:.0f}s, "
+                      f"{human_bytes(result.bytes_sent)} sent")
+    if result.exit_code:
+        from imagetool.errors import RolloutFailedError
+
+        raise RolloutFailedError(result.reason or f"{result.kind} {result.rollout_id}: not every node reached its target")
+
+
+def _command_line() -> str:
+    import shlex
+
+    return shlex.join(["imagetool", *sys.argv[1:]])[:500]
+
+
+@main.command()
+@click.argument("release")
+@inventory_option
+@store_option
+@limit_option
+@parallel_option
+@host_keys_option
+@json_option
+@handle_errors
+def stage(release: str, inventory: str, store: str | None, limit: tuple[str, ...], parallel: int,
+          accept_new_host_keys: bool, as_json: bool) -> None:
+    """Copy RELEASE to the nodes without disturbing them (skips nodes that have it, resumes partial copies)."""
+    from imagetool.errors import NodeError, UnreachableError
+    from imagetool.store import Store, default_store_path, resolve_release
+    from rollout.inventory import load_inventory, select
+    from rollout.node import ssh_nodes
+    from rollout.stage import stage_all
+
+    stored = resolve_release(Store(default_store_path(store)), release)
+    inv = load_inventory(inventory)
+    nodes = ssh_nodes(select(inv.nodes, list(limit)), accept_new_host_keys=accept_new_host_keys)
+    try:
+        with LiveView([n.name for n in nodes], f"staging {stored.id}", stage_events=True) as view:
+            report = stage_all(nodes, stored, parallel=parallel, progress=view)
+    finally:
+        for n in nodes:
+            n.close()
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        t = Table(title=f"stage {stored.id}")
+        for col in ("node", "outcome", "time", "bytes", "error"):
+            t.add_column(col)
+        for r in report.results.values():
+            t.add_row(r.node, r.outcome, f"{r.seconds:.0f}s", human_bytes(r.bytes_sent), escape(r.error or ""))
+        out.print(t)
+    failed = report.failed
+    if failed:
+        errors = [r.exception for r in failed.values()]
+        cls = UnreachableError if all(isinstance(e, UnreachableError) for e in errors) else NodeError
+        raise cls(f"{len(failed)} of {len(report.results)} nodes not staged: " + ", ".join(failed))
+
+
+@main.command()
+@click.argument("release")
+@inventory_option
+@store_option
+@rollout_options
+@handle_errors
+def rollout(release: str, inventory: str, store: str | None, as_json: bool, **kw: Any) -> None:
+    """Roll RELEASE out: stage everywhere, then activate batch by batch behind health gates."""
+    from imagetool.store import Store, default_store_path, resolve_release
+    from rollout.inventory import load_inventory, select
+    from rollout.update import run_rollout
+
+    stored = resolve_release(Store(default_store_path(store)), release)
+    inv = load_inventory(inventory)
+    options = _make_options(kw, _command_line())
+    names = [n.name for n in select(inv.nodes, options.limit)]
+    with LiveView(names, f"rollout {stored.id}") as view:
+        result = run_rollout(stored, inv, options, events=view.event, progress=view)
+    show_result(result, as_json)
+
+
+@main.command()
+@inventory_option
+@click.option("--to", "to", default=None, metavar="RELEASE", help="Roll back to this release (staged on the nodes) instead of each node's previous one.")
+@rollout_options
+@handle_errors
+def rollback(inventory: str, to: str | None, as_json: bool, **kw: Any) -> None:
+    """Move nodes back to their previous image (kept on each node, so nothing is copied)."""
+    from rollout.inventory import load_inventory, select
+    from rollout.update import run_rollback
+
+    inv = load_inventory(inventory)
+    options = _make_options(kw, _command_line())
+    names = [n.name for n in select(inv.nodes, options.limit)]
+    with LiveView(names, "rollback" + (f" to {to}" if to else "")) as view:
+        result = run_rollback(inv, options, to=to, events=view.event)
+    show_result(result, as_json)
+
+
+@main.command()
+@inventory_option
+@limit_option
+@click.option("--no-health", is_flag=True, help="Skip the health checks; status only.")
+@click.option("--parallel", type=click.IntRange(min=1), default=8, show_default=True, help="Nodes contacted at once.")
+@host_keys_option
+@json_option
+@handle_errors
+def status(inventory: str, limit: tuple[str, ...], no_health: bool, parallel: int, accept_new_host_keys: bool,
+           as_json: bool) -> None:
+    """What each node booted, committed and keeps; its health, free space and lock."""
+    from imagetool.errors import UnreachableError
+    from rollout.inventory import load_inventory
+    from rollout.update import inventory_status
+
+    inv = load_inventory(inventory)
+    with console.status("asking the nodes"):
+        reports = inventory_status(inv, limit=list(limit) or None, accept_new_host_keys=accept_new_host_keys,
+                                   health=not no_health, parallel=parallel)
+    if as_json:
+        print_json([r.to_dict() for r in reports])
+    else:
+        t = Table(title=f"nodes in {inventory}")
+        for col in ("node", "booted", "committed", "previous", "staged", "boot id", "health", "free", "lock"):
+            t.add_column(col)
+        for r in reports:
+            s = r.status
+            if s is None:
+                t.add_row(r.name, f"[bold red]unreachable[/]: {escape(r.error or '')}", "", "", "", "", "", "", "")
+                continue
+            booted = s.booted or "-"
+            if s.booted != s.committed:
+                booted = f"[yellow]{booted}[/] (trial)" if s.trial else f"[yellow]{booted}[/]"
+            staged = " ".join(i.id for i in s.images if i.id not in (s.committed, s.previous, s.booted)) or "-"
+            if no_health:
+                health = "-"
+            elif r.health is not None:
+                health = "[green]healthy[/]"
+            else:
+                health = f"[red]unhealthy[/]: {escape((r.health_error or '')[-120:])}"
+            lock = f"{s.lock.get('rollout')} ({s.lock.get('owner')})" if s.lock else "-"
+            t.add_row(r.name, booted, s.committed or "-", s.previous or "-", staged, s.boot_id[:8], health,
+                      human_bytes(s.free_bytes), escape(lock))
+        out.print(t)
+    unreachable = [r for r in reports if r.status is None]
+    if unreachable:
+        raise UnreachableError(f"{len(unreachable)} of {len(reports)} nodes unreachable: "
+                               + ", ".join(r.name for r in unreachable))

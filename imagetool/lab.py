@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -270,8 +271,12 @@ def write_access_files(lab: Lab) -> None:
         pub = (lab.node_dir(node.name) / "var/lib/ssh/ssh_host_ed25519_key.pub").read_text().split()
         lines.append(f"{node.address} {pub[0]} {pub[1]}\n")
     lab.known_hosts.write_text("".join(lines))
+    # The lab's power control, as an IPMI reset would be for real machines.
+    reset = [sys.executable, "-m", "imagetool.cli", "lab", "reset", "{name}", "--lab", lab.name,
+             "--lab-dir", str(lab.dir.parent)]
     inventory = {
-        "defaults": {"user": "root", "port": 22, "key": lab.key.name, "known_hosts": lab.known_hosts.name},
+        "defaults": {"user": "root", "port": 22, "key": lab.key.name, "known_hosts": lab.known_hosts.name,
+                     "reset_command": shlex.join(reset)},
         "nodes": {n.name: {"host": n.address, "groups": ["lab"]} for n in lab.nodes},
     }
     header = f"# lab {lab.name}: written by `imagetool lab up`; nodes are reached over SSH like real machines\n"

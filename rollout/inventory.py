@@ -32,8 +32,8 @@ DEFAULT_SSH_CONFIG = "~/.ssh/config"
 SSH_CONFIG_ENV = "IMAGETOOL_SSH_CONFIG"
 
 TOP_KEYS = ("defaults", "nodes", "health_checks")
-DEFAULT_KEYS = ("user", "port", "key", "known_hosts", "proxy_jump", "vars")
-NODE_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "groups", "vars")
+DEFAULT_KEYS = ("user", "port", "key", "known_hosts", "proxy_jump", "vars", "reset_command")
+NODE_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "groups", "vars", "reset_command")
 CHECK_KEYS = ("name", "command", "tcp", "http", "expect_status", "timeout", "retries", "interval")
 CHECK_KINDS = ("command", "tcp", "http")
 
@@ -57,6 +57,10 @@ class NodeSpec:
     vars: dict[str, Any] = field(default_factory=dict)
     proxy_jump: str | None = None
     known_hosts: Path = field(default_factory=lambda: Path(DEFAULT_KNOWN_HOSTS).expanduser())
+    # Out-of-band power control run on the controller ({name} and {host} filled in), for a node
+    # that stopped answering SSH: an IPMI, hypervisor or lab reset. None: wait for the node's own
+    # dead-man switch instead.
+    reset_command: str | None = None
 
     def __hash__(self) -> int:  # vars is a dict; a node's identity is its name
         return hash(self.name)
@@ -65,6 +69,18 @@ class NodeSpec:
     def address(self) -> str:
         """host:port as operators read it in messages."""
         return f"{self.host}:{self.port}"
+
+    def reset_argv(self) -> list[str] | None:
+        """The reset command as an argv for subprocess.run, or None when the node has none.
+
+        Only {name} and {host} are substituted (other braces are left alone), each as one
+        shell-quoted word, so the command splits the same whatever the values contain.
+        """
+        if not self.reset_command:
+            return None
+        values = {"name": self.name, "host": self.host}
+        command = re.sub(r"\{(name|host)\}", lambda m: shlex.quote(values[m.group(1)]), self.reset_command)
+        return shlex.split(command)
 
 
 @dataclass(frozen=True)
@@ -275,6 +291,15 @@ def _proxy_jump(value: Any, where: _Where) -> str | None:
     return text
 
 
+def _reset_command(value: Any, where: _Where) -> str:
+    text = _str(value, where)
+    try:
+        shlex.split(text)
+    except ValueError as e:
+        raise where.error(f"{text!r}: cannot split into a command: {e}") from None
+    return text
+
+
 # --- ~/.ssh/config ----------------------------------------------------------------------------
 
 
@@ -329,6 +354,9 @@ def load_inventory(
     )
     default_jump = _proxy_jump(defaults["proxy_jump"], d / "proxy_jump") if "proxy_jump" in defaults else None
     default_vars = _vars(defaults.get("vars"), d / "vars")
+    default_reset = (
+        _reset_command(defaults["reset_command"], d / "reset_command") if "reset_command" in defaults else None
+    )
 
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, dict) or not raw_nodes:
@@ -402,6 +430,10 @@ def load_inventory(
                 known_hosts=(
                     _path(spec["known_hosts"], w / "known_hosts", base)
                     if "known_hosts" in spec else known_hosts
+                ),
+                reset_command=(
+                    _reset_command(spec["reset_command"], w / "reset_command")
+                    if "reset_command" in spec else default_reset
                 ),
             )
         )

@@ -25,7 +25,7 @@ def needs_root() -> None:
 
 def inputs_digest(release_file: Path) -> str:
     h = hashlib.sha256()
-    paths = [release_file, REPO / "imagetool/build.py"]
+    paths = [release_file]
     for base in (REPO / "elements", EXAMPLES / "elements"):
         paths += sorted(p for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     for p in paths:
@@ -34,7 +34,18 @@ def inputs_digest(release_file: Path) -> str:
     return h.hexdigest()
 
 
-def build_cached(release_file: Path, store_dir: Path = TEST_STORE):
+def signing_keys(store_dir: Path = TEST_STORE) -> tuple[Path, Path]:
+    from imagetool.signing import generate_keypair
+
+    keys = store_dir / ".keys"
+    private, public = keys / "signing.key", keys / "signing.pub"
+    if not private.exists():
+        keys.mkdir(parents=True, exist_ok=True)
+        generate_keypair(private, public, force=True)
+    return private, public
+
+
+def build_cached(release_file: Path, store_dir: Path = TEST_STORE, sign: bool = False):
     """Build `release_file` into the test store unless an image of exactly these inputs is there."""
     from imagetool.build import BuildOptions, build
     from imagetool.release import load_release
@@ -42,13 +53,21 @@ def build_cached(release_file: Path, store_dir: Path = TEST_STORE):
 
     release = load_release(release_file)
     store = Store(store_dir)
+    sign_key = signing_keys(store_dir)[0] if sign else None
     stamp = store_dir / f".{release.id}.inputs"
-    digest = inputs_digest(release_file)
+    digest = inputs_digest(release_file) + (f" signed {sign_key.read_bytes().hex()[:32]}" if sign_key else "")
     if store.has(release.id) and stamp.exists() and stamp.read_text() == digest:
         return store.get(release.id)
-    stored = build(release, store, BuildOptions(force=True))
+    stored = build(release, store, BuildOptions(force=True, sign_key=sign_key))
     stamp.write_text(digest)
     return stored
+
+
+@pytest.fixture(scope="session")
+def test_store():
+    from imagetool.store import Store
+
+    return Store(TEST_STORE)
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +78,9 @@ def release1():
 
 @pytest.fixture(scope="session")
 def release2():
+    """Version 2, built with --sign-key (the key pair is signing_keys())."""
     needs_root()
-    return build_cached(EXAMPLES / "webapp-2.yaml")
+    return build_cached(EXAMPLES / "webapp-2.yaml", sign=True)
 
 
 @pytest.fixture(scope="session")

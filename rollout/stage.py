@@ -1,0 +1,167 @@
+"""Staging: put a release's image, manifest and signature on nodes without disturbing them.
+
+Files travel into the helper's `.incoming/` and `stage-commit` verifies them (sha256, signature
+if the node trusts keys) and moves them into place, manifest last. A node that already has the
+image is skipped (0 bytes); a transfer cut short resumes where it stopped; a node without room
+is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from imagetool.errors import ImagetoolError, NodeError, VerificationError
+from imagetool.store import StoredRelease
+from rollout.node import Node, incoming_paths
+
+StageOutcome = Literal["present", "staged", "resumed", "failed"]
+
+
+class StageProgress(Protocol):
+    """Callbacks from staging threads (one per node): must be thread-safe and quick."""
+
+    def stage_start(self, node: str, total: int) -> None: ...
+
+    def stage_advance(self, node: str, done: int) -> None: ...
+
+    def stage_end(self, node: str, result: StageResult) -> None: ...
+
+
+class NoProgress:
+    def stage_start(self, node: str, total: int) -> None:
+        pass
+
+    def stage_advance(self, node: str, done: int) -> None:
+        pass
+
+    def stage_end(self, node: str, result: StageResult) -> None:
+        pass
+
+
+@dataclass
+class StageResult:
+    node: str
+    image_id: str
+    outcome: StageOutcome
+    bytes_sent: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome != "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "image": self.image_id, "outcome": self.outcome, "bytes_sent": self.bytes_sent,
+                "seconds": round(self.seconds, 1), "error": self.error}
+
+
+@dataclass
+class StageReport:
+    image_id: str
+    results: dict[str, StageResult] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> dict[str, StageResult]:
+        return {k: r for k, r in self.results.items() if not r.ok}
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(r.bytes_sent for r in self.results.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image_id, "bytes_sent": self.bytes_sent,
+                "nodes": [r.to_dict() for r in self.results.values()]}
+
+
+def needed_bytes(release: StoredRelease, partial: int) -> int:
+    """Bytes a transfer still writes on the node, resuming from `partial` bytes of the image."""
+    size = release.manifest.image.size
+    rest = size - partial if 0 < partial <= size else size
+    extra = release.manifest_path.stat().st_size + (release.sig_path.stat().st_size if release.sig_path else 0)
+    return rest + extra
+
+
+def stage(node: Node, release: StoredRelease, progress: StageProgress | None = None) -> StageResult:
+    """Stage `release` on one node; raises on failure (stage_all turns that into data)."""
+    progress = progress or NoProgress()
+    start = time.monotonic()
+    image = release.manifest.image
+    info = node.stage_info(release.id)
+    if info.present and info.sha256 == image.sha256:
+        result = StageResult(node.name, release.id, "present", 0, time.monotonic() - start)
+        progress.stage_end(node.name, result)
+        return result
+    partial = info.partial_bytes if 0 < info.partial_bytes <= image.size else 0
+    need = needed_bytes(release, partial)
+    if info.free_bytes < need:
+        raise NodeError(
+            f"node {node.name}: not enough space to stage {release.id}: needs {need} bytes, "
+            f"{info.free_bytes} free in {info.incoming}"
+        )
+    paths = incoming_paths(info.incoming, release.id)
+    total = image.size - partial
+    progress.stage_start(node.name, total)
+    sent = 0
+    # Manifest and signature first: small, and without them a resumed image cannot be checked.
+    sent += node.put(release.manifest_path, paths["manifest"])
+    if release.sig_path is not None:
+        sent += node.put(release.sig_path, paths["sig"])
+    sent += node.put(release.squashfs_path, paths["squashfs"], offset=partial,
+                     progress=lambda n: progress.stage_advance(node.name, n))
+    try:
+        node.stage_commit(release.id)
+    except ImagetoolError:
+        if not partial:
+            raise
+        # The resumed part did not check out (the helper has already thrown the partial file
+        # away): send the whole image once more before giving up.
+        progress.stage_start(node.name, image.size)
+        sent += node.put(release.manifest_path, paths["manifest"])
+        if release.sig_path is not None:
+            sent += node.put(release.sig_path, paths["sig"])
+        sent += node.put(release.squashfs_path, paths["squashfs"], offset=0,
+                         progress=lambda n: progress.stage_advance(node.name, n))
+        node.stage_commit(release.id)
+        partial = 0
+    result = StageResult(node.name, release.id, "resumed" if partial else "staged", sent, time.monotonic() - start)
+    progress.stage_end(node.name, result)
+    return result
+
+
+def check_release_files(release: StoredRelease) -> None:
+    """Refuse before touching any node if the release in the store is not what it claims."""
+    size = release.squashfs_path.stat().st_size if release.squashfs_path.exists() else None
+    if size != release.manifest.image.size:
+        raise VerificationError(
+            f"{release.squashfs_path}: {'missing' if size is None else f'{size} bytes'}, "
+            f"manifest says {release.manifest.image.size}"
+        )
+
+
+def stage_all(nodes: Sequence[Node], release: StoredRelease, parallel: int = 4,
+              progress: StageProgress | None = None) -> StageReport:
+    """Stage on every node, `parallel` at a time; each node's result (or failure) is data."""
+    check_release_files(release)
+    progress = progress or NoProgress()
+    report = StageReport(release.id)
+
+    def one(node: Node) -> StageResult:
+        start = time.monotonic()
+        try:
+            return stage(node, release, progress)
+        except Exception as e:  # noqa: BLE001 - a node's failure is data; Ctrl-C is not
+            result = StageResult(node.name, release.id, "failed", 0, time.monotonic() - start, str(e), e)
+            progress.stage_end(node.name, result)
+            return result
+
+    if nodes:
+        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(nodes)))) as pool:
+            for node, result in zip(nodes, pool.map(one, nodes)):
+                report.results[node.name] = result
+    return report

@@ -1,0 +1,198 @@
+"""The commands sent to nodes, as exact argv lists (deploy-rs style), and how answers are read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagetool.errors import LockedError, NodeError, UnreachableError
+from rollout.inventory import NodeSpec, load_inventory
+from rollout.node import (
+    BootTimeoutError,
+    HelperError,
+    NodeStatus,
+    SSHNode,
+    helper_argv,
+    incoming_paths,
+    parse_answer,
+)
+from rollout.transport import CommandResult
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, expected",
+    [
+        (("status",), {}, ["imagetool-node", "status"]),
+        (("stage-info", "web-1.0"), {}, ["imagetool-node", "stage-info", "web-1.0"]),
+        (("stage-commit", "web-1.0"), {}, ["imagetool-node", "stage-commit", "web-1.0"]),
+        (("set-next", "web-1.1"), {"confirm_timeout": 30, "rollout": "r-1"},
+         ["imagetool-node", "set-next", "web-1.1", "--confirm-timeout", "30", "--rollout", "r-1"]),
+        (("set-next", "web-1.1"), {"confirm_timeout": 300.0, "rollout": None},
+         ["imagetool-node", "set-next", "web-1.1", "--confirm-timeout", "300"]),
+        (("set-next", "web-1.1"), {"confirm_timeout": 1.5, "rollout": "r"},
+         ["imagetool-node", "set-next", "web-1.1", "--confirm-timeout", "1.5", "--rollout", "r"]),
+        (("clear-next",), {}, ["imagetool-node", "clear-next"]),
+        (("reboot",), {}, ["imagetool-node", "reboot"]),
+        (("confirm", "web-1.1"), {}, ["imagetool-node", "confirm", "web-1.1"]),
+        (("commit", "web-1.1"), {"rollout": "20261123T093000-abc123"},
+         ["imagetool-node", "commit", "web-1.1", "--rollout", "20261123T093000-abc123"]),
+        (("health",), {"wait": 10}, ["imagetool-node", "health", "--wait", "10"]),
+        (("lock", "r-1"), {"owner": "ops@ctl", "command": "imagetool rollout web-1.1", "break_older_than": None},
+         ["imagetool-node", "lock", "r-1", "--owner", "ops@ctl", "--command", "imagetool rollout web-1.1"]),
+        (("lock", "r-1"), {"owner": "o", "command": "--x", "break_older_than": 3600},
+         ["imagetool-node", "lock", "r-1", "--owner", "o", "--command=--x", "--break-older-than", "3600"]),
+        (("unlock", "r-1"), {}, ["imagetool-node", "unlock", "r-1"]),
+        (("gc",), {"keep": 1, "incoming": True}, ["imagetool-node", "gc", "--keep", "1", "--incoming"]),
+        (("gc",), {"keep": 0, "incoming": False}, ["imagetool-node", "gc", "--keep", "0"]),
+    ],
+)
+def test_helper_argv(args: tuple[str, ...], kwargs: dict[str, Any], expected: list[str]) -> None:
+    assert helper_argv(*args, **kwargs) == expected
+
+
+def test_incoming_paths() -> None:
+    assert incoming_paths("/var/lib/imagetool/images/.incoming/", "web-1.1") == {
+        "squashfs": "/var/lib/imagetool/images/.incoming/web-1.1.squashfs",
+        "manifest": "/var/lib/imagetool/images/.incoming/web-1.1.manifest.json",
+        "sig": "/var/lib/imagetool/images/.incoming/web-1.1.sig",
+    }
+
+
+def result(stdout: str, status: int = 0, stderr: str = "") -> CommandResult:
+    return CommandResult("imagetool-node x", status, stdout, stderr, "10.0.0.1", "n1")
+
+
+def test_parse_answer_ok_and_refusal() -> None:
+    assert parse_answer("n1", "status", result('{"ok": true, "booted": "web-1.0"}\n'))["booted"] == "web-1.0"
+    with pytest.raises(HelperError, match=r"node n1: imagetool-node set-next: web-9 is not staged") as e:
+        parse_answer("n1", "set-next", result('{"ok": false, "error": "web-9 is not staged"}', 1))
+    assert e.value.error == "web-9 is not staged" and isinstance(e.value, NodeError)
+
+
+def test_parse_answer_without_json() -> None:
+    with pytest.raises(NodeError, match="not installed"):
+        parse_answer("n1", "status", result("", 127, "sh: imagetool-node: not found"))
+    with pytest.raises(NodeError, match=r"gave no answer \(exit status 1\):\nTraceback"):
+        parse_answer("n1", "status", result("", 1, "Traceback (most recent call last):"))
+
+
+STATUS = {
+    "ok": True, "hostname": "n1", "booted": "web-1.0", "release": {}, "boot_id": "b-1", "default": "web-1.0",
+    "next": None, "committed": "web-1.0", "previous": "web-0.9", "last_rollout": "r-0", "trial": None,
+    "images": [{"id": "web-0.9", "size": 10, "sha256": "a" * 64, "signed": False, "mtime": 1},
+               {"id": "web-1.0", "size": 20, "sha256": "b" * 64, "signed": True, "mtime": 2}],
+    "free_bytes": 12345, "lock": None, "system_state": "running", "time": 0,
+}
+
+
+def test_node_status_from_answer() -> None:
+    st = NodeStatus.from_answer("n1", STATUS)
+    assert (st.booted, st.default, st.committed, st.previous, st.boot_id) == ("web-1.0", "web-1.0", "web-1.0", "web-0.9", "b-1")
+    assert st.has_image("web-0.9") and not st.has_image("web-1.1")
+    assert st.image("web-1.0").sha256 == "b" * 64  # type: ignore[union-attr]
+    assert st.settled_on("web-1.0") and not st.settled_on("web-0.9")
+    assert st.to_dict()["images"][1]["signed"] is True
+
+
+class ScriptedTransport:
+    """Answers helper commands from a script: argv[1] -> list of answers (dicts or exceptions)."""
+
+    def __init__(self, answers: dict[str, list[Any]]) -> None:
+        self.answers = answers
+        self.calls: list[list[str]] = []
+        self.closed = 0
+        self.connected = True
+        self.connect_timeout = 10.0
+
+    def reconnect(self, timeout: float) -> None:
+        self.connected = True
+
+    def run(self, argv: list[str], *, timeout: float = 60, **_: Any) -> CommandResult:
+        self.calls.append(list(argv))
+        queue = self.answers[argv[1]]
+        answer = queue.pop(0) if len(queue) > 1 else queue[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return result(json.dumps(answer), 0 if answer.get("ok") else 1)
+
+    def close(self) -> None:
+        self.closed += 1
+        self.connected = False
+
+
+def node(answers: dict[str, list[Any]], **spec: Any) -> tuple[SSHNode, ScriptedTransport]:
+    t = ScriptedTransport(answers)
+    return SSHNode(NodeSpec(name="n1", host="10.0.0.1", **spec), t), t  # type: ignore[arg-type]
+
+
+def test_sshnode_sends_exact_commands() -> None:
+    ok = {"ok": True}
+    n, t = node({"set-next": [ok], "commit": [ok], "confirm": [ok], "clear-next": [ok],
+                 "reboot": [{"ok": True, "boot_id": "b-1"}]})
+    n.set_next("web-1.1", 300, "r-1")
+    assert n.reboot() == "b-1"
+    n.confirm("web-1.1")
+    n.commit("web-1.1", "r-1")
+    n.clear_next()
+    assert t.calls == [
+        ["imagetool-node", "set-next", "web-1.1", "--confirm-timeout", "300", "--rollout", "r-1"],
+        ["imagetool-node", "reboot"],
+        ["imagetool-node", "confirm", "web-1.1"],
+        ["imagetool-node", "commit", "web-1.1", "--rollout", "r-1"],
+        ["imagetool-node", "clear-next"],
+    ]
+
+
+def test_lock_refusal_is_locked_error() -> None:
+    n, _ = node({"lock": [{"ok": False, "error": "locked by rollout r-0 of ops@ctl"}]})
+    with pytest.raises(LockedError, match="node n1: locked by rollout r-0"):
+        n.lock("r-1", "me@here", "imagetool rollout")
+
+
+def test_wait_for_boot_reconnects_until_new_boot_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("rollout.node.BOOT_POLL_INTERVAL", 0)
+    lost = UnreachableError("node n1: connection lost")
+    n, t = node({"status": [{**STATUS, "boot_id": "b-1"}, lost, lost, {**STATUS, "boot_id": "b-2"}]})
+    st = n.wait_for_boot("b-1", timeout=10)
+    assert st.boot_id == "b-2"
+    assert t.closed == 2  # a lost connection is dropped, so the next attempt opens a new one
+    assert len(t.calls) == 4
+
+
+def test_wait_for_boot_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("rollout.node.BOOT_POLL_INTERVAL", 0.01)
+    n, _ = node({"status": [{**STATUS, "boot_id": "b-1"}]})
+    with pytest.raises(BootTimeoutError, match=r"node n1: not back with a new boot within 0.1s \(still on the old boot\)"):
+        n.wait_for_boot("b-1", timeout=0.1)
+
+
+def test_reset_command_from_inventory(tmp_path: Path) -> None:
+    inv = tmp_path / "inv.yaml"
+    inv.write_text(
+        "defaults:\n  reset_command: \"virsh reset {name} --host {host}\"\n"
+        "nodes:\n  a: {host: 10.0.0.1}\n  b: {host: 10.0.0.2, reset_command: \"/bin/echo '{x}' {name}\"}\n"
+        "  c: {host: 10.0.0.3, reset_command: \"ipmitool -H {host} power reset\"}\n"
+    )
+    nodes = {n.name: n for n in load_inventory(inv, ssh_config=tmp_path / "none").nodes}
+    assert nodes["a"].reset_argv() == ["virsh", "reset", "a", "--host", "10.0.0.1"]
+    assert nodes["b"].reset_argv() == ["/bin/echo", "{x}", "b"]
+    assert nodes["c"].reset_argv() == ["ipmitool", "-H", "10.0.0.3", "power", "reset"]
+    assert NodeSpec(name="d", host="h").reset_argv() is None
+
+
+def test_reset_runs_on_the_controller(tmp_path: Path) -> None:
+    marker = tmp_path / "reset"
+    n, _ = node({}, reset_command=f"touch {marker}-{{name}}")
+    assert n.can_reset
+    n.reset()
+    assert (tmp_path / "reset-n1").exists()
+    n, _ = node({}, reset_command="false")
+    with pytest.raises(NodeError, match="exited 1"):
+        n.reset()
+    n, _ = node({})
+    assert not n.can_reset
+    with pytest.raises(NodeError, match="no reset_command"):
+        n.reset()

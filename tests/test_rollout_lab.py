@@ -1,0 +1,144 @@
+"""The rolling update and the cluster rollback, for real, on four lab nodes.
+
+The tests run in file order and share one cluster: each starts from the state the previous one
+left (all nodes committed on webapp-2 unless a test says otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from imagetool.cli import main
+from imagetool.errors import HostKeyError, UnreachableError
+from rollout.inventory import CheckSpec, load_inventory
+from rollout.update import RolloutOptions, run_rollback, run_rollout
+from tests.conftest import TEST_STORE, make_lab, node_status
+from tests.derive import broken_boot, broken_sshd, derive_release, failing_health_check
+
+pytestmark = pytest.mark.lab
+
+LAB = "itroll"
+# Short timeouts keep failure tests quick; lab nodes boot in seconds.
+FAST = dict(confirm_timeout=90, boot_timeout=45, health_timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster(release1, lab_root):
+    yield from make_lab(LAB, 4, release1, lab_root)
+
+
+@pytest.fixture(scope="module")
+def inventory(cluster):
+    return load_inventory(cluster.inventory)
+
+
+def statuses(cluster) -> dict[str, dict]:
+    return {n.name: node_status(cluster, n) for n in cluster.nodes}
+
+
+def boot_ids(cluster) -> dict[str, str]:
+    return {name: s["boot_id"] for name, s in statuses(cluster).items()}
+
+
+def assert_all_on(cluster, release_id: str, previous: str | None = None) -> None:
+    for name, s in statuses(cluster).items():
+        assert (s["booted"], s["default"], s["committed"]) == (release_id,) * 3, (name, s)
+        assert s["next"] is None and s["system_state"] == "running", (name, s)
+        if previous:
+            assert s["previous"] == previous, (name, s)
+
+
+def test_rollout_in_batches_moves_every_node(cluster, inventory, release1, release2):
+    before = boot_ids(cluster)
+    result = run_rollout(release2, inventory, RolloutOptions(batches="1,2,1", **FAST))
+    assert result.exit_code == 0, result.to_dict()
+    assert result.batches == [["node1"], ["node2", "node3"], ["node4"]]
+    assert [r.outcome for r in result.nodes] == ["done"] * 4
+    assert result.bytes_sent >= 4 * release2.manifest.image.size
+    assert_all_on(cluster, release2.id, previous=release1.id)
+    after = boot_ids(cluster)
+    assert all(after[n] != before[n] for n in before), "every node rebooted into the new image"
+
+
+def test_the_same_rollout_again_changes_nothing(cluster, inventory, release2):
+    before = boot_ids(cluster)
+    r = CliRunner().invoke(main, ["rollout", release2.id, "-i", str(cluster.inventory), "--store", str(TEST_STORE),
+                                  "--batch", "1,2,1", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout if hasattr(r, "stdout") else r.output)
+    assert result["bytes_sent"] == 0
+    assert {n["outcome"] for n in result["nodes"]} == {"skipped"}
+    assert boot_ids(cluster) == before, "no node rebooted"
+
+
+def test_cluster_rollback_goes_to_the_previous_image_without_transfer(cluster, inventory, release1, release2):
+    result = run_rollback(inventory, RolloutOptions(batches="2", **FAST))
+    assert result.exit_code == 0, result.to_dict()
+    assert result.bytes_sent == 0
+    assert_all_on(cluster, release1.id, previous=release2.id)
+    # And forward again: the image is still staged everywhere, so nothing moves but the boot.
+    result = run_rollout(release2, inventory, RolloutOptions(batches="4", **FAST))
+    assert result.exit_code == 0, result.to_dict()
+    assert result.bytes_sent == 0
+    assert_all_on(cluster, release2.id)
+
+
+def test_failing_health_gate_rolls_the_canary_back_and_stops(cluster, inventory, release2, test_store):
+    bad = derive_release(test_store, release2, "2bad-health", failing_health_check)
+    before = boot_ids(cluster)
+    result = run_rollout(bad, inventory, RolloutOptions(batches="1", **FAST))
+    assert result.exit_code == 3, result.to_dict()
+    canary = result.node("node1")
+    assert canary.outcome == "rolled-back" and canary.failed
+    assert "webapp-http" in canary.error and "503" in canary.error
+    assert [result.node(n).outcome for n in ("node2", "node3", "node4")] == ["not-started"] * 3
+    after = statuses(cluster)
+    assert after["node1"]["booted"] == release2.id and after["node1"]["committed"] == release2.id
+    assert after["node1"]["system_state"] == "running"
+    assert {n: after[n]["boot_id"] for n in ("node2", "node3", "node4")} == {
+        n: before[n] for n in ("node2", "node3", "node4")}, "no other node was touched"
+
+
+@pytest.mark.parametrize("breakage", [broken_sshd, broken_boot], ids=["sshd", "boot"])
+def test_release_that_breaks_the_node_comes_back_on_its_committed_image(cluster, inventory, release2, test_store,
+                                                                        breakage):
+    bad = derive_release(test_store, release2, f"2bad-{breakage.__name__.replace('_', '-')}", breakage)
+    result = run_rollout(bad, inventory, RolloutOptions(batches="1", **FAST))
+    assert result.exit_code == 3, result.to_dict()
+    assert result.node("node1").failed
+    s = node_status(cluster, cluster.nodes[0])
+    assert (s["booted"], s["committed"], s["default"]) == (release2.id,) * 3
+    assert s["system_state"] == "running"
+
+
+def test_rollback_all_returns_the_first_batch_when_the_second_fails(cluster, inventory, release2, test_store):
+    good = derive_release(test_store, release2, "3", lambda tree: None)
+    fails_on_node2 = CheckSpec(name="not-node2", kind="command", target='test "$(hostname)" != node2',
+                               retries=1, timeout=5)
+    result = run_rollout(good, inventory, RolloutOptions(batches="1,1,2", on_failure="rollback-all",
+                                                         checks=[fails_on_node2], **FAST))
+    assert result.exit_code == 3, result.to_dict()
+    assert result.node("node1").outcome == "rolled-back"
+    assert result.node("node2").failed
+    assert_all_on(cluster, release2.id)
+
+
+def test_unknown_and_changed_host_keys_are_refused(cluster, tmp_path, release2):
+    inv_text = cluster.inventory.read_text()
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    (tmp_path / "id_ed25519").write_bytes(cluster.key.read_bytes())
+    (tmp_path / "id_ed25519").chmod(0o600)
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text(inv_text)
+    with pytest.raises(HostKeyError, match="not in"):
+        run_rollout(release2, load_inventory(inv), RolloutOptions(batches="1", **FAST))
+    # node1's address paired with node2's key: a changed host key.
+    lines = cluster.known_hosts.read_text().splitlines()
+    key_of_node2 = lines[1].split(" ", 1)[1]
+    empty.write_text(f"{cluster.nodes[0].address} {key_of_node2}\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(UnreachableError, match="(?i)changed"):
+        run_rollout(release2, load_inventory(inv), RolloutOptions(batches="1", **FAST))
