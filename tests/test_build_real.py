@@ -63,7 +63,8 @@ def test_image_is_ready_for_a_read_only_root(image_root, release1):
     assert (image_root / "etc/machine-id").read_text().strip() == "uninitialized"
     check = image_root / "usr/lib/imagetool/health.d/webapp-http"
     assert os.access(check, os.X_OK) and "urlopen" in check.read_text()
-    assert os.access(image_root / "usr/sbin/imagetool-node", os.X_OK)
+    assert os.access(image_root / "usr/lib/imagetool/imagetool-node", os.X_OK)
+    assert os.readlink(image_root / "usr/sbin/imagetool-node") == "/usr/lib/imagetool/imagetool-node"
     for mount_point in ("proc", "sys", "dev", "run", "tmp", "var"):
         assert (image_root / mount_point).is_dir()
     # Timestamps are clamped to SOURCE_DATE_EPOCH.
@@ -94,8 +95,9 @@ def test_store_commands_and_diff(release1, release2):
     r = runner.invoke(main, ["diff", "webapp-1", "webapp-2", "--store", str(TEST_STORE), "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
-    assert "curl" in [a[0] if isinstance(a, list) else a["name"] for a in d["added"]]
-    assert not d["removed"]
+    assert "curl" in [a["name"] for a in d["packages"]["added"]]
+    assert not d["packages"]["removed"] and not d["packages"]["downgraded"]
+    assert d["size"]["after"] == release2.manifest.image.size
 
 
 def test_rebuilding_a_stored_release_is_refused_without_force(release1):
