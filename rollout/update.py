@@ -310,7 +310,7 @@ class Rollout:
             errors = got.failed
             cls = LockedError if any(isinstance(e, LockedError) for e in errors.values()) else NodeError
             raise cls("; ".join(str(e) for e in errors.values())
-                      + f" (nothing was changed; to take over an interrupted rollout pass its id with --rollout-id)")
+                      + " (nothing was changed; to take over an interrupted rollout pass its id with --rollout-id)")
 
     def _unlock_all(self) -> None:
         locked, self._locked = self._locked, []

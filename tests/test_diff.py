@@ -4,30 +4,15 @@ import json
 
 import pytest
 
+from tests.samples import sample_manifest
 from imagetool.diff import debian_version_cmp, diff_releases
-from imagetool.manifest import BuilderInfo, ImageInfo, Manifest, Package
-from imagetool.release import Base, HealthCheck, Mirrors, SquashfsOptions
+from imagetool.manifest import ImageInfo, Manifest
 
 
 def make_manifest(version: str, packages: dict[str, str], services=(), checks=(), size: int = 1000) -> Manifest:  # type: ignore[no-untyped-def]
-    return Manifest(
-        name="webapp",
-        version=version,
-        description="",
-        built_at="2026-11-23T09:30:00Z",
-        source_date_epoch=None,
-        release_sha256="a" * 64,
-        builder=BuilderInfo("0.1.0", "3.43.0", "3.11.7", "ci-1"),
-        base=Base("debian", "bookworm"),
-        mirrors=Mirrors("http://deb.debian.org/debian", "http://deb.debian.org/debian-security"),
-        elements=("debian-minimal",),
-        environment={},
-        squashfs=SquashfsOptions(),
-        packages=tuple(Package(n, v, "amd64") for n, v in packages.items()),
-        services=tuple(services),
-        health_checks=tuple(HealthCheck(*c) for c in checks),
-        image=ImageInfo(f"webapp-{version}.squashfs", size, "b" * 64),
-    )
+    return sample_manifest(version=version, packages=packages, services=tuple(services), checks=tuple(checks),
+                           image=ImageInfo(f"webapp-{version}.squashfs", size, "b" * 64))
+
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -28,6 +29,15 @@ def ssh(the_lab, node, *command, timeout=30):
 def wait_for(predicate, timeout: float, interval: float = 0.5):
     return Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(interval), retry=retry_if_result(lambda r: not r),
                     retry_error_callback=lambda state: state.outcome.result())(predicate)
+
+
+def booted(the_lab, node, release_id: str, other_than: str):
+    """The node's status once it answers from a new boot of `release_id`, else None."""
+    r = ssh(the_lab, node, "imagetool-node", "status", timeout=10)
+    if r.returncode != 0:
+        return None
+    s = json.loads(r.stdout)
+    return s if s["boot_id"] != other_than and s["booted"] == release_id else None
 
 
 def test_nodes_run_the_release_read_only_with_every_unit_started(cluster, release1):
@@ -84,16 +94,7 @@ def test_one_shot_boot_then_reset_falls_back_to_the_default(cluster, release1, r
     assert r.returncode == 0, r.stdout
     ssh(cluster, node, "imagetool-node", "reboot")
 
-    def booted_release2():
-        r = ssh(cluster, node, "imagetool-node", "status", timeout=10)
-        if r.returncode != 0:
-            return None
-        import json
-
-        s = json.loads(r.stdout)
-        return s if s["boot_id"] != before and s["booted"] == release2.id else None
-
-    s = wait_for(booted_release2, 90)
+    s = wait_for(lambda: booted(cluster, node, release2.id, other_than=before), 90)
     assert s, "node did not come back on the one-shot image"
     assert s["default"] == release1.id and s["next"] is None  # the one-shot entry was consumed
     assert s["trial"] and s["trial"]["id"] == release2.id
@@ -102,16 +103,7 @@ def test_one_shot_boot_then_reset_falls_back_to_the_default(cluster, release1, r
     lab.reset(cluster, node.name)
     mid = s["boot_id"]
 
-    def back_on_default():
-        r = ssh(cluster, node, "imagetool-node", "status", timeout=10)
-        if r.returncode != 0:
-            return None
-        import json
-
-        st = json.loads(r.stdout)
-        return st if st["boot_id"] != mid and st["booted"] == release1.id else None
-
-    s = wait_for(back_on_default, 90)
+    s = wait_for(lambda: booted(cluster, node, release1.id, other_than=mid), 90)
     assert s, "node did not fall back to its default image after a reset"
     assert s["committed"] == release1.id and s["system_state"] in ("running", "starting")
 

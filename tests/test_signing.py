@@ -7,31 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.samples import sample_manifest
 from imagetool.errors import AlreadyExistsError, InputError, VerificationError
-from imagetool.manifest import BuilderInfo, ImageInfo, Manifest, Package, sha256_file
-from imagetool.release import Base, HealthCheck, Mirrors, SquashfsOptions
+from imagetool.manifest import ImageInfo, Manifest, sha256_file
 from imagetool.signing import generate_keypair, sign_file, verify_release
 
 
 def make_manifest(image: ImageInfo) -> Manifest:
-    return Manifest(
-        name="webapp",
-        version="1.0",
-        description="",
-        built_at="2026-11-23T09:30:00Z",
-        source_date_epoch=None,
-        release_sha256="a" * 64,
-        builder=BuilderInfo("0.1.0", "3.43.0", "3.11.7", "ci-1"),
-        base=Base("debian", "bookworm"),
-        mirrors=Mirrors("http://deb.debian.org/debian", "http://deb.debian.org/debian-security"),
-        elements=("debian-minimal",),
-        environment={},
-        squashfs=SquashfsOptions(),
-        packages=(Package("bash", "5.2.15-2+b2", "amd64"),),
-        services=("webapp.service",),
-        health_checks=(HealthCheck("http", "true", 10),),
-        image=image,
-    )
+    return sample_manifest(services=("webapp.service",), image=image)
+
 
 
 @pytest.fixture
