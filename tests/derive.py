@@ -19,7 +19,9 @@ from imagetool.store import Store, StoredRelease
 
 def derive_release(store: Store, base: StoredRelease, version: str, mutate: Callable[[Path], None]) -> StoredRelease:
     rid = f"{base.manifest.name}-{version}"
-    if store.has(rid):
+    # Derived again whenever the base image was rebuilt.
+    stamp = store.path / f".{rid}.base"
+    if store.has(rid) and stamp.exists() and stamp.read_text() == base.manifest.image.sha256:
         return store.get(rid)
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         tree = Path(tmp) / "root"
@@ -38,7 +40,9 @@ def derive_release(store: Store, base: StoredRelease, version: str, mutate: Call
                 image=ImageInfo(file=f"{rid}.squashfs", size=staging.squashfs_path.stat().st_size,
                                 sha256=sha256_file(staging.squashfs_path)))
             staging.manifest_path.write_bytes(manifest.to_json())
-            return staging.commit()
+            stored = staging.commit(force=True)
+    stamp.write_text(base.manifest.image.sha256)
+    return stored
 
 
 def failing_health_check(tree: Path) -> None:
