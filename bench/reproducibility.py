@@ -1,6 +1,7 @@
 """What still differs between two builds of the same release, and between releases 1 and 2.
 
     .venv/bin/python bench/reproducibility.py [--release examples/webapp-1.yaml] [--other examples/webapp-2.yaml]
+    .venv/bin/python bench/reproducibility.py --compare A.squashfs B.squashfs
 
 Builds the release twice (diskimage-builder cache warm after the first), mounts both squashfs
 images and compares every file (content and metadata), then measures how many bytes of the second
@@ -107,7 +108,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--release", default=str(REPO / "examples/webapp-1.yaml"))
     ap.add_argument("--other", default=str(REPO / "examples/webapp-2.yaml"))
+    ap.add_argument("--compare", nargs=2, metavar=("A.squashfs", "B.squashfs"),
+                    help="only compare two existing images, no builds")
     args = ap.parse_args()
+    if args.compare:
+        compare(Path(args.compare[0]), Path(args.compare[1]), "given images")
+        return
     release = load_release(args.release)
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         stores = [Store(Path(tmp) / "a"), Store(Path(tmp) / "b")]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from imagetool.errors import AlreadyExistsError, BuildError, HostSetupError, NotFoundError
-from imagetool.manifest import BuilderInfo, ImageInfo, Manifest, parse_dpkg_manifest, sha256_file
+from imagetool.manifest import BuilderInfo, ImageInfo, Manifest, Package, parse_dpkg_manifest, sha256_file
 from imagetool.release import Release, effective_mirrors
 from imagetool.signing import sign_file
 from imagetool.store import Store, StoredRelease
@@ -269,7 +269,7 @@ def _build_locked(release: Release, store: Store, options: BuildOptions, progres
             if not packages:
                 raise BuildError(f"diskimage-builder wrote no package list ({dpkg}); see {log}")
             manifest = make_manifest(release, staging.squashfs_path, packages, epoch,
-                                     [*release.dib_elements, *PROJECT_ELEMENTS], env)
+                                     [*release.dib_elements, *PROJECT_ELEMENTS])
             staging.manifest_path.write_bytes(manifest.to_json())
             if options.sign_key is not None:
                 progress("sign", str(options.sign_key))
@@ -280,19 +280,22 @@ def _build_locked(release: Release, store: Store, options: BuildOptions, progres
             shutil.copyfile(log, staging.log_path)
             progress("store", str(store.path))
             return staging.commit(force=options.force)
-    except BaseException:
+    except BaseException as e:
         # The store is untouched (staging removed itself); keep the log where the operator can read it.
-        if log.exists():
-            kept = base / f"imagetool-build-{release.id}.failed.log"
-            shutil.copyfile(log, kept)
+        if not log.exists():
+            raise
+        kept = base / f"imagetool-build-{release.id}.failed.log"
+        shutil.copyfile(log, kept)
+        if isinstance(e, BuildError):
+            raise BuildError(str(e).replace(str(log), str(kept))) from None
         raise
     finally:
         if not options.keep_work:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def make_manifest(release: Release, squashfs: Path, packages: list, epoch: int | None,
-                  elements: list[str], env: dict[str, str]) -> Manifest:
+def make_manifest(release: Release, squashfs: Path, packages: list[Package], epoch: int | None,
+                  elements: list[str]) -> Manifest:
     return Manifest(
         name=release.name,
         version=release.version,

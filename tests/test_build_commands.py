@@ -1,0 +1,61 @@
+"""The commands and environment a build runs, as pure functions, against exact values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imagetool.build import PROJECT_ELEMENTS, clamp_mtimes, dib_command, dib_environment, squashfs_command
+from imagetool.errors import HostSetupError
+from imagetool.release import load_release
+from imagetool.systools import require
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples/webapp-2.yaml"
+
+
+def test_dib_command_adds_this_projects_elements_and_makes_a_tar():
+    release = load_release(EXAMPLE)
+    argv = dib_command(release, Path("/w/image"))
+    assert argv[1:] == ["-t", "tar", "-o", "/w/image", "--no-tmpfs", "-p", "python3,curl",
+                        "debian-minimal", "openssh-server", "webapp", *PROJECT_ELEMENTS]
+
+
+def test_squashfs_command_is_zstd_with_the_epoch():
+    release = load_release(EXAMPLE)
+    argv = squashfs_command(Path("/w/root"), Path("/s/webapp-2.squashfs"), release, 1763856000)
+    assert argv[:10] == ["mksquashfs", "/w/root", "/s/webapp-2.squashfs", "-noappend", "-comp", "zstd",
+                         "-b", "131072", "-Xcompression-level", "15"]
+    assert argv[argv.index("-mkfs-time") + 1] == "1763856000"
+
+
+def test_environment_for_elements(tmp_path):
+    release = load_release(EXAMPLE)
+    env = dib_environment(release, tmp_path)
+    assert env["DIB_RELEASE"] == "bookworm"
+    assert env["DIB_DISTRIBUTION_MIRROR"].startswith("http")
+    assert env["DIB_DEBIAN_SECURITY_MIRROR"].endswith("-security")
+    assert env["ELEMENTS_PATH"] == f"{tmp_path}:{EXAMPLE.parent / 'elements'}"
+    assert env["IMAGETOOL_SERVICES"] == "webapp.service"
+    assert json.loads(env["IMAGETOOL_RELEASE_JSON"])["version"] == "2"
+    assert [c["name"] for c in json.loads(env["IMAGETOOL_HEALTH_CHECKS"])] == ["webapp-http"]
+    assert env["SOURCE_DATE_EPOCH"] == "1763856000"
+
+
+def test_clamp_mtimes_only_touches_newer_files(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.write_text("a")
+    new.write_text("b")
+    import os
+
+    os.utime(old, (1000, 1000))
+    clamp_mtimes(tmp_path, 5000)
+    assert old.stat().st_mtime == 1000 and new.stat().st_mtime == 5000
+
+
+def test_missing_tool_names_its_package(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr("shutil.which", lambda *a, **k: None)
+    with pytest.raises(HostSetupError, match="apt-get install squashfs-tools"):
+        require("mksquashfs")
