@@ -527,12 +527,12 @@ def down(name: str, root: Path | None = None) -> DownReport:
     d = lab_dir(name, root)
     report = DownReport()
     # Power cut through each firmware first (it kills its container), then anything left over.
-    for pid_file in d.glob("nodes/*/firmware.pid"):
-        pid = _pid(pid_file)
-        if pid:
-            os.kill(pid, signal.SIGTERM)
-            _wait_gone(pid, 10)
-            report.processes += 1
+    firmwares = [pid for pid in map(_pid, d.glob("nodes/*/firmware.pid")) if pid]
+    for pid in firmwares:
+        os.kill(pid, signal.SIGTERM)
+    for pid in firmwares:  # all at once: ten nodes must not take ten stop timeouts
+        _wait_gone(pid, 10)
+        report.processes += 1
     from imagetool.firmware import container_inits
 
     for pid in _lab_processes(d):
