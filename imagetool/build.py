@@ -48,6 +48,9 @@ BUILD_NOISE = [
     "etc/dib-manifests/dib_environment",
     "etc/dib-manifests/dib_arguments",
     "lost+found",
+    # Device nodes diskimage-builder's chroot left behind (a build's /dev/loopN): the boot path
+    # mounts /dev.
+    "dev/*",
 ]
 
 Progress = Callable[[str, str], None]  # (step, detail)

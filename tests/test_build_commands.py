@@ -59,3 +59,15 @@ def test_missing_tool_names_its_package(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda *a, **k: None)
     with pytest.raises(HostSetupError, match="apt-get install squashfs-tools"):
         require("mksquashfs")
+
+
+def test_build_noise_and_leftover_device_nodes_are_removed(tmp_path):
+    from imagetool.build import ensure_mount_points, remove_build_noise
+
+    for rel in ("var/log/dpkg.log", "var/lib/apt/lists/x_Packages", "dev/loop19", "etc/keep"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    removed = remove_build_noise(tmp_path)
+    ensure_mount_points(tmp_path)
+    assert sorted(removed) == ["dev/loop19", "var/lib/apt/lists/x_Packages", "var/log/dpkg.log"]
+    assert (tmp_path / "etc/keep").exists() and (tmp_path / "dev").is_dir() and (tmp_path / "proc").is_dir()
