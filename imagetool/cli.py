@@ -16,8 +16,8 @@ from rich.table import Table
 
 from imagetool.errors import EXIT_CODES, ImagetoolError
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

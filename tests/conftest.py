@@ -84,7 +84,7 @@ def release2():
 
 
 @pytest.fixture(scope="session")
-def lab_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def lab_root() -> Path:
     return Path(os.environ.get("IMAGETOOL_TEST_LAB_DIR", "/var/tmp/imagetool-test-labs"))
 
 

@@ -68,7 +68,7 @@ def test_the_same_rollout_again_changes_nothing(cluster, inventory, release2):
     r = CliRunner().invoke(main, ["rollout", release2.id, "-i", str(cluster.inventory), "--store", str(TEST_STORE),
                                   "--batch", "1,2,1", "--json"])
     assert r.exit_code == 0, r.output
-    result = json.loads(r.stdout if hasattr(r, "stdout") else r.output)
+    result = json.loads(r.stdout)
     assert result["bytes_sent"] == 0
     assert {n["outcome"] for n in result["nodes"]} == {"skipped"}
     assert boot_ids(cluster) == before, "no node rebooted"
