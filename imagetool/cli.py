@@ -287,12 +287,12 @@ def lab_up(n_nodes: int, release_ref: str, var_size: str, store: str | None, lab
 
 
 def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units and t[-1] != "" else (t, "")
+    num, unit = (t[:-1], units[t[-1]]) if t and t[-1] in units else (t, 1)
     try:
-        return int(float(num) * units[unit])
-    except (ValueError, KeyError):
+        return int(float(num) * unit)
+    except ValueError:
         raise click.BadParameter(f"{text!r} is not a size (e.g. 4G, 512M)") from None
 
 

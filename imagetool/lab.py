@@ -32,6 +32,7 @@ import yaml
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from imagetool.errors import HostSetupError, ImagetoolError, InputError, NotFoundError, UnreachableError
+from imagetool.firmware import container_inits
 from imagetool.store import StoredRelease
 from imagetool.systools import require, require_root
 
@@ -420,8 +421,6 @@ class NodeState:
 
 
 def container_init(lab: Lab, node: str) -> int | None:
-    from imagetool.firmware import container_inits
-
     nspawn = _pid(lab.node_dir(node) / "nspawn.pid")
     if nspawn is None:
         return None
@@ -533,8 +532,6 @@ def down(name: str, root: Path | None = None) -> DownReport:
     for pid in firmwares:  # all at once: ten nodes must not take ten stop timeouts
         _wait_gone(pid, 10)
         report.processes += 1
-    from imagetool.firmware import container_inits
-
     for pid in _lab_processes(d):
         for child in container_inits(pid):
             _kill(child)
