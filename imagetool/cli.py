@@ -418,8 +418,10 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--check-tcp", multiple=True, metavar="HOST:PORT", help="Extra TCP check from here, e.g. {host}:5432."),
         click.option("--check-command", multiple=True, metavar="CMD", help="Extra check command run on the node."),
         click.option("--rollout-id", default=None, help="Take over an interrupted run's locks by its id and carry on."),
-        click.option("--break-lock-older-than", type=click.FloatRange(min=0), default=None, metavar="S",
-                     help="Take over locks older than S seconds left by another run."),
+        click.option("--break-lock", is_flag=True,
+                     help="Take over node locks of other runs older than --lock-max-age (says whose it broke)."),
+        click.option("--lock-max-age", type=click.FloatRange(min=0), default=3600, show_default=True, metavar="S",
+                     help="Age in seconds after which --break-lock may take a lock over."),
         click.option("--dry-run", is_flag=True, help="Connect, plan and show; change nothing."),
         limit_option,
         parallel_option,
@@ -441,7 +443,7 @@ def _make_options(kw: dict[str, Any], command: str) -> Any:
         parallel=kw["parallel"], dry_run=kw["dry_run"], accept_new_host_keys=kw["accept_new_host_keys"],
         rollout_id=kw["rollout_id"], limit=list(kw["limit"]) or None,
         checks=cli_checks(kw["check_http"], kw["check_tcp"], kw["check_command"]),
-        command=command, break_lock_older_than=kw["break_lock_older_than"],
+        command=command, break_lock=kw["break_lock"], lock_max_age=kw["lock_max_age"],
     )
 
 

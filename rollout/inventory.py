@@ -19,6 +19,7 @@ import paramiko
 import yaml
 
 from imagetool.errors import InputError
+from rollout.hooks import Hooks, HookSpec, RunOnceSpec
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Groups are matched against --limit values alongside node names, so they share the alphabet.
@@ -31,7 +32,11 @@ DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 DEFAULT_SSH_CONFIG = "~/.ssh/config"
 SSH_CONFIG_ENV = "IMAGETOOL_SSH_CONFIG"
 
-TOP_KEYS = ("defaults", "nodes", "health_checks")
+TOP_KEYS = ("defaults", "nodes", "health_checks", "hooks", "run_once")
+HOOKS_KEYS = ("before_activate", "after_commit", "after_rollback")
+# Not "on": YAML 1.1 reads an unquoted `on` key as the boolean true.
+HOOK_KEYS = ("name", "run", "where", "timeout")
+RUN_ONCE_KEYS = (*HOOK_KEYS, "node")
 DEFAULT_KEYS = ("user", "port", "key", "known_hosts", "proxy_jump", "vars", "reset_command")
 NODE_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "groups", "vars", "reset_command")
 CHECK_KEYS = ("name", "command", "tcp", "http", "expect_status", "timeout", "retries", "interval")
@@ -129,6 +134,7 @@ class Inventory:
     nodes: list[NodeSpec]
     health_checks: list[CheckSpec]
     known_hosts: Path
+    hooks: Hooks = field(default_factory=Hooks)
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:
@@ -447,7 +453,49 @@ def load_inventory(
             )
 
     checks = _checks(data.get("health_checks"), root / "health_checks")
-    return Inventory(path=path, nodes=nodes, health_checks=checks, known_hosts=known_hosts)
+    hooks = _hooks(data.get("hooks"), data.get("run_once"), root)
+    return Inventory(path=path, nodes=nodes, health_checks=checks, known_hosts=known_hosts, hooks=hooks)
+
+
+def _hook(raw: Any, where: _Where, allowed: tuple[str, ...], default_name: str) -> dict[str, Any]:
+    spec = _mapping(raw, where, allowed)
+    if "run" not in spec:
+        raise where.error("missing 'run' (the command to run)")
+    name = _str(spec.get("name", default_name), where / "name")
+    if not CHECK_NAME_RE.match(name):
+        raise (where / "name").error(f"{name!r} is not a valid hook name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
+    runs_on = spec.get("where", "controller")
+    if runs_on not in ("controller", "node"):
+        raise (where / "where").error(f"expected 'controller' or 'node', got {runs_on!r}")
+    return {"name": name, "run": _str(spec["run"], where / "run"), "where": runs_on,
+            "timeout": float(_number(spec.get("timeout", 300), where / "timeout", minimum=1))}
+
+
+def _hooks(value: Any, run_once: Any, root: _Where) -> Hooks:
+    where = root / "hooks"
+    points = _mapping(value, where, HOOKS_KEYS)
+    found: dict[str, tuple[HookSpec, ...]] = {}
+    for point in HOOKS_KEYS:
+        raw = points.get(point)
+        if raw is None:
+            continue
+        if not isinstance(raw, list):
+            raise (where / point).error(f"expected a list of hooks, got {_kind(raw)}")
+        specs = [HookSpec(**_hook(item, where / point / i, HOOK_KEYS, f"{point}-{i + 1}")) for i, item in enumerate(raw)]
+        names = [h.name for h in specs]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise (where / point).error(f"duplicate hook name {dup!r}")
+        found[point] = tuple(specs)
+    once = None
+    if run_once is not None:
+        w = root / "run_once"
+        fields = _hook(run_once, w, RUN_ONCE_KEYS, "run-once")
+        which = _mapping(run_once, w, RUN_ONCE_KEYS).get("node", "first")
+        if which not in ("first", "last"):
+            raise (w / "node").error(f"expected 'first' or 'last' (the bootstrap node), got {which!r}")
+        once = RunOnceSpec(**fields, node=which)
+    return Hooks(**found, run_once=once)
 
 
 def _checks(value: Any, where: _Where) -> list[CheckSpec]:

@@ -84,6 +84,10 @@ class NodeStatus:
     trial: dict[str, Any] | None = None
     last_rollout: str | None = None
     hostname: str | None = None
+    # The node's clock when it answered (lock ages are measured on it), and the run-once step
+    # it last ran: {"release", "rollout", "time"}.
+    time: float | None = None
+    run_once: dict[str, Any] | None = None
 
     @classmethod
     def from_answer(cls, name: str, doc: dict[str, Any]) -> NodeStatus:
@@ -107,6 +111,8 @@ class NodeStatus:
             trial=doc.get("trial"),
             last_rollout=doc.get("last_rollout"),
             hostname=doc.get("hostname"),
+            time=float(doc["time"]) if isinstance(doc.get("time"), (int, float)) else None,
+            run_once=doc.get("run_once") if isinstance(doc.get("run_once"), dict) else None,
         )
 
     def image(self, image_id: str) -> NodeImage | None:
@@ -125,7 +131,7 @@ class NodeStatus:
             "committed": self.committed, "previous": self.previous, "boot_id": self.boot_id,
             "images": [i.__dict__ for i in self.images], "free_bytes": self.free_bytes,
             "lock": self.lock, "system_state": self.system_state, "trial": self.trial,
-            "last_rollout": self.last_rollout, "hostname": self.hostname,
+            "last_rollout": self.last_rollout, "hostname": self.hostname, "run_once": self.run_once,
         }
 
 
@@ -216,6 +222,8 @@ ProgressFn = Callable[[int], None]
 class Node(Protocol):
     """What the rollout needs from a node; all waits are bounded by the timeouts given."""
 
+    spec: NodeSpec
+
     @property
     def name(self) -> str: ...
 
@@ -247,11 +255,14 @@ class Node(Protocol):
 
     def commit(self, image_id: str, rollout_id: str | None) -> None: ...
 
-    def lock(self, rollout_id: str, owner: str, command: str, break_older_than: float | None = None) -> dict[str, Any]: ...
+    def lock(self, rollout_id: str, owner: str, command: str, *, take_over: str | None = None,
+             pid: int | None = None) -> dict[str, Any]: ...
 
     def unlock(self, rollout_id: str) -> None: ...
 
     def gc(self, keep: int = 0) -> dict[str, Any]: ...
+
+    def ran_once(self, image_id: str, rollout_id: str) -> None: ...
 
     def reset(self) -> None: ...
 
@@ -370,9 +381,11 @@ class SSHNode:
 
     # --- housekeeping -------------------------------------------------------------------------
 
-    def lock(self, rollout_id: str, owner: str, command: str, break_older_than: float | None = None) -> dict[str, Any]:
+    def lock(self, rollout_id: str, owner: str, command: str, *, take_over: str | None = None,
+             pid: int | None = None) -> dict[str, Any]:
+        """Take the node's rollout lock; `take_over` breaks it if (only if) that rollout holds it."""
         try:
-            return self._call("lock", rollout_id, owner=owner, command=command, break_older_than=break_older_than)
+            return self._call("lock", rollout_id, owner=owner, command=command, take_over=take_over, pid=pid)
         except HelperError as e:
             if e.error.startswith("locked"):
                 raise LockedError(f"node {self.name}: {e.error}") from None
@@ -383,6 +396,9 @@ class SSHNode:
 
     def gc(self, keep: int = 0) -> dict[str, Any]:
         return self._call("gc", keep=keep)
+
+    def ran_once(self, image_id: str, rollout_id: str) -> None:
+        self._call("ran-once", image_id, rollout=rollout_id)
 
     def reset(self) -> None:
         """Out-of-band reset from the controller (the inventory's reset_command)."""

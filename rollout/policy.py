@@ -41,6 +41,10 @@ class NodeResult:
     # Set by rollback-all on a node this rollout had moved: the outcome became "rolled-back" but
     # the node itself did nothing wrong.
     undone: bool = False
+    # Why the rollout did what it did with this node (the plan's reason), and for a dry run the
+    # bytes staging would send.
+    detail: str | None = None
+    stage_bytes: int = 0
 
     @property
     def failed(self) -> bool:

@@ -3,15 +3,24 @@
 Phases, in order (colmena's Goal, for a rollout):
   connect   open SSH to every selected node and read its status; any node unreachable stops here,
             before anything changed
-  lock      take each node's rollout lock (released on every way out, Ctrl-C included)
+  lock      take each node's rollout lock (released on every way out, Ctrl-C included); a lock
+            left by a controller process that is gone is taken over, others need --break-lock
+  reconcile read each node's real state (booted, committed, one-shot pending, trial) and plan
+            from it: skip nodes already on the image (committed and healthy), resume ones an
+            interrupted run left booted on it, clear one-shot entries it left pending
   stage     copy the image to the nodes that lack it; nothing restarts
-  plan      skip nodes already on the image (committed and healthy), resume ones caught mid-way
-  activate  per batch, canary first: one-shot next boot into the image, reboot
+  activate  per batch, canary first: before_activate hooks, one-shot next boot into the image,
+            reboot
   boot      wait for the node to answer again with a new boot id, booted into the image
   verify    health gate
-  commit    confirm the boot (disarms the dead-man switch), make the image the default
-  rollback  a node that failed anywhere after `activate` is put back on its committed image;
-            with --on-failure rollback-all, every node this run moved goes back too
+  commit    confirm the boot (disarms the dead-man switch), make the image the default, then
+            after_commit hooks and, on the bootstrap node, the run-once step
+  rollback  a node that failed anywhere after `activate` is put back on its committed image (and
+            its after_rollback hooks run); with --on-failure rollback-all, every node this run
+            moved goes back too
+
+Every event goes to the rollout's journal (rollout.journal) as it happens, so a run killed with
+-9 leaves a record up to its last step; the next run works from the nodes' real state.
 
 Every per-node step registers its undo (diskimage-builder's block_device style), unwound in
 reverse when a later step fails. What happened to each node is data (policy.NodeResult); whether
@@ -21,13 +30,14 @@ to go on after a batch is policy.decide over it.
 from __future__ import annotations
 
 import getpass
+import os
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Literal
 
@@ -36,7 +46,9 @@ from imagetool.names import check_release_id
 from imagetool.store import StoredRelease
 from rollout.batch import DEFAULT_BATCHES, parse_batches, parse_threshold, split
 from rollout.health import HealthGate, HealthReport, check_node
+from rollout.hooks import Hooks, hook_env, run_hook
 from rollout.inventory import CheckSpec, Inventory, select
+from rollout.journal import Journal, check_rollout_id, state_dir
 from rollout.node import GroupResult, Node, NodeStatus, for_each, ssh_nodes
 from rollout.policy import BatchOutcome, NodeResult, OnFailure, decide, exit_code
 from rollout.stage import StageProgress, stage_all
@@ -57,6 +69,10 @@ class Step(str, Enum):
     BOOT = "boot"
     VERIFY = "verify"
     COMMIT = "commit"
+    HOOK = "hook"
+    RUN_ONCE = "run-once"
+    RECONCILE = "reconcile"
+    WARNING = "warning"
     ROLLBACK = "rollback"
     DONE = "done"
     SKIPPED = "skipped"
@@ -75,6 +91,24 @@ class Interrupted(ImagetoolError):
 def new_rollout_id(now: float | None = None) -> str:
     """`YYYYmmddTHHMMSS-<6 hex>` in UTC: sorts by time, unique enough across controllers."""
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(3)
+
+
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` alive on this machine? (Permission denied still means it exists.)"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_lock(lock: dict[str, Any]) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(lock.get("time") or 0)))
+    pid = f", pid {lock['pid']}" if lock.get("pid") else ""
+    return (f"rollout {lock.get('rollout')} of {lock.get('owner')}{pid} "
+            f"({lock.get('command')!r}, since {since} UTC)")
 
 
 def default_owner() -> str:
@@ -106,12 +140,17 @@ class RolloutOptions:
     limit: list[str] | None = None
     owner: str = field(default_factory=default_owner)
     command: str = "imagetool rollout"
-    break_lock_older_than: float | None = None
+    # Take over locks of other runs once they are older than lock_max_age seconds. A lock left by
+    # a controller process on this machine that no longer exists is taken over without asking.
+    break_lock: bool = False
+    lock_max_age: float = 3600.0
+    # Where the journal goes (default: rollout.journal.state_dir()).
+    state_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.on_failure not in ("rollback-node", "rollback-all"):
             raise InputError(f"--on-failure {self.on_failure!r}: expected rollback-node or rollback-all")
-        for name in ("pause", "confirm_timeout", "boot_timeout", "health_timeout", "health_interval"):
+        for name in ("pause", "confirm_timeout", "boot_timeout", "health_timeout", "health_interval", "lock_max_age"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')}: must not be negative")
         if self.parallel < 1:
@@ -125,6 +164,8 @@ class RolloutOptions:
             )
         parse_batches(self.batches, 1)
         parse_threshold(self.max_failures, 1)
+        if self.rollout_id is not None:
+            check_rollout_id(self.rollout_id, "--rollout-id")
 
 
 @dataclass
@@ -171,6 +212,9 @@ class PlanItem:
     action: Literal["activate", "resume", "settled", "fail"]
     status: NodeStatus
     error: str | None = None
+    # Why this action, in words, and the bytes staging would send (plan and journal).
+    reason: str = ""
+    stage_bytes: int = 0
 
 
 class UndoStack:
@@ -214,8 +258,10 @@ class Rollout:
         options: RolloutOptions | None = None,
         *,
         checks: Sequence[CheckSpec] = (),
+        hooks: Hooks | None = None,
         events: EventFn | None = None,
         progress: StageProgress | None = None,
+        journal: Journal | None = None,
     ) -> None:
         names = [n.name for n in nodes]
         if len(set(names)) != len(names):
@@ -225,20 +271,38 @@ class Rollout:
         self.rollout_id = self.options.rollout_id or new_rollout_id()
         self.gate = HealthGate(checks=tuple(checks) + tuple(self.options.checks),
                                timeout=self.options.health_timeout, interval=self.options.health_interval)
+        self.hooks = hooks or Hooks()
+        self.journal = journal
         self._events = events
         self._progress = progress
         self._cancel = threading.Event()
         self._locked: list[Node] = []
+        self._kind: Literal["rollout", "rollback"] = "rollout"
+        # The node that runs the run-once step in this rollout, if any.
+        self._bootstrap: str | None = None
 
     # --- events --------------------------------------------------------------------------
 
     def emit(self, node: str, step: Step | str, detail: str = "") -> None:
+        name = step.value if isinstance(step, Step) else step
+        if self.journal is not None:
+            try:
+                self.journal.step(node, name, detail)
+            except OSError:
+                pass  # a full controller disk must not strand nodes mid-activation
         if self._events is None:
             return
         try:
-            self._events(node, step.value if isinstance(step, Step) else step, detail)
+            self._events(node, name, detail)
         except Exception:  # noqa: BLE001 - a broken display must not break a rollout
             pass
+
+    def _record(self, event: str, **fields: Any) -> None:
+        if self.journal is not None:
+            try:
+                self.journal.write(event, **fields)
+            except OSError:
+                pass
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
@@ -248,30 +312,57 @@ class Rollout:
 
     def run(self, release: StoredRelease) -> RolloutResult:
         """Roll `release` out to every node."""
+        return self._journaled("rollout", release.id, lambda: self._run(release))
+
+    def rollback(self, to: str | None = None) -> RolloutResult:
+        """Every node back to its previous image (or to `to`, which must be staged there)."""
+        if to is not None:
+            check_release_id(to, where="--to")
+        return self._journaled("rollback", to, lambda: self._rollback(to))
+
+    def _journaled(self, kind: Literal["rollout", "rollback"], target: str | None,
+                   fn: Callable[[], RolloutResult]) -> RolloutResult:
+        self._kind = kind
+        o = self.options
+        self._record("begin", kind=kind, target=target, rollout=self.rollout_id, nodes=[n.name for n in self.nodes],
+                     owner=o.owner, command=o.command, pid=os.getpid(), dry_run=o.dry_run,
+                     options={"batches": o.batches, "max_failures": o.max_failures, "on_failure": o.on_failure,
+                              "confirm_timeout": o.confirm_timeout, "health_timeout": o.health_timeout})
+        try:
+            result = fn()
+        except BaseException as e:
+            code = getattr(e, "exit_code", 130 if isinstance(e, KeyboardInterrupt) else 1)
+            self._record("end", exit_code=code, reason=str(e) or type(e).__name__, error=type(e).__name__)
+            raise
+        self._record("end", exit_code=result.exit_code, reason=result.reason, bytes_sent=result.bytes_sent,
+                     seconds=round(result.seconds, 1), outcomes={r.node: r.outcome for r in result.nodes})
+        return result
+
+    def _run(self, release: StoredRelease) -> RolloutResult:
         start = time.monotonic()
         target = release.id
         statuses = self._connect()
         try:
-            self._lock_all()
-            plan = [self._plan_rollout(n, statuses[n.name], target) for n in self.nodes]
+            self._lock_all(statuses)
+            plan = [self._plan_rollout(n, statuses[n.name], release) for n in self.nodes]
+            self._choose_bootstrap(plan)
+            self._journal_plan(plan)
             results = self._settle(plan)
             sent = {} if self.options.dry_run else self._stage(release, plan, results)
             return self._activate_all("rollout", target, plan, results, start, sent)
         finally:
             self._unlock_all()
 
-    def rollback(self, to: str | None = None) -> RolloutResult:
-        """Every node back to its previous image (or to `to`, which must be staged there)."""
+    def _rollback(self, to: str | None) -> RolloutResult:
         start = time.monotonic()
-        if to is not None:
-            check_release_id(to, where="--to")
         statuses = self._connect()
         plan = [self._plan_rollback(n, statuses[n.name], to) for n in self.nodes]
         missing = [p for p in plan if p.action == "fail"]
         if missing:
             raise InputError("cannot roll back: " + "; ".join(f"node {p.node.name}: {p.error}" for p in missing))
         try:
-            self._lock_all()
+            self._lock_all(statuses)
+            self._journal_plan(plan)
             results = self._settle(plan)
             return self._activate_all("rollback", to, plan, results, start, {})
         finally:
@@ -293,24 +384,57 @@ class Rollout:
         if failed:
             raise NodeError("cannot read the status of "
                             + "; ".join(str(e) for e in failed.values()) + " (nothing was changed)")
-        return {k: v for k, v in got.items()}
+        statuses: dict[str, NodeStatus] = dict(got.items())
+        for name, st in statuses.items():
+            trial = st.trial or {}
+            self.emit(name, Step.RECONCILE,
+                      f"booted {st.booted}, committed {st.committed}, default {st.default}, "
+                      f"one-shot {st.next or '-'}"
+                      + (f", trial boot ({'confirmed' if trial.get('confirmed') else 'unconfirmed'})" if trial else "")
+                      + (f", locked by {st.lock.get('rollout')}" if st.lock else ""))
+        return statuses
 
-    def _lock_all(self) -> None:
+    def _takeover(self, held: dict[str, Any], st: NodeStatus) -> tuple[str | None, str]:
+        """May this run take over `held`? Returns (the rollout id to take over or None, why)."""
+        o = self.options
+        pid = held.get("pid")
+        if held.get("owner") == o.owner and isinstance(pid, int) and not pid_alive(pid):
+            return held.get("rollout"), f"its controller process {pid} on this machine is gone"
+        age = max(0.0, (st.time or time.time()) - float(held.get("time") or 0))
+        if o.break_lock and age >= o.lock_max_age:
+            return held.get("rollout"), f"--break-lock: it is {age:.0f}s old (--lock-max-age {o.lock_max_age:g})"
+        if o.break_lock:
+            return None, (f"it is only {age:.0f}s old; --break-lock takes over locks older than "
+                          f"--lock-max-age {o.lock_max_age:g}s")
+        return None, (f"it is {age:.0f}s old; if that run is gone, pass --break-lock (locks older than "
+                      f"--lock-max-age {o.lock_max_age:g}s) or --rollout-id {held.get('rollout')} to carry it on")
+
+    def _lock_all(self, statuses: dict[str, NodeStatus]) -> None:
         if self.options.dry_run:
             return
         o = self.options
 
         def lock(n: Node) -> None:
+            st = statuses[n.name]
+            held = st.lock
+            take_over, why = None, ""
+            if held and held.get("rollout") != self.rollout_id:
+                take_over, why = self._takeover(held, st)
+                if take_over is None:
+                    raise LockedError(f"node {n.name}: locked by {describe_lock(held)}; {why}")
             self.emit(n.name, Step.LOCK, self.rollout_id)
-            n.lock(self.rollout_id, o.owner, o.command, o.break_lock_older_than)
+            got = n.lock(self.rollout_id, o.owner, o.command, take_over=take_over, pid=os.getpid())
+            broken = got.get("broken")
+            if broken:
+                self.emit(n.name, Step.WARNING, f"broke the lock of {describe_lock(broken)}: {why}")
+                self._record("takeover", node=n.name, rollout=broken.get("rollout"), lock=broken, why=why)
 
         got: GroupResult = for_each(self.nodes, lock, o.parallel)
         self._locked = [n for n in self.nodes if n.name in got.succeeded]
         if got.failed:
             errors = got.failed
             cls = LockedError if any(isinstance(e, LockedError) for e in errors.values()) else NodeError
-            raise cls("; ".join(str(e) for e in errors.values())
-                      + " (nothing was changed; to take over an interrupted rollout pass its id with --rollout-id)")
+            raise cls("; ".join(str(e) for e in errors.values()) + " (nothing was changed)")
 
     def _unlock_all(self) -> None:
         locked, self._locked = self._locked, []
@@ -319,17 +443,25 @@ class Rollout:
             n.unlock(self.rollout_id)
 
         for name, e in for_each(locked, unlock, self.options.parallel).failed.items():
-            self.emit(name, "warning", f"could not release the lock: {e}")
+            self.emit(name, Step.WARNING, f"could not release the lock: {e}")
 
     # --- planning --------------------------------------------------------------------------
 
-    def _plan_rollout(self, node: Node, st: NodeStatus, target: str) -> PlanItem:
+    def _plan_rollout(self, node: Node, st: NodeStatus, release: StoredRelease) -> PlanItem:
         committed = st.committed or st.default
+        target = release.id
+        stale = f"; clears the one-shot boot into {st.next} an interrupted run left" if st.next else ""
         if st.settled_on(target):
-            return PlanItem(node, committed, target, "settled", st)
+            return PlanItem(node, committed, target, "settled", st,
+                            reason=f"already booted and committed on {target}{stale}")
         if st.booted == target and st.booted != st.default:
-            return PlanItem(node, committed, target, "resume", st)
-        return PlanItem(node, committed, target, "activate", st)
+            return PlanItem(node, committed, target, "resume", st,
+                            reason=f"booted {target} by an interrupted run, not committed: health gate, then commit")
+        have = st.image(target)
+        if have is not None and have.sha256 == release.manifest.image.sha256:
+            return PlanItem(node, committed, target, "activate", st, reason=f"{target} already staged")
+        size = release.manifest.image.size
+        return PlanItem(node, committed, target, "activate", st, reason="stage, then activate", stage_bytes=size)
 
     def _plan_rollback(self, node: Node, st: NodeStatus, to: str | None) -> PlanItem:
         committed = st.committed or st.default
@@ -337,29 +469,47 @@ class Rollout:
         if target is None:
             return PlanItem(node, committed, "", "fail", st, "no previous image recorded on the node")
         if st.settled_on(target):
-            return PlanItem(node, committed, target, "settled", st)
+            return PlanItem(node, committed, target, "settled", st, reason=f"already booted and committed on {target}")
         if not st.has_image(target):
             return PlanItem(node, committed, target, "fail", st, f"{target} is not staged on the node")
         if st.booted == target and st.booted != st.default:
-            return PlanItem(node, committed, target, "resume", st)
-        return PlanItem(node, committed, target, "activate", st)
+            return PlanItem(node, committed, target, "resume", st,
+                            reason=f"booted {target} by an interrupted run, not committed: health gate, then commit")
+        return PlanItem(node, committed, target, "activate", st, reason=f"{target} is kept on the node")
+
+    def _journal_plan(self, plan: list[PlanItem]) -> None:
+        for p in plan:
+            self._record("plan", node=p.node.name, action=p.action, from_id=p.from_id, to_id=p.to_id,
+                         reason=p.reason or p.error, stage_bytes=p.stage_bytes)
 
     def _settle(self, plan: list[PlanItem]) -> dict[str, NodeResult]:
-        """Nodes already on the target only need their health confirmed: no bytes, no reboot."""
+        """Nodes already on the target only need their health confirmed: no bytes, no reboot.
+        A one-shot entry an interrupted run left pending is cleared (it would fire on the next
+        reboot), and a run-once step an interrupted run did not get to is run."""
         results: dict[str, NodeResult] = {}
         settled = [p for p in plan if p.action == "settled"]
+        dry = self.options.dry_run
+        gate = HealthGate(checks=self.gate.checks, timeout=0, interval=0) if dry else self.gate
 
         def check(p: PlanItem) -> NodeResult:
             start = time.monotonic()
-            self.emit(p.node.name, Step.VERIFY, f"already on {p.to_id}")
+            name = p.node.name
+            self.emit(name, Step.VERIFY, f"already on {p.to_id}")
             try:
-                self._gate(p.node)
+                if p.status.next and not dry:
+                    self.emit(name, Step.RECONCILE, f"clearing the one-shot boot into {p.status.next}")
+                    p.node.clear_next()
+                check_node(p.node, gate)
+                if name == self._bootstrap and not dry:
+                    self._run_once(p.node, p.from_id, p.to_id)
             except ImagetoolError as e:
-                self.emit(p.node.name, Step.FAILED, str(e))
-                return NodeResult(p.node.name, "failed", p.from_id, p.to_id, time.monotonic() - start,
-                                  f"already on {p.to_id} but unhealthy: {e}")
-            self.emit(p.node.name, Step.SKIPPED, f"already on {p.to_id}")
-            return NodeResult(p.node.name, "skipped", p.from_id, p.to_id, time.monotonic() - start)
+                self.emit(name, Step.FAILED, str(e))
+                return NodeResult(name, "failed", p.from_id, p.to_id, time.monotonic() - start,
+                                  f"already on {p.to_id} but: {e}", detail=p.reason)
+            detail = p.reason + ("; runs the run-once step an interrupted run left undone"
+                                 if name == self._bootstrap else "")
+            self.emit(name, Step.SKIPPED, detail)
+            return NodeResult(name, "skipped", p.from_id, p.to_id, time.monotonic() - start, detail=detail)
 
         for p, r in zip(settled, self._map(check, settled, self.options.parallel)):
             results[p.node.name] = r
@@ -394,6 +544,7 @@ class Rollout:
         max_failures = parse_threshold(o.max_failures, total)
         todo = [p for p in plan if p.action in ("activate", "resume")]
         batches = split(todo, parse_batches(o.batches, len(todo))) if todo else []
+        once = self.hooks.run_once
         outcome = BatchOutcome(index=0, results=dict(results))
         done_batches: list[BatchOutcome] = [outcome]
         stopped, reason = False, None
@@ -401,8 +552,11 @@ class Rollout:
         if o.dry_run:
             for i, batch in enumerate(batches, 1):
                 for p in batch:
-                    self.emit(p.node.name, Step.PLANNED, f"batch {i}: {p.from_id} → {p.to_id}")
-                    results[p.node.name] = NodeResult(p.node.name, "planned", p.from_id, p.to_id, batch=i)
+                    detail = p.reason + (f"; runs the run-once step {once.name!r}" if once and
+                                         p.node.name == self._bootstrap else "")
+                    self.emit(p.node.name, Step.PLANNED, f"batch {i}: {p.from_id} → {p.to_id}: {detail}")
+                    results[p.node.name] = NodeResult(p.node.name, "planned", p.from_id, p.to_id, batch=i,
+                                                      detail=detail, stage_bytes=p.stage_bytes)
             return self._result(kind, target, plan, results, batches, False, None, start)
 
         decision = decide(done_batches, total, max_failures, o.on_failure)
@@ -498,6 +652,7 @@ class Rollout:
         undo = UndoStack()
         act = _Activation(boot_id)
         name = node.name
+        hooks_started = False
         try:
             self._check_cancel()
             if resume:
@@ -505,6 +660,8 @@ class Rollout:
                 # switch may be ticking, so go straight to the gate.
                 undo.push(f"boot {committed} again", lambda: self._recover(node, committed, target, act))
             else:
+                hooks_started = bool(self.hooks.before_activate)
+                self._run_hooks("before_activate", node, target, committed)
                 self.emit(name, Step.ACTIVATE, f"next boot: {target}")
                 node.set_next(target, o.confirm_timeout, self.rollout_id)
                 undo.push("clear the next boot", node.clear_next)
@@ -525,6 +682,12 @@ class Rollout:
             node.confirm(target)
             node.commit(target, self.rollout_id)
             undo.clear()
+            # Committed: from here a failure (a hook, the run-once step) means a full move back.
+            undo.push(f"move back to {committed}", lambda: self._move_back(node, committed, target, act))
+            self._run_hooks("after_commit", node, target, committed)
+            if name == self._bootstrap:
+                self._run_once(node, committed, target)
+            undo.clear()
             self.emit(name, Step.DONE, f"{committed} → {target}")
             return NodeResult(name, "done", committed, target, time.monotonic() - start)
         except BaseException as e:
@@ -532,12 +695,56 @@ class Rollout:
             problems = undo.unwind()
             if not isinstance(e, Exception):
                 raise
+            if not problems and (hooks_started or self.hooks.after_rollback):
+                try:
+                    self._run_hooks("after_rollback", node, target, committed)
+                except ImagetoolError as hook_error:
+                    problems.append(str(hook_error))
             if problems:
                 self.emit(name, Step.FAILED, "; ".join(problems))
                 return NodeResult(name, "failed", committed, target, time.monotonic() - start,
                                   f"{e}; putting it back failed: {'; '.join(problems)}")
             self.emit(name, Step.ROLLED_BACK, f"back on {committed}")
             return NodeResult(name, "rolled-back", committed, target, time.monotonic() - start, str(e))
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    def _run_hooks(self, point: str, node: Node, target: str, committed: str | None) -> None:
+        for hook in self.hooks.at(point):
+            self._check_cancel()
+            self.emit(node.name, Step.HOOK, f"{point}: {hook.name} ({hook.where})")
+            env = hook_env(node.spec, point, rollout_id=self.rollout_id, release=target, from_id=committed)
+            r = run_hook(hook, point, node, env)
+            self._record("hook", node=node.name, point=point, hook=hook.name, where=hook.where,
+                         exit_status=r.exit_status, seconds=round(r.seconds, 2), output=r.output[-500:])
+
+    def _choose_bootstrap(self, plan: list[PlanItem]) -> None:
+        """The node that runs the run-once step: the first or last node this rollout activates.
+        When it moves nothing, the first or last settled node, if the step never ran there for
+        this release (a run interrupted between its commit and the step)."""
+        once = self.hooks.run_once
+        if self._kind != "rollout" or once is None:
+            return
+        moving = [p for p in plan if p.action in ("activate", "resume")]
+        if moving:
+            batches = split(moving, parse_batches(self.options.batches, len(moving)))
+            self._bootstrap = (batches[0][0] if once.node == "first" else batches[-1][-1]).node.name
+            return
+        settled = [p for p in plan if p.action == "settled"]
+        if settled:
+            p = settled[0] if once.node == "first" else settled[-1]
+            if (p.status.run_once or {}).get("release") != p.to_id:
+                self._bootstrap = p.node.name
+
+    def _run_once(self, node: Node, committed: str | None, target: str) -> None:
+        once = self.hooks.run_once
+        assert once is not None
+        self.emit(node.name, Step.RUN_ONCE, f"{once.name} ({once.where})")
+        env = hook_env(node.spec, "run_once", rollout_id=self.rollout_id, release=target, from_id=committed)
+        r = run_hook(once, "run_once", node, env)
+        node.ran_once(target, self.rollout_id)
+        self._record("hook", node=node.name, point="run_once", hook=once.name, where=once.where,
+                     exit_status=r.exit_status, seconds=round(r.seconds, 2), output=r.output[-500:])
 
     def _recover(self, node: Node, committed: str | None, target: str, act: _Activation) -> None:
         """Put a node whose activation failed back on its committed image, and check it."""
@@ -575,6 +782,25 @@ class Rollout:
         self.emit(name, Step.VERIFY, f"health gate on {committed}")
         self._gate(node)
 
+    def _move_back(self, node: Node, committed: str | None, target: str, act: _Activation) -> None:
+        """A node already committed on `target` whose after_commit hook or run-once step failed
+        goes back to `committed`: the same activation the other way, without hooks."""
+        o = self.options
+        name = node.name
+        if committed is None or committed == target:
+            raise NodeError(f"node {name}: no other committed image to move back to")
+        self.emit(name, Step.ROLLBACK, f"moving back to {committed}")
+        node.set_next(committed, o.confirm_timeout, self.rollout_id)
+        old = node.reboot()
+        st = node.wait_for_boot(old, o.boot_timeout)
+        act.boot_id = st.boot_id
+        if st.booted != committed:
+            raise NodeError(f"node {name}: booted {st.booted} when moving back, not {committed}")
+        self.emit(name, Step.VERIFY, f"health gate on {committed}")
+        self._gate(node)
+        node.confirm(committed)
+        node.commit(committed, self.rollout_id)
+
     def _rollback_moved(self, plan: list[PlanItem], results: dict[str, NodeResult],
                         batches: list[list[PlanItem]]) -> None:
         """--on-failure rollback-all: every node this run moved goes back where it was, in
@@ -611,26 +837,38 @@ def _nodes(inventory: Inventory, options: RolloutOptions) -> list[Node]:
     return list(ssh_nodes(specs, accept_new_host_keys=options.accept_new_host_keys))
 
 
+def _journal(options: RolloutOptions) -> tuple[RolloutOptions, Journal]:
+    """Fix the rollout id now, so the journal is named before anything happens."""
+    if options.rollout_id is None:
+        options = replace(options, rollout_id=new_rollout_id())
+    assert options.rollout_id is not None
+    return options, Journal(state_dir(options.state_dir), options.rollout_id)
+
+
 def run_rollout(release: StoredRelease, inventory: Inventory, options: RolloutOptions | None = None, *,
                 events: EventFn | None = None, progress: StageProgress | None = None) -> RolloutResult:
-    """Roll `release` out to the inventory's nodes (options.limit selects some)."""
-    options = options or RolloutOptions()
+    """Roll `release` out to the inventory's nodes (options.limit selects some), journaled."""
+    options, journal = _journal(options or RolloutOptions())
     nodes = _nodes(inventory, options)
     try:
-        return Rollout(nodes, options, checks=inventory.health_checks, events=events, progress=progress).run(release)
+        return Rollout(nodes, options, checks=inventory.health_checks, hooks=inventory.hooks, events=events,
+                       progress=progress, journal=journal).run(release)
     finally:
+        journal.close()
         for n in nodes:
             n.close()
 
 
 def run_rollback(inventory: Inventory, options: RolloutOptions | None = None, *, to: str | None = None,
                  events: EventFn | None = None) -> RolloutResult:
-    """Roll the inventory's nodes back to their previous image (or to `to`)."""
-    options = options or RolloutOptions()
+    """Roll the inventory's nodes back to their previous image (or to `to`), journaled."""
+    options, journal = _journal(options or RolloutOptions())
     nodes = _nodes(inventory, options)
     try:
-        return Rollout(nodes, options, checks=inventory.health_checks, events=events).rollback(to)
+        return Rollout(nodes, options, checks=inventory.health_checks, hooks=inventory.hooks, events=events,
+                       journal=journal).rollback(to)
     finally:
+        journal.close()
         for n in nodes:
             n.close()
 

@@ -18,6 +18,19 @@ EXAMPLES = REPO / "examples"
 TEST_STORE = Path(os.environ.get("IMAGETOOL_TEST_STORE", "/var/tmp/imagetool-test-store"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def journal_dir(tmp_path_factory) -> Iterator[Path]:
+    """Rollout journals of the test session go to a temporary state directory, not ~/.local."""
+    path = tmp_path_factory.mktemp("state")
+    old = os.environ.get("IMAGETOOL_STATE_DIR")
+    os.environ["IMAGETOOL_STATE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("IMAGETOOL_STATE_DIR", None)
+    else:
+        os.environ["IMAGETOOL_STATE_DIR"] = old
+
+
 def needs_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (diskimage-builder, mounts, network namespaces)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ class FakeNode:
         self.confirm_timeout: float | None = None
         self.trial: dict[str, Any] | None = None
         self.lock_held: dict[str, Any] | None = None
+        self.run_once: dict[str, Any] | None = None
         self.free = free_bytes
         self.incoming: dict[str, int] = {}  # remote path -> bytes there
         self.incoming_src: dict[str, Path] = {}
@@ -127,6 +129,7 @@ class FakeNode:
             committed=self.committed, previous=self.previous, boot_id=self.boot_id,
             images=tuple(NodeImage(i, size, sha) for i, (sha, size) in self.images.items()),
             free_bytes=self.free, lock=self.lock_held, system_state="running", trial=self.trial,
+            time=time.time(), run_once=self.run_once,
         )
 
     def stage_info(self, image_id: str) -> StageInfo:
@@ -225,12 +228,18 @@ class FakeNode:
         self.committed = image_id
         self.trial = None
 
-    def lock(self, rollout_id: str, owner: str, command: str, break_older_than: float | None = None) -> dict[str, Any]:
+    def lock(self, rollout_id: str, owner: str, command: str, *, take_over: str | None = None,
+             pid: int | None = None) -> dict[str, Any]:
         self._act("lock", rollout_id)
-        if self.lock_held and self.lock_held["rollout"] != rollout_id:
-            raise LockedError(f"node {self._name}: locked by rollout {self.lock_held['rollout']}")
-        self.lock_held = {"rollout": rollout_id, "owner": owner, "command": command}
-        return {"locked": True}
+        held = self.lock_held
+        if held and held["rollout"] != rollout_id and held["rollout"] != take_over:
+            raise LockedError(f"node {self._name}: locked by rollout {held['rollout']}")
+        self.lock_held = {"rollout": rollout_id, "owner": owner, "command": command, "pid": pid, "time": time.time()}
+        return {"locked": True, "broken": held if held and held["rollout"] == take_over else None}
+
+    def ran_once(self, image_id: str, rollout_id: str) -> None:
+        self._act("ran-once", image_id)
+        self.run_once = {"release": image_id, "rollout": rollout_id}
 
     def unlock(self, rollout_id: str) -> None:
         self._act("unlock", rollout_id)
