@@ -549,15 +549,26 @@ def show_result(result: Any, as_json: bool) -> None:
         print_json(result.to_dict())
     else:
         what = f"{result.kind} {result.rollout_id}" + (f" → {result.target}" if result.target else "")
-        t = Table(title=what + (" (dry run)" if result.dry_run else ""))
-        for col in ("node", "batch", "from", "to", "outcome", "time", "bytes"):
-            t.add_column(col)
-        t.add_column("error", no_wrap=True, overflow="ellipsis")
-        for r in result.nodes:
-            style = {"done": "green", "skipped": "green", "planned": "cyan", "failed": "bold red",
-                     "rolled-back": "yellow", "not-started": "dim"}[r.outcome]
-            t.add_row(r.node, str(r.batch or ""), r.from_id or "-", r.to_id or "-", f"[{style}]{r.outcome}[/]",
-                      f"{r.seconds:.0f}s", human_bytes(r.bytes_sent), escape(_first_line(r.error)))
+        t = Table(title=what + (" (dry run: nothing was changed)" if result.dry_run else ""))
+        styles = {"done": "green", "skipped": "green", "planned": "cyan", "failed": "bold red",
+                  "rolled-back": "yellow", "not-started": "dim"}
+        if result.dry_run:
+            for col in ("node", "batch", "from", "to", "action", "to stage"):
+                t.add_column(col)
+            t.add_column("why", no_wrap=True, overflow="ellipsis")
+            for r in result.nodes:
+                action = {"planned": "activate", "skipped": "skip"}.get(r.outcome, r.outcome)
+                t.add_row(r.node, str(r.batch or ""), r.from_id or "-", r.to_id or "-",
+                          f"[{styles[r.outcome]}]{action}[/]", human_bytes(r.stage_bytes),
+                          escape(_first_line(r.error or r.detail, 90)))
+        else:
+            for col in ("node", "batch", "from", "to", "outcome", "time", "bytes"):
+                t.add_column(col)
+            t.add_column("error", no_wrap=True, overflow="ellipsis")
+            for r in result.nodes:
+                t.add_row(r.node, str(r.batch or ""), r.from_id or "-", r.to_id or "-",
+                          f"[{styles[r.outcome]}]{r.outcome}[/]", f"{r.seconds:.0f}s", human_bytes(r.bytes_sent),
+                          escape(_first_line(r.error)))
         out.print(t)
         for r in result.nodes:
             if r.error and r.outcome not in ("not-started",):
@@ -565,8 +576,12 @@ def show_result(result: Any, as_json: bool) -> None:
         counts: dict[str, int] = {}
         for r in result.nodes:
             counts[r.outcome] = counts.get(r.outcome, 0) + 1
-        console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" in {result.seconds:.0f}s, "
-                      f"{human_bytes(result.bytes_sent)} sent")
+        if result.dry_run:
+            to_stage = sum(r.stage_bytes for r in result.nodes)
+            console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; {human_bytes(to_stage)} to stage")
+        else:
+            console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" in {result.seconds:.0f}s, "
+                          f"{human_bytes(result.bytes_sent)} sent; journal: imagetool history {result.rollout_id}")
     if result.exit_code:
         from imagetool.errors import RolloutFailedError
 
@@ -659,6 +674,130 @@ def rollback(inventory: str, to: str | None, as_json: bool, **kw: Any) -> None:
     with LiveView(names, "rollback" + (f" to {to}" if to else "")) as view:
         result = run_rollback(inv, options, to=to, events=view.event)
     show_result(result, as_json)
+
+
+@main.command()
+@click.argument("release")
+@inventory_option
+@store_option
+@click.option("--batch", "batches", default=None, help="Batch sizes as for rollout (default: rollout's).")
+@click.option("--check-http", multiple=True, metavar="URL[=STATUS]", help="Extra health check, as for rollout.")
+@click.option("--check-tcp", multiple=True, metavar="HOST:PORT", help="Extra TCP check, as for rollout.")
+@click.option("--check-command", multiple=True, metavar="CMD", help="Extra check command, as for rollout.")
+@limit_option
+@parallel_option
+@host_keys_option
+@json_option
+@handle_errors
+def plan(release: str, inventory: str, store: str | None, batches: str | None, check_http: tuple[str, ...],
+         check_tcp: tuple[str, ...], check_command: tuple[str, ...], limit: tuple[str, ...], parallel: int,
+         accept_new_host_keys: bool, as_json: bool) -> None:
+    """Show what `rollout RELEASE` would do, node by node, changing nothing (same as rollout --dry-run)."""
+    from imagetool.store import Store, default_store_path, resolve_release
+    from rollout.batch import DEFAULT_BATCHES
+    from rollout.health import cli_checks
+    from rollout.inventory import load_inventory
+    from rollout.update import RolloutOptions, run_rollout
+
+    stored = resolve_release(Store(default_store_path(store)), release)
+    inv = load_inventory(inventory)
+    options = RolloutOptions(batches=batches or DEFAULT_BATCHES, dry_run=True, parallel=parallel,
+                             accept_new_host_keys=accept_new_host_keys, limit=list(limit) or None,
+                             checks=cli_checks(check_http, check_tcp, check_command), command=_command_line())
+    with console.status("asking the nodes"):
+        result = run_rollout(stored, inv, options)
+    show_result(result, as_json)
+
+
+@main.command()
+@inventory_option
+@click.option("--keep", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Other images to keep per node (newest first), beyond booted, committed, previous and pending.")
+@click.option("--incoming", is_flag=True, help="Also drop partial transfers.")
+@limit_option
+@parallel_option
+@host_keys_option
+@json_option
+@handle_errors
+def gc(inventory: str, keep: int, incoming: bool, limit: tuple[str, ...], parallel: int, accept_new_host_keys: bool,
+       as_json: bool) -> None:
+    """Remove old images from the nodes; never the booted, committed, previous or pending one."""
+    from imagetool.errors import NodeError
+    from rollout.inventory import load_inventory
+    from rollout.retention import inventory_gc
+
+    inv = load_inventory(inventory)
+    with console.status("collecting"):
+        reports = inventory_gc(inv, keep=keep, incoming=incoming, limit=list(limit) or None,
+                               accept_new_host_keys=accept_new_host_keys, parallel=parallel)
+    if as_json:
+        print_json([r.to_dict() for r in reports])
+    else:
+        t = Table(title=f"gc --keep {keep}")
+        for col in ("node", "removed", "kept", "freed", "free now", "error"):
+            t.add_column(col)
+        for r in reports:
+            t.add_row(r.node, " ".join(r.removed) or "-", " ".join(r.kept) or "-", human_bytes(r.freed_bytes),
+                      human_bytes(r.free_bytes) if r.error is None else "-", escape(r.error or ""))
+        out.print(t)
+    failed = [r for r in reports if r.error]
+    if failed:
+        raise NodeError(f"{len(failed)} of {len(reports)} nodes not collected: " + ", ".join(r.node for r in failed))
+
+
+@main.command()
+@click.argument("rollout_id", required=False)
+@click.option("--limit", "count", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Rollouts listed (newest last).")
+@json_option
+@handle_errors
+def history(rollout_id: str | None, count: int, as_json: bool) -> None:
+    """List past rollouts from the journal, or show one (ROLLOUT_ID or a unique prefix) event by event."""
+    from rollout.journal import find_record, list_records, state_dir
+
+    directory = state_dir()
+    if rollout_id is None:
+        records = list_records(directory)[-count:]
+        if as_json:
+            print_json([r.to_dict() for r in records])
+            return
+        t = Table(title=f"rollouts in {directory}")
+        for col in ("id", "kind", "target", "started", "state", "nodes", "owner"):
+            t.add_column(col)
+        for r in records:
+            outcomes: dict[str, int] = {}
+            for o in r.outcomes.values():
+                outcomes[o] = outcomes.get(o, 0) + 1
+            summary = ", ".join(f"{v} {k}" for k, v in outcomes.items()) or f"{len(r.nodes)} nodes"
+            style = {"ok": "green", "interrupted": "yellow", "dry-run": "cyan"}.get(r.state, "red")
+            t.add_row(r.id, r.kind, r.target or "(previous)", (r.started or "")[:19], f"[{style}]{r.state}[/]",
+                      summary, escape(r.owner or ""))
+        out.print(t)
+        return
+    rec = find_record(directory, rollout_id)
+    if as_json:
+        print_json(rec.to_dict(events=True))
+        return
+    out.print(f"[bold]{rec.kind} {rec.id}[/] → {rec.target or '(previous)'}: {rec.state}"
+              + (f" ({escape(rec.reason)})" if rec.reason else ""), highlight=False)
+    out.print(f"command: {escape(rec.command or '')}   owner: {escape(rec.owner or '')}   journal: {rec.path}",
+              highlight=False)
+    if rec.resumes:
+        out.print(f"took over the locks of: {', '.join(rec.resumes)}", highlight=False)
+    t = Table()
+    for col in ("time", "node", "step", "outcome", "detail"):
+        t.add_column(col)
+    for ev in rec.events:
+        kind = ev.get("event")
+        if kind == "step":
+            t.add_row(str(ev.get("time", ""))[11:23], str(ev.get("node")), str(ev.get("step")),
+                      str(ev.get("outcome")), escape(_first_line(str(ev.get("detail") or ""), 100)))
+        elif kind in ("plan", "hook", "takeover"):
+            detail = {"plan": lambda e: f"{e.get('action')}: {e.get('reason')}",
+                      "hook": lambda e: f"{e.get('point')} {e.get('hook')}: exit {e.get('exit_status')}",
+                      "takeover": lambda e: f"took over the lock of {e.get('rollout')}: {e.get('why')}"}[kind](ev)
+            t.add_row(str(ev.get("time", ""))[11:23], str(ev.get("node")), kind, "", escape(_first_line(detail, 100)))
+    out.print(t)
 
 
 @main.command()

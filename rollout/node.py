@@ -260,7 +260,7 @@ class Node(Protocol):
 
     def unlock(self, rollout_id: str) -> None: ...
 
-    def gc(self, keep: int = 0) -> dict[str, Any]: ...
+    def gc(self, keep: int = 0, incoming: bool = False) -> dict[str, Any]: ...
 
     def ran_once(self, image_id: str, rollout_id: str) -> None: ...
 
@@ -394,8 +394,8 @@ class SSHNode:
     def unlock(self, rollout_id: str) -> None:
         self._call("unlock", rollout_id)
 
-    def gc(self, keep: int = 0) -> dict[str, Any]:
-        return self._call("gc", keep=keep)
+    def gc(self, keep: int = 0, incoming: bool = False) -> dict[str, Any]:
+        return self._call("gc", keep=keep, incoming=incoming)
 
     def ran_once(self, image_id: str, rollout_id: str) -> None:
         self._call("ran-once", image_id, rollout=rollout_id)

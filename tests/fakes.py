@@ -247,7 +247,7 @@ class FakeNode:
             raise HelperError(self._name, "unlock", "held by another rollout")
         self.lock_held = None
 
-    def gc(self, keep: int = 0) -> dict[str, Any]:
+    def gc(self, keep: int = 0, incoming: bool = False) -> dict[str, Any]:
         self._act("gc")
         return {"removed": []}
 
