@@ -238,6 +238,8 @@ class Node(Protocol):
 
     def stage_commit(self, image_id: str) -> dict[str, Any]: ...
 
+    def stage_abort(self, image_id: str) -> dict[str, Any]: ...
+
     def set_next(self, image_id: str, confirm_timeout: float, rollout_id: str | None) -> None: ...
 
     def clear_next(self) -> None: ...
@@ -317,6 +319,9 @@ class SSHNode:
 
     def stage_commit(self, image_id: str) -> dict[str, Any]:
         return self._call("stage-commit", image_id, timeout=STAGE_COMMIT_TIMEOUT)
+
+    def stage_abort(self, image_id: str) -> dict[str, Any]:
+        return self._call("stage-abort", image_id)
 
     # --- boot control --------------------------------------------------------------------
 

@@ -108,12 +108,25 @@ def stage(node: Node, release: StoredRelease, progress: StageProgress | None = N
     total = image.size - partial
     progress.stage_start(node.name, total)
     sent = 0
-    # Manifest and signature first: small, and without them a resumed image cannot be checked.
-    sent += node.put(release.manifest_path, paths["manifest"])
-    if release.sig_path is not None:
-        sent += node.put(release.sig_path, paths["sig"])
-    sent += node.put(release.squashfs_path, paths["squashfs"], offset=partial,
-                     progress=lambda n: progress.stage_advance(node.name, n))
+    try:
+        # Manifest and signature first: small, and without them a resumed image cannot be checked.
+        sent += node.put(release.manifest_path, paths["manifest"])
+        if release.sig_path is not None:
+            sent += node.put(release.sig_path, paths["sig"])
+        sent += node.put(release.squashfs_path, paths["squashfs"], offset=partial,
+                         progress=lambda n: progress.stage_advance(node.name, n))
+    except ImagetoolError as e:
+        if "No space left on device" not in str(e):
+            raise  # a lost connection: the partial file stays for the next run to resume
+        # Something else filled /var while we wrote: give the space back to the running
+        # services rather than keep a partial image they cannot afford.
+        try:
+            node.stage_abort(release.id)
+            what = "the partial transfer was removed"
+        except ImagetoolError as abort_error:
+            what = f"removing the partial transfer failed too: {abort_error}"
+        raise NodeError(f"node {node.name}: /var filled up while staging {release.id} ({e}); {what}; "
+                        "the running image is untouched") from None
     try:
         node.stage_commit(release.id)
     except ImagetoolError:

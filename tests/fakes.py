@@ -164,6 +164,12 @@ class FakeNode:
             del self.incoming[k]
         return {"sha256": doc["image"]["sha256"]}
 
+    def stage_abort(self, image_id: str) -> dict[str, Any]:
+        self._act("stage-abort", image_id)
+        for k in [k for k in self.incoming if f"/{image_id}." in k]:
+            del self.incoming[k]
+        return {"freed_bytes": 0}
+
     def set_next(self, image_id: str, confirm_timeout: float, rollout_id: str | None) -> None:
         self._act("set-next", image_id)
         if image_id not in self.images:
