@@ -87,6 +87,21 @@ def needed_bytes(release: StoredRelease, partial: int) -> int:
     return rest + extra
 
 
+# Below this many free bytes after a failed write, the node's /var is taken to be full.
+FULL_BELOW = 1024 * 1024
+
+
+def _disk_full(node: Node, image_id: str, error: ImagetoolError) -> bool:
+    """Did this transfer fail because the node's /var filled up? The node's own words may not
+    make it back (the channel closes when `cat` dies), so ask the node how much is left."""
+    if "No space left on device" in str(error):
+        return True
+    try:
+        return node.stage_info(image_id).free_bytes < FULL_BELOW
+    except ImagetoolError:
+        return False  # unreachable: nothing to say about its disk
+
+
 def stage(node: Node, release: StoredRelease, progress: StageProgress | None = None) -> StageResult:
     """Stage `release` on one node; raises on failure (stage_all turns that into data)."""
     progress = progress or NoProgress()
@@ -116,7 +131,7 @@ def stage(node: Node, release: StoredRelease, progress: StageProgress | None = N
         sent += node.put(release.squashfs_path, paths["squashfs"], offset=partial,
                          progress=lambda n: progress.stage_advance(node.name, n))
     except ImagetoolError as e:
-        if "No space left on device" not in str(e):
+        if not _disk_full(node, release.id, e):
             raise  # a lost connection: the partial file stays for the next run to resume
         # Something else filled /var while we wrote: give the space back to the running
         # services rather than keep a partial image they cannot afford.

@@ -652,7 +652,6 @@ class Rollout:
         undo = UndoStack()
         act = _Activation(boot_id)
         name = node.name
-        hooks_started = False
         try:
             self._check_cancel()
             if resume:
@@ -660,7 +659,6 @@ class Rollout:
                 # switch may be ticking, so go straight to the gate.
                 undo.push(f"boot {committed} again", lambda: self._recover(node, committed, target, act))
             else:
-                hooks_started = bool(self.hooks.before_activate)
                 self._run_hooks("before_activate", node, target, committed)
                 self.emit(name, Step.ACTIVATE, f"next boot: {target}")
                 node.set_next(target, o.confirm_timeout, self.rollout_id)
@@ -695,7 +693,7 @@ class Rollout:
             problems = undo.unwind()
             if not isinstance(e, Exception):
                 raise
-            if not problems and (hooks_started or self.hooks.after_rollback):
+            if not problems and self.hooks.after_rollback:
                 try:
                     self._run_hooks("after_rollback", node, target, committed)
                 except ImagetoolError as hook_error:
