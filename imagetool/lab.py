@@ -390,14 +390,19 @@ def heal(lab: Lab, node: str) -> None:
 
 
 def fill(lab: Lab, node: str, leave: int) -> int:
-    """Fill the node's /var until only `leave` bytes are free; returns the filler's size."""
+    """Fill the node's /var until only `leave` bytes are free, for root too (the filesystem's
+    reserved blocks count as used: the node's services run as root); returns the filler's size.
+    Works while the node writes to /var: a size that no longer fits is measured again."""
     var = lab.node_dir(lab.node(node).name) / "var"
     filler = var / "imagetool-lab-fill"
     filler.unlink(missing_ok=True)
-    st = os.statvfs(var)
-    size = max(0, st.f_bavail * st.f_frsize - leave)
-    _run(["fallocate", "-l", str(size), str(filler)])
-    return size
+    for _ in range(5):
+        st = os.statvfs(var)
+        size = max(0, st.f_bfree * st.f_frsize - leave)
+        if _run(["fallocate", "-l", str(size), str(filler)], check=False).returncode == 0:
+            return size
+        filler.unlink(missing_ok=True)
+    raise HostSetupError(f"lab {lab.name}: could not fill {node}'s /var (it keeps changing)")
 
 
 def unfill(lab: Lab, node: str) -> None:
