@@ -335,7 +335,8 @@ def lab_down(lab_name: str, lab_dir: str | None, as_json: bool) -> None:
         print_json({"removed": report.to_dict(), "leftovers": left})
     else:
         console.print(f"lab {lab_name} down: removed {report.processes} processes, {report.mounts} mounts, "
-                      f"{report.loops} loop devices, {report.netns} namespaces, {report.links} links")
+                      f"{report.loops} loop devices, {report.netns} namespaces, {report.links} links, "
+                      f"{report.cgroups} cgroups")
     if left:
         raise ImagetoolError(f"lab {lab_name}: could not remove {left}")
 

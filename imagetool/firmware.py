@@ -20,6 +20,12 @@ import time
 from pathlib import Path
 
 NSPAWN_REBOOT = 133
+# Each node's container gets a cgroup of its own under this name in every hierarchy that
+# systemd uses. With --keep-unit and no systemd on the host, nspawn puts the container's
+# "payload" cgroup under the cgroup it was started in: the same one for every node, so two nodes
+# booting at once ran their units in the same cgroups and killed each other's processes (seen:
+# systemd-user-sessions, systemd-tmpfiles-setup-dev, the reboot unit failing now and then).
+CGROUP_ROOT = "imagetool-lab"
 # A node whose image keeps dying right after boot is halted rather than looping forever.
 CRASH_LOOP_LIMIT = 5
 CRASH_LOOP_WINDOW = 60.0
@@ -86,8 +92,17 @@ class Firmware:
                 "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=pipe",
                 "--kill-signal=SIGRTMIN+3",
             ]
+            groups = node_cgroups(self.lab_dir.name, self.node)
+            for g in groups:
+                g.mkdir(parents=True, exist_ok=True)
+
+            def enter_own_cgroup() -> None:  # in the child, before exec
+                for g in groups:
+                    (g / "cgroup.procs").write_text(f"{os.getpid()}\n")
+
             with open(self.node_dir / "console.log", "ab") as console:
-                self.nspawn = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=console)
+                self.nspawn = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=console,
+                                               preexec_fn=enter_own_cgroup)
                 (self.node_dir / "nspawn.pid").write_text(f"{self.nspawn.pid}\n")
                 rc = self.nspawn.wait()
             return rc
@@ -143,6 +158,44 @@ class Firmware:
 
     def log(self, msg: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} firmware[{self.node}]: {msg}", flush=True)
+
+
+def cgroup_hierarchies() -> list[Path]:
+    """Mount points of the hierarchies systemd manages: cgroup2, and v1's name=systemd."""
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        sep = fields.index("-")
+        fstype, options = fields[sep + 1], fields[sep + 3].split(",")
+        if fstype == "cgroup2" or (fstype == "cgroup" and "name=systemd" in options):
+            found.append(Path(fields[4]))
+    return found
+
+
+def node_cgroups(lab: str, node: str) -> list[Path]:
+    return [h / CGROUP_ROOT / f"{lab}-{node}" for h in cgroup_hierarchies()]
+
+
+def remove_cgroups(lab: str) -> int:
+    """Remove the lab's cgroups (once their processes are gone), innermost first."""
+    removed = 0
+    for h in cgroup_hierarchies():
+        for top in (h / CGROUP_ROOT).glob(f"{lab}-*"):
+            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            try:
+                top.rmdir()
+                removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def container_inits(nspawn_pid: int) -> list[int]:

@@ -32,7 +32,7 @@ import yaml
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from imagetool.errors import HostSetupError, ImagetoolError, InputError, NotFoundError, UnreachableError
-from imagetool.firmware import container_inits
+from imagetool.firmware import CGROUP_ROOT, cgroup_hierarchies, container_inits, remove_cgroups
 from imagetool.store import StoredRelease
 from imagetool.systools import require, require_root
 
@@ -465,6 +465,7 @@ class DownReport:
     loops: int = 0
     netns: int = 0
     links: int = 0
+    cgroups: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -512,6 +513,10 @@ def _links_of(name: str) -> list[str]:
     return [link["ifname"] for link in json.loads(out or "[]") if link["ifname"].startswith(prefix)]
 
 
+def _cgroups_of(name: str) -> list[str]:
+    return sorted(str(p) for h in cgroup_hierarchies() for p in (h / CGROUP_ROOT).glob(f"{name}-*"))
+
+
 def leftovers(name: str, root: Path | None = None) -> dict[str, list[str]]:
     """Everything of this lab still on the machine (empty after a successful `down`)."""
     d = lab_dir(name, root)
@@ -521,6 +526,7 @@ def leftovers(name: str, root: Path | None = None) -> dict[str, list[str]]:
         "loops": _loops_under(d),
         "netns": _netns_of(name),
         "links": _links_of(name),
+        "cgroups": _cgroups_of(name),
         "dir": [str(d)] if d.exists() else [],
     }
 
@@ -556,6 +562,7 @@ def down(name: str, root: Path | None = None) -> DownReport:
         # Deleting one end of a veth removes its peer too.
         if _run(["ip", "link", "delete", link], check=False).returncode == 0:
             report.links += 1
+    report.cgroups = remove_cgroups(name)
     if d.exists() and not _mounts_under(d):
         shutil.rmtree(d)
     return report

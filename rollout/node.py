@@ -288,6 +288,9 @@ class SSHNode:
     def __init__(self, spec: NodeSpec, transport: SSHTransport) -> None:
         self.spec = spec
         self.transport = transport
+        # The helper's protocol, learned from its status answer: a node still on an image from
+        # before this controller gets only what its helper understands.
+        self.protocol = 1
 
     def __repr__(self) -> str:
         return f"SSHNode({self.spec.name})"
@@ -307,7 +310,9 @@ class SSHNode:
     # --- what the node is ----------------------------------------------------------------
 
     def status(self, timeout: float = QUICK_TIMEOUT) -> NodeStatus:
-        return NodeStatus.from_answer(self.name, self._call("status", timeout=timeout))
+        doc = self._call("status", timeout=timeout)
+        self.protocol = int(doc.get("protocol") or 1)
+        return NodeStatus.from_answer(self.name, doc)
 
     # --- staging -----------------------------------------------------------------------------
 
@@ -389,8 +394,12 @@ class SSHNode:
     def lock(self, rollout_id: str, owner: str, command: str, *, take_over: str | None = None,
              pid: int | None = None) -> dict[str, Any]:
         """Take the node's rollout lock; `take_over` breaks it if (only if) that rollout holds it."""
+        if self.protocol >= 2:
+            options: dict[str, Any] = {"take_over": take_over, "pid": pid}
+        else:  # an older helper knows only age: break whatever lock it holds
+            options = {"break_older_than": 0 if take_over else None}
         try:
-            return self._call("lock", rollout_id, owner=owner, command=command, take_over=take_over, pid=pid)
+            return self._call("lock", rollout_id, owner=owner, command=command, **options)
         except HelperError as e:
             if e.error.startswith("locked"):
                 raise LockedError(f"node {self.name}: {e.error}") from None

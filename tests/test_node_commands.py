@@ -196,3 +196,19 @@ def test_reset_runs_on_the_controller(tmp_path: Path) -> None:
     assert not n.can_reset
     with pytest.raises(NodeError, match="no reset_command"):
         n.reset()
+
+
+def test_lock_speaks_the_protocol_of_the_nodes_helper() -> None:
+    """A node still on an image from before `lock --take-over/--pid` gets what its helper knows."""
+    ok = {"ok": True, "lock": {}}
+    old_status = {k: v for k, v in STATUS.items() if k != "protocol"}
+    n, t = node({"status": [old_status], "lock": [ok]})
+    n.status()
+    n.lock("r-2", "me@here", "imagetool rollout", take_over="r-1", pid=77)
+    assert t.calls[-1] == ["imagetool-node", "lock", "r-2", "--owner", "me@here", "--command", "imagetool rollout",
+                           "--break-older-than", "0"]
+    n, t = node({"status": [{**STATUS, "protocol": 2}], "lock": [ok]})
+    n.status()
+    n.lock("r-2", "me@here", "imagetool rollout", take_over="r-1", pid=77)
+    assert t.calls[-1] == ["imagetool-node", "lock", "r-2", "--owner", "me@here", "--command", "imagetool rollout",
+                           "--take-over", "r-1", "--pid", "77"]
