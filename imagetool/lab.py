@@ -390,15 +390,17 @@ def heal(lab: Lab, node: str) -> None:
 
 
 def fill(lab: Lab, node: str, leave: int) -> int:
-    """Fill the node's /var until only `leave` bytes are free, for root too (the filesystem's
-    reserved blocks count as used: the node's services run as root); returns the filler's size.
-    Works while the node writes to /var: a size that no longer fits is measured again."""
+    """Fill the node's /var until only about `leave` bytes are free, for root too (the
+    filesystem's reserved blocks count as used: the node's services run as root); returns the
+    filler's size. ext4 keeps a few clusters nobody can allocate, and the node may be writing
+    meanwhile, so a size that does not fit is measured again, a little smaller each time."""
     var = lab.node_dir(lab.node(node).name) / "var"
     filler = var / "imagetool-lab-fill"
     filler.unlink(missing_ok=True)
-    for _ in range(5):
+    step = 16 * 1024**2
+    for attempt in range(10):
         st = os.statvfs(var)
-        size = max(0, st.f_bfree * st.f_frsize - leave)
+        size = max(0, st.f_bfree * st.f_frsize - leave - attempt * step)
         if _run(["fallocate", "-l", str(size), str(filler)], check=False).returncode == 0:
             return size
         filler.unlink(missing_ok=True)

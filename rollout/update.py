@@ -846,8 +846,9 @@ def _journal(options: RolloutOptions) -> tuple[RolloutOptions, Journal]:
 def run_rollout(release: StoredRelease, inventory: Inventory, options: RolloutOptions | None = None, *,
                 events: EventFn | None = None, progress: StageProgress | None = None) -> RolloutResult:
     """Roll `release` out to the inventory's nodes (options.limit selects some), journaled."""
-    options, journal = _journal(options or RolloutOptions())
-    nodes = _nodes(inventory, options)
+    options = options or RolloutOptions()
+    nodes = _nodes(inventory, options)  # a bad --limit fails here, before any journal exists
+    options, journal = _journal(options)
     try:
         return Rollout(nodes, options, checks=inventory.health_checks, hooks=inventory.hooks, events=events,
                        progress=progress, journal=journal).run(release)
@@ -860,8 +861,9 @@ def run_rollout(release: StoredRelease, inventory: Inventory, options: RolloutOp
 def run_rollback(inventory: Inventory, options: RolloutOptions | None = None, *, to: str | None = None,
                  events: EventFn | None = None) -> RolloutResult:
     """Roll the inventory's nodes back to their previous image (or to `to`), journaled."""
-    options, journal = _journal(options or RolloutOptions())
+    options = options or RolloutOptions()
     nodes = _nodes(inventory, options)
+    options, journal = _journal(options)
     try:
         return Rollout(nodes, options, checks=inventory.health_checks, hooks=inventory.hooks, events=events,
                        journal=journal).rollback(to)

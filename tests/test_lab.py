@@ -55,6 +55,20 @@ def test_nodes_run_the_release_read_only_with_every_unit_started(cluster, releas
         assert ssh(cluster, node, "hostname").stdout.strip() == node.name
 
 
+def test_each_node_has_cgroups_of_its_own(cluster):
+    """Containers sharing a cgroup run their units in the same cgroups and kill each other's
+    processes when they boot together (what made rollouts flaky in CI)."""
+    seen = set()
+    for node in cluster.nodes:
+        init = lab.container_init(cluster, node.name)
+        assert init is not None
+        groups = {line.split(":", 2)[2] for line in open(f"/proc/{init}/cgroup").read().splitlines()
+                  if line.startswith("0::") or "name=systemd" in line}
+        assert groups and all(f"{cluster.name}-{node.name}/" in g for g in groups), groups
+        assert not groups & seen
+        seen |= groups
+
+
 def test_ssh_refuses_a_wrong_host_key(cluster, tmp_path):
     node = cluster.nodes[0]
     other = cluster.nodes[1]
@@ -143,8 +157,10 @@ def test_down_leaves_nothing_behind(release1, lab_root):
     name = "itdown"
     lab.down(name, lab_root)
     the_lab = lab.up(name, 1, release1, root=lab_root, var_size=1024**3)
-    assert lab.leftovers(name, lab_root)["netns"] == [the_lab.nodes[0].netns]
+    there = lab.leftovers(name, lab_root)
+    assert there["netns"] == [the_lab.nodes[0].netns]
+    assert len(there["cgroups"]) >= 1, "the node runs in a cgroup of its own"
     # Crash of the lab tool itself: its state directory is all that down gets.
     lab.down(name, lab_root)
     assert lab.leftovers(name, lab_root) == {"processes": [], "mounts": [], "loops": [], "netns": [], "links": [],
-                                             "dir": []}
+                                             "cgroups": [], "dir": []}

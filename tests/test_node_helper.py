@@ -119,3 +119,22 @@ def test_ran_once_is_recorded_in_status(node: NodeRoot) -> None:
     st = node.run("status")
     assert st["run_once"]["release"] == "web-2" and st["run_once"]["rollout"] == "r-9"
     assert node.run("ran-once", "../etc", ok=False)["error"]
+
+
+def test_a_confirmation_after_the_node_gave_up_is_refused(node: NodeRoot) -> None:
+    node.add_image("web-1", time.time())
+    node.add_image("web-2", time.time())
+    node.boot("web-2", default="web-1")  # a trial boot of web-2; web-1 is committed
+    trial = {"id": "web-2", "boot_id": "boot-1", "started": time.time() - 60, "deadline": time.time() - 1,
+             "confirmed": None, "gave_up": time.time()}
+    (node.var / "boot/trial.json").write_text(json.dumps(trial))
+    assert "too late" in node.run("confirm", "web-2", ok=False)["error"]
+    assert "gave up" in node.run("commit", "web-2", ok=False)["error"]
+    control = json.loads((node.var / "boot/control.json").read_text())
+    assert control["default"] == "web-1", "nothing was half-applied"
+    # Unconfirmed (but not given up): commit still refuses.
+    trial["gave_up"], trial["deadline"] = None, time.time() + 60
+    (node.var / "boot/trial.json").write_text(json.dumps(trial))
+    assert "not confirmed" in node.run("commit", "web-2", ok=False)["error"]
+    node.run("confirm", "web-2")
+    assert node.run("commit", "web-2")["committed"] == "web-2"
