@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,8 +17,18 @@ from rich.table import Table
 
 from imagetool.errors import EXIT_CODES, ImagetoolError
 
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+
+def _width(stream: Any) -> int | None:
+    """Into a file or a pipe (CI logs), tables get room instead of being cut at 80 columns."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return None if tty or "COLUMNS" in os.environ else 200
+
+
+console = Console(stderr=True, soft_wrap=True, width=_width(sys.stderr))
+out = Console(soft_wrap=True, width=_width(sys.stdout))
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
