@@ -618,18 +618,21 @@ def _command_line() -> str:
 def stage(release: str, inventory: str, store: str | None, limit: tuple[str, ...], parallel: int,
           accept_new_host_keys: bool, as_json: bool) -> None:
     """Copy RELEASE to the nodes without disturbing them (skips nodes that have it, resumes partial copies)."""
-    from imagetool.errors import NodeError, UnreachableError
+    from imagetool.errors import LockedError, NodeError, UnreachableError
     from imagetool.store import Store, default_store_path, resolve_release
     from rollout.inventory import load_inventory, select
     from rollout.node import ssh_nodes
     from rollout.stage import stage_all
+    from rollout.update import default_owner, new_rollout_id
 
     stored = resolve_release(Store(default_store_path(store)), release)
     inv = load_inventory(inventory)
     nodes = ssh_nodes(select(inv.nodes, list(limit)), accept_new_host_keys=accept_new_host_keys)
+    # Under each node's rollout lock, so a rollout or a gc cannot pull the transfer away.
+    lock_as = ("stage-" + new_rollout_id(), default_owner(), _command_line())
     try:
         with LiveView([n.name for n in nodes], f"staging {stored.id}", stage_events=True) as view:
-            report = stage_all(nodes, stored, parallel=parallel, progress=view)
+            report = stage_all(nodes, stored, parallel=parallel, progress=view, lock_as=lock_as)
     finally:
         for n in nodes:
             n.close()
@@ -645,7 +648,8 @@ def stage(release: str, inventory: str, store: str | None, limit: tuple[str, ...
     failed = report.failed
     if failed:
         errors = [r.exception for r in failed.values()]
-        cls = UnreachableError if all(isinstance(e, UnreachableError) for e in errors) else NodeError
+        cls = (UnreachableError if all(isinstance(e, UnreachableError) for e in errors)
+               else LockedError if any(isinstance(e, LockedError) for e in errors) else NodeError)
         raise cls(f"{len(failed)} of {len(report.results)} nodes not staged: " + ", ".join(failed))
 
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_fixed
 
-from imagetool.errors import HostKeyError, LockedError, NodeError, UnreachableError
+from imagetool.errors import HostKeyError, ImagetoolError, LockedError, NodeError, UnreachableError
 from rollout.inventory import NodeSpec
 from rollout.transport import CommandResult, SSHTransport
 
@@ -430,6 +430,22 @@ class SSHNode:
 
     def close(self) -> None:
         self.transport.close()
+
+
+def under_lock(node: Node, lock_id: str, owner: str, command: str, fn: Callable[[Node], T]) -> T:
+    """fn(node) while holding the node's rollout lock: work outside a rollout (stage, gc) must
+    not race one. A held lock raises LockedError naming its holder; the lock is released after."""
+    node.lock(lock_id, owner, command)
+    try:
+        result = fn(node)
+    except BaseException:
+        try:
+            node.unlock(lock_id)
+        except ImagetoolError:
+            pass  # the original failure is the news
+        raise
+    node.unlock(lock_id)
+    return result
 
 
 def ssh_nodes(specs: Iterable[NodeSpec], *, accept_new_host_keys: bool = False) -> list[SSHNode]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from imagetool.errors import ImagetoolError
 from rollout.inventory import Inventory, select
-from rollout.node import Node, for_each, ssh_nodes
+from rollout.node import Node, for_each, ssh_nodes, under_lock
 from rollout.update import default_owner, new_rollout_id
 
 
@@ -42,24 +42,16 @@ def collect(nodes: Sequence[Node], *, keep: int = 1, incoming: bool = False, par
     def one(n: Node) -> GcReport:
         rep = GcReport(n.name)
         try:
-            n.lock(gc_id, who, f"imagetool gc --keep {keep}")
+            got = under_lock(n, gc_id, who, f"imagetool gc --keep {keep}",
+                             lambda node: node.gc(keep=keep, incoming=incoming))
         except ImagetoolError as e:
             rep.error = str(e)
             return rep
-        try:
-            got = n.gc(keep=keep, incoming=incoming)
-            rep.removed = list(got.get("removed") or [])
-            rep.kept = list(got.get("kept") or [])
-            rep.protected = list(got.get("protected") or [])
-            rep.freed_bytes = int(got.get("freed_bytes") or 0)
-            rep.free_bytes = int(got.get("free_bytes") or 0)
-        except ImagetoolError as e:
-            rep.error = str(e)
-        finally:
-            try:
-                n.unlock(gc_id)
-            except ImagetoolError as e:
-                rep.error = rep.error or f"could not release the lock: {e}"
+        rep.removed = list(got.get("removed") or [])
+        rep.kept = list(got.get("kept") or [])
+        rep.protected = list(got.get("protected") or [])
+        rep.freed_bytes = int(got.get("freed_bytes") or 0)
+        rep.free_bytes = int(got.get("free_bytes") or 0)
         return rep
 
     got = for_each(list(nodes), one, parallel)

@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 from imagetool.errors import ImagetoolError, NodeError, VerificationError
 from imagetool.store import StoredRelease
-from rollout.node import Node, incoming_paths
+from rollout.node import Node, incoming_paths, under_lock
 
 StageOutcome = Literal["present", "staged", "resumed", "failed"]
 
@@ -173,8 +173,12 @@ def check_release_files(release: StoredRelease) -> None:
 
 
 def stage_all(nodes: Sequence[Node], release: StoredRelease, parallel: int = 4,
-              progress: StageProgress | None = None) -> StageReport:
-    """Stage on every node, `parallel` at a time; each node's result (or failure) is data."""
+              progress: StageProgress | None = None, *,
+              lock_as: tuple[str, str, str] | None = None) -> StageReport:
+    """Stage on every node, `parallel` at a time; each node's result (or failure) is data.
+
+    `lock_as` (lock id, owner, command): take each node's rollout lock while staging it, for
+    staging outside a rollout (a rollout stages under its own locks)."""
     check_release_files(release)
     progress = progress or NoProgress()
     report = StageReport(release.id)
@@ -182,7 +186,9 @@ def stage_all(nodes: Sequence[Node], release: StoredRelease, parallel: int = 4,
     def one(node: Node) -> StageResult:
         start = time.monotonic()
         try:
-            return stage(node, release, progress)
+            if lock_as is None:
+                return stage(node, release, progress)
+            return under_lock(node, *lock_as, lambda n: stage(n, release, progress))
         except Exception as e:  # noqa: BLE001 - a node's failure is data; Ctrl-C is not
             result = StageResult(node.name, release.id, "failed", 0, time.monotonic() - start, str(e), e)
             progress.stage_end(node.name, result)

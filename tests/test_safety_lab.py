@@ -347,6 +347,23 @@ def test_var_full_during_staging(cluster, release2, test_store):
         lab.unfill(cluster, "node3")
 
 
+def test_stage_alone_takes_the_node_lock(cluster, release2, test_store):
+    r4 = derive_release(test_store, release2, "4", lambda tree: (tree / "etc/webapp-4").write_text("4\n"))
+    ssh(cluster, "node2", "imagetool-node", "lock", "r-busy", "--owner", "ops@other", "--command", "imagetool rollout")
+    before = state(cluster, "node2")
+    r = cli("stage", r4.id, "-i", str(cluster.inventory), "--store", str(TEST_STORE), "--limit", "node2")
+    assert r.exit_code == 8, r.output
+    assert "locked by rollout r-busy of ops@other" in " ".join(r.output.split())
+    assert state(cluster, "node2") == before
+    ssh(cluster, "node2", "imagetool-node", "unlock", "r-busy")
+    r = cli("stage", r4.id, "-i", str(cluster.inventory), "--store", str(TEST_STORE), "--limit", "node2", "--json")
+    assert r.exit_code == 0, r.output
+    after = state(cluster, "node2")
+    assert after["lock"] is None and (r4.id, r4.manifest.image.sha256) in after["images"]
+    assert {k: v for k, v in after.items() if k != "images"} == {
+        k: v for k, v in before.items() if k not in ("images", "lock")} | {"lock": None}
+
+
 # --- gc --------------------------------------------------------------------------------------------------------
 
 

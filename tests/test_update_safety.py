@@ -271,3 +271,16 @@ def test_disk_filling_up_during_staging_gives_the_space_back(release: StoredRele
     assert "partial transfer was removed" in r.error and "running image is untouched" in r.error
     assert nodes[1].actions("stage-abort") == [("stage-abort", NEW)]
     assert all(n.actions("reboot") == [] for n in nodes) and nodes[1].booted == OLD
+
+
+def test_staging_outside_a_rollout_takes_and_releases_each_node_lock(release: StoredRelease) -> None:
+    from rollout.stage import stage_all
+
+    nodes = fleet(2)
+    nodes[1].lock_held = {"rollout": "r-busy", "owner": "ops@other", "command": "imagetool rollout", "time": 0}
+    report = stage_all(nodes, release, lock_as=("stage-1", ME, "imagetool stage"))
+    assert report.results["n1"].ok and nodes[0].lock_held is None
+    assert nodes[0].actions("lock", "unlock") == [("lock", "stage-1"), ("unlock", "stage-1")]
+    failed = report.results["n2"]
+    assert not failed.ok and "locked by rollout r-busy" in (failed.error or "")
+    assert nodes[1].actions("put") == [] and nodes[1].lock_held["rollout"] == "r-busy"
