@@ -180,21 +180,25 @@ def node_cgroups(lab: str, node: str) -> list[Path]:
     return [h / CGROUP_ROOT / f"{lab}-{node}" for h in cgroup_hierarchies()]
 
 
+def lab_cgroups(lab: str) -> list[Path]:
+    """The cgroups of every node of `lab`, in every hierarchy."""
+    return [p for h in cgroup_hierarchies() for p in (h / CGROUP_ROOT).glob(f"{lab}-*")]
+
+
 def remove_cgroups(lab: str) -> int:
     """Remove the lab's cgroups (once their processes are gone), innermost first."""
     removed = 0
-    for h in cgroup_hierarchies():
-        for top in (h / CGROUP_ROOT).glob(f"{lab}-*"):
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-                try:
-                    d.rmdir()
-                except OSError:
-                    pass
+    for top in lab_cgroups(lab):
+        for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
             try:
-                top.rmdir()
-                removed += 1
+                d.rmdir()
             except OSError:
                 pass
+        try:
+            top.rmdir()
+            removed += 1
+        except OSError:
+            pass
     return removed
 
 

@@ -32,9 +32,9 @@ import yaml
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from imagetool.errors import HostSetupError, ImagetoolError, InputError, NotFoundError, UnreachableError
-from imagetool.firmware import CGROUP_ROOT, cgroup_hierarchies, container_inits, remove_cgroups
+from imagetool.firmware import container_inits, lab_cgroups, remove_cgroups
 from imagetool.store import StoredRelease
-from imagetool.systools import require, require_root
+from imagetool.systools import pid_alive, require, require_root
 
 LAB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
 NODE_NAME_RE = re.compile(r"^node[0-9]{1,3}$")
@@ -365,17 +365,9 @@ def kill(lab: Lab, node: str, timeout: float = 15) -> None:
     _wait_gone(pid, timeout)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def _wait_gone(pid: int, timeout: float) -> None:
     alive = Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.1), retry=retry_if_result(bool),
-                     retry_error_callback=lambda state: True)(_alive, pid)
+                     retry_error_callback=lambda state: True)(pid_alive, pid)
     if alive:
         _kill(pid)
 
@@ -515,10 +507,6 @@ def _links_of(name: str) -> list[str]:
     return [link["ifname"] for link in json.loads(out or "[]") if link["ifname"].startswith(prefix)]
 
 
-def _cgroups_of(name: str) -> list[str]:
-    return sorted(str(p) for h in cgroup_hierarchies() for p in (h / CGROUP_ROOT).glob(f"{name}-*"))
-
-
 def leftovers(name: str, root: Path | None = None) -> dict[str, list[str]]:
     """Everything of this lab still on the machine (empty after a successful `down`)."""
     d = lab_dir(name, root)
@@ -528,7 +516,7 @@ def leftovers(name: str, root: Path | None = None) -> dict[str, list[str]]:
         "loops": _loops_under(d),
         "netns": _netns_of(name),
         "links": _links_of(name),
-        "cgroups": _cgroups_of(name),
+        "cgroups": sorted(str(p) for p in lab_cgroups(name)),
         "dir": [str(d)] if d.exists() else [],
     }
 

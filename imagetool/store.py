@@ -23,6 +23,7 @@ from imagetool.diff import debian_version_cmp
 from imagetool.errors import AlreadyExistsError, ImagetoolError, NotFoundError, VerificationError
 from imagetool.manifest import Manifest, load_manifest
 from imagetool.names import check_release_id
+from imagetool.systools import pid_alive
 
 STORE_ENV = "IMAGETOOL_STORE"
 INCOMING = ".incoming"
@@ -78,16 +79,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _beside(directory: Path, rid: str) -> tuple[Path, Path, Path, Path]:
@@ -225,7 +216,7 @@ class Store:
             parts = entry.name.rsplit(".", 2)
             if len(parts) != 3 or not parts[1].isdigit():
                 continue
-            if not _pid_alive(int(parts[1])):
+            if not pid_alive(int(parts[1])):
                 shutil.rmtree(entry, ignore_errors=True)
 
     @contextmanager

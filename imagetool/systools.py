@@ -59,3 +59,14 @@ def disk_image_create() -> str:
     if path is None:
         raise HostSetupError("disk-image-create not found; install diskimage-builder (pip install -e .)")
     return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` alive on this machine? (Permission denied still means it exists.)"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

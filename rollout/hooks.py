@@ -75,9 +75,6 @@ class Hooks:
     def at(self, point: str) -> tuple[HookSpec, ...]:
         return getattr(self, point)
 
-    def __bool__(self) -> bool:
-        return bool(self.before_activate or self.after_commit or self.after_rollback or self.run_once)
-
 
 def _var_name(name: str) -> str:
     return "IMAGETOOL_VAR_" + re.sub(r"[^A-Za-z0-9_]", "_", name).upper()

@@ -19,7 +19,7 @@ import paramiko
 import yaml
 
 from imagetool.errors import InputError
-from rollout.hooks import Hooks, HookSpec, RunOnceSpec
+from rollout.hooks import HOOK_POINTS, Hooks, HookSpec, RunOnceSpec
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Groups are matched against --limit values alongside node names, so they share the alphabet.
@@ -33,7 +33,7 @@ DEFAULT_SSH_CONFIG = "~/.ssh/config"
 SSH_CONFIG_ENV = "IMAGETOOL_SSH_CONFIG"
 
 TOP_KEYS = ("defaults", "nodes", "health_checks", "hooks", "run_once")
-HOOKS_KEYS = ("before_activate", "after_commit", "after_rollback")
+HOOKS_KEYS = HOOK_POINTS
 # Not "on": YAML 1.1 reads an unquoted `on` key as the boolean true.
 HOOK_KEYS = ("name", "run", "where", "timeout")
 RUN_ONCE_KEYS = (*HOOK_KEYS, "node")

@@ -43,10 +43,11 @@ from typing import Any, Literal
 
 from imagetool.errors import ImagetoolError, InputError, LockedError, NodeError, UnreachableError
 from imagetool.names import check_release_id
+from imagetool.systools import pid_alive
 from imagetool.store import StoredRelease
 from rollout.batch import DEFAULT_BATCHES, parse_batches, parse_threshold, split
 from rollout.health import HealthGate, HealthReport, check_node
-from rollout.hooks import Hooks, hook_env, run_hook
+from rollout.hooks import Hooks, HookSpec, hook_env, run_hook
 from rollout.inventory import CheckSpec, Inventory, select
 from rollout.journal import Journal, check_rollout_id, state_dir
 from rollout.node import GroupResult, Node, NodeStatus, for_each, ssh_nodes
@@ -91,17 +92,6 @@ class Interrupted(ImagetoolError):
 def new_rollout_id(now: float | None = None) -> str:
     """`YYYYmmddTHHMMSS-<6 hex>` in UTC: sorts by time, unique enough across controllers."""
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + secrets.token_hex(3)
-
-
-def pid_alive(pid: int) -> bool:
-    """Is process `pid` alive on this machine? (Permission denied still means it exists.)"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def describe_lock(lock: dict[str, Any]) -> str:
@@ -711,10 +701,13 @@ class Rollout:
         for hook in self.hooks.at(point):
             self._check_cancel()
             self.emit(node.name, Step.HOOK, f"{point}: {hook.name} ({hook.where})")
-            env = hook_env(node.spec, point, rollout_id=self.rollout_id, release=target, from_id=committed)
-            r = run_hook(hook, point, node, env)
-            self._record("hook", node=node.name, point=point, hook=hook.name, where=hook.where,
-                         exit_status=r.exit_status, seconds=round(r.seconds, 2), output=r.output[-500:])
+            self._run_hook(hook, point, node, target, committed)
+
+    def _run_hook(self, hook: HookSpec, point: str, node: Node, target: str, committed: str | None) -> None:
+        env = hook_env(node.spec, point, rollout_id=self.rollout_id, release=target, from_id=committed)
+        r = run_hook(hook, point, node, env)
+        self._record("hook", node=node.name, point=point, hook=hook.name, where=hook.where,
+                     exit_status=r.exit_status, seconds=round(r.seconds, 2), output=r.output[-500:])
 
     def _choose_bootstrap(self, plan: list[PlanItem]) -> None:
         """The node that runs the run-once step: the first or last node this rollout activates.
@@ -738,11 +731,8 @@ class Rollout:
         once = self.hooks.run_once
         assert once is not None
         self.emit(node.name, Step.RUN_ONCE, f"{once.name} ({once.where})")
-        env = hook_env(node.spec, "run_once", rollout_id=self.rollout_id, release=target, from_id=committed)
-        r = run_hook(once, "run_once", node, env)
+        self._run_hook(once, "run_once", node, target, committed)
         node.ran_once(target, self.rollout_id)
-        self._record("hook", node=node.name, point="run_once", hook=once.name, where=once.where,
-                     exit_status=r.exit_status, seconds=round(r.seconds, 2), output=r.output[-500:])
 
     def _recover(self, node: Node, committed: str | None, target: str, act: _Activation) -> None:
         """Put a node whose activation failed back on its committed image, and check it."""
@@ -843,34 +833,31 @@ def _journal(options: RolloutOptions) -> tuple[RolloutOptions, Journal]:
     return options, Journal(state_dir(options.state_dir), options.rollout_id)
 
 
-def run_rollout(release: StoredRelease, inventory: Inventory, options: RolloutOptions | None = None, *,
-                events: EventFn | None = None, progress: StageProgress | None = None) -> RolloutResult:
-    """Roll `release` out to the inventory's nodes (options.limit selects some), journaled."""
+def _on_inventory(inventory: Inventory, options: RolloutOptions | None, act: Callable[[Rollout], RolloutResult],
+                  events: EventFn | None, progress: StageProgress | None = None) -> RolloutResult:
+    """A journaled Rollout over the inventory's nodes (options.limit selects some), closed after."""
     options = options or RolloutOptions()
     nodes = _nodes(inventory, options)  # a bad --limit fails here, before any journal exists
     options, journal = _journal(options)
     try:
-        return Rollout(nodes, options, checks=inventory.health_checks, hooks=inventory.hooks, events=events,
-                       progress=progress, journal=journal).run(release)
+        return act(Rollout(nodes, options, checks=inventory.health_checks, hooks=inventory.hooks, events=events,
+                           progress=progress, journal=journal))
     finally:
         journal.close()
         for n in nodes:
             n.close()
+
+
+def run_rollout(release: StoredRelease, inventory: Inventory, options: RolloutOptions | None = None, *,
+                events: EventFn | None = None, progress: StageProgress | None = None) -> RolloutResult:
+    """Roll `release` out to the inventory's nodes, journaled."""
+    return _on_inventory(inventory, options, lambda r: r.run(release), events, progress)
 
 
 def run_rollback(inventory: Inventory, options: RolloutOptions | None = None, *, to: str | None = None,
                  events: EventFn | None = None) -> RolloutResult:
     """Roll the inventory's nodes back to their previous image (or to `to`), journaled."""
-    options = options or RolloutOptions()
-    nodes = _nodes(inventory, options)
-    options, journal = _journal(options)
-    try:
-        return Rollout(nodes, options, checks=inventory.health_checks, hooks=inventory.hooks, events=events,
-                       journal=journal).rollback(to)
-    finally:
-        journal.close()
-        for n in nodes:
-            n.close()
+    return _on_inventory(inventory, options, lambda r: r.rollback(to), events)
 
 
 @dataclass

@@ -112,6 +112,14 @@ def make_lab(name: str, n_nodes: int, release, root: Path) -> Iterator:
         lab.down(name, root)
 
 
+def wait_for(predicate, timeout: float, interval: float = 0.5):
+    """predicate()'s first true result within `timeout` seconds, else its last (false) one."""
+    from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
+
+    return Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(interval), retry=retry_if_result(lambda r: not r),
+                    retry_error_callback=lambda state: state.outcome.result())(predicate)
+
+
 def node_status(the_lab, node) -> dict:
     """The node helper's own answer, over real SSH with host key checking."""
     import subprocess

@@ -7,10 +7,9 @@ import shutil
 import subprocess
 
 import pytest
-from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from imagetool import lab
-from tests.conftest import make_lab, node_status
+from tests.conftest import make_lab, node_status, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -24,11 +23,6 @@ def cluster(release1, lab_root):
 
 def ssh(the_lab, node, *command, timeout=30):
     return subprocess.run(lab.ssh_argv(the_lab, node, *command), capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.5):
-    return Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(interval), retry=retry_if_result(lambda r: not r),
-                    retry_error_callback=lambda state: state.outcome.result())(predicate)
 
 
 def booted(the_lab, node, release_id: str, other_than: str):

@@ -25,7 +25,7 @@ from imagetool.cli import main
 from rollout.inventory import load_inventory
 from rollout.journal import find_record, state_dir
 from rollout.update import RolloutOptions, run_rollout
-from tests.conftest import REPO, TEST_STORE, make_lab, node_status
+from tests.conftest import REPO, TEST_STORE, make_lab, node_status, wait_for
 from tests.derive import derive_release
 
 pytestmark = pytest.mark.lab
@@ -79,16 +79,6 @@ def states(cluster) -> dict:
 
 def cli(*args: str):
     return CliRunner().invoke(main, list(args))
-
-
-def wait_until(what: str, fn, timeout: float, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting until {what}")
 
 
 def host_side_booted(cluster, node: str) -> str | None:
@@ -215,8 +205,8 @@ def test_network_cut_after_boot_the_node_returns_by_itself(cluster, release2, re
 
     def heal_when_back() -> None:
         # Seen from the host while the node is cut off: its firmware boots r2 again.
-        wait_until("node1 is back on r2", lambda: host_side_booted(cluster, "node1") == release2.id, 120, 0.5)
-        came_back.append(time.monotonic())
+        if wait_for(lambda: host_side_booted(cluster, "node1") == release2.id, 120, 0.5):
+            came_back.append(time.monotonic())
         lab.heal(cluster, "node1")
 
     result = run_rollout(release3, inv, RolloutOptions(batches="1", limit=["node1"], **FAST), events=events)
@@ -261,9 +251,9 @@ def test_controller_killed_then_rerun_converges(cluster, release2, release3, poi
     if point == "after reboot":
         # The node is going down into the new image and nobody will confirm it: it comes back
         # on its committed image by itself.
-        wait_until("the trial boot gave up and the node is back",
-                   lambda: (s := state_or_none(cluster, node)) is not None and s["booted"] == start["committed"]
-                   and s["boot_id"] != start["boot_id"] and s["trial"] is None, 180, 2)
+        assert wait_for(lambda: (s := state_or_none(cluster, node)) is not None
+                        and s["booted"] == start["committed"] and s["boot_id"] != start["boot_id"]
+                        and s["trial"] is None, 180, 2), "the trial boot gave up and the node is back"
         trial = json.loads(ssh(cluster, node, "cat", "/var/lib/imagetool/boot/trial.json"))
         assert trial["id"] == target.id and trial["gave_up"] and not trial["confirmed"]
     caught = state(cluster, node)

@@ -14,7 +14,7 @@ from imagetool.errors import LockedError
 from imagetool.store import StoredRelease
 from rollout.hooks import Hooks, HookSpec, RunOnceSpec
 from rollout.journal import Journal, find_record, list_records
-from rollout.update import Rollout, RolloutOptions
+from rollout.update import Rollout
 from tests.fakes import FakeNode
 from tests.test_update_plan import NEW, OLD, fleet, options, release  # noqa: F401 - fixture
 
