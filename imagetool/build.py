@@ -33,7 +33,7 @@ from imagetool.store import Store, StoredRelease
 from imagetool.systools import disk_image_create, require, require_root
 
 # This project's own elements, added to every build.
-PROJECT_ELEMENTS = ["imagetool-readonly-root", "imagetool-node", "imagetool-health"]
+PROJECT_ELEMENTS = ["imagetool-readonly-root", "imagetool-node", "imagetool-health", "imagetool-boot"]
 
 # Files in the built tree that differ between two builds of the same inputs and that nothing on a
 # node reads (the node's own /var hides the image's /var at run time). Removing them keeps deltas

@@ -258,39 +258,94 @@ lab_root_option = click.option("--lab-dir", type=click.Path(file_okay=False), de
                                help="Where labs keep their state (default: $IMAGETOOL_LAB_DIR or /var/lib/imagetool-lab).")
 
 
+# ------------------------------------------------------------------------------------ disk
+
+
+@main.command()
+@click.argument("release")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="The disk file to write.")
+@click.option("--format", "disk_format", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True)
+@click.option("--size", default="8G", show_default=True, help="Disk size; /var gets all but the first 65 MiB.")
+@click.option("--authorized-key", "authorized_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="SSH public key allowed to log in as root (repeatable).")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="Release signing public key (PEM) the node trusts (repeatable).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.")
+@store_option
+@json_option
+@handle_errors
+def disk(release: str, output: str, disk_format: str, size: str, authorized_keys: tuple[str, ...],
+         trusted_keys: tuple[str, ...], force: bool, store: str | None, as_json: bool) -> None:
+    """Write a bootable disk (GRUB for BIOS and UEFI, /var holding RELEASE as committed) for a real machine."""
+    from imagetool.disk import DiskOptions, make_disk
+    from imagetool.store import Store, default_store_path, resolve_release
+
+    stored = resolve_release(Store(default_store_path(store)), release)
+    options = DiskOptions(output=Path(output), format=disk_format, size=parse_size(size),
+                          authorized_keys=[Path(k) for k in authorized_keys],
+                          trusted_keys=[Path(k) for k in trusted_keys], force=force)
+    started = time.monotonic()
+    with console.status(f"disk for {stored.id}") as status:
+        def progress(step: str, detail: str) -> None:
+            status.update(f"disk for {escape(stored.id)}: [bold]{step}[/] {escape(detail)}")
+        result = make_disk(stored, options, progress)
+    seconds = round(time.monotonic() - started, 1)
+    if as_json:
+        print_json({**result.to_dict(), "seconds": seconds})
+        return
+    console.print(f"wrote [bold]{escape(str(result.path))}[/] ({result.format}, {human_bytes(result.size)}) "
+                  f"in {seconds:.0f}s")
+    t = Table("#", "partition", "size", "holds", box=None)
+    holds = {"bios": "GRUB core (BIOS)", "esp": "EFI/BOOT/BOOTX64.EFI, grub/grub.cfg",
+             "var": f"/var: {stored.id} committed, GRUB environment block"}
+    for p in result.partitions:
+        t.add_row(str(p["number"]), str(p["name"]), human_bytes(int(p["size"])), holds[str(p["name"])])  # type: ignore[call-overload]
+    out.print(t)
+
+
 @main.group()
 def lab() -> None:
-    """The local lab cluster: real nodes on this machine (systemd-nspawn, network namespaces)."""
+    """The local lab cluster: real nodes on this machine (systemd-nspawn containers, or qemu VMs booting
+    the disk `imagetool disk` makes)."""
 
 
 @lab.command("up")
 @click.option("--nodes", "n_nodes", type=int, default=3, show_default=True)
 @click.option("--release", "release_ref", required=True, help="Initial release (id in the store, or manifest path).")
 @click.option("--var-size", default="4G", show_default=True, help="Size of each node's /var filesystem.")
+@click.option("--vm", "all_vms", is_flag=True, help="Make every node a VM (qemu booting a disk of RELEASE).")
+@click.option("--vm-nodes", type=click.IntRange(min=0), default=None, metavar="K",
+              help="Make the K highest-numbered nodes VMs, the others containers.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
+              help="VM accelerator; auto: $IMAGETOOL_LAB_ACCEL if set, else KVM if a short probe runs under it, else TCG.")
 @store_option
 @lab_option
 @lab_root_option
 @json_option
 @handle_errors
-def lab_up(n_nodes: int, release_ref: str, var_size: str, store: str | None, lab_name: str, lab_dir: str | None,
-           as_json: bool) -> None:
+def lab_up(n_nodes: int, release_ref: str, var_size: str, all_vms: bool, vm_nodes: int | None, accel: str,
+           store: str | None, lab_name: str, lab_dir: str | None, as_json: bool) -> None:
     """Bring up N nodes booting RELEASE, and write their inventory and known_hosts."""
     from imagetool import lab as labmod
     from imagetool.store import Store, default_store_path, resolve_release
 
+    if all_vms and vm_nodes not in (None, n_nodes):
+        raise click.UsageError(f"--vm makes all {n_nodes} nodes VMs; --vm-nodes {vm_nodes} says otherwise")
+    n_vms = n_nodes if all_vms else vm_nodes or 0
     release = resolve_release(Store(default_store_path(store)), release_ref)
     started = time.monotonic()
     with console.status(f"lab {lab_name}: starting") as status:
         def progress(step: str, detail: str) -> None:
             status.update(f"lab {lab_name}: [bold]{step}[/] {escape(detail)}  ({time.monotonic() - started:.0f}s)")
         the_lab = labmod.up(lab_name, n_nodes, release, root=Path(lab_dir) if lab_dir else None,
-                            var_size=parse_size(var_size), progress=progress)
+                            var_size=parse_size(var_size), vm_nodes=n_vms, accel=accel, progress=progress)
     if as_json:
         print_json({"lab": the_lab.name, "inventory": str(the_lab.inventory), "known_hosts": str(the_lab.known_hosts),
-                    "seconds": round(time.monotonic() - started, 1),
-                    "nodes": [{"name": n.name, "address": n.address} for n in the_lab.nodes]})
+                    "seconds": round(time.monotonic() - started, 1), "accel": the_lab.accel,
+                    "nodes": [{"name": n.name, "address": n.address, "kind": n.kind} for n in the_lab.nodes]})
         return
-    console.print(f"lab [bold]{the_lab.name}[/]: {len(the_lab.nodes)} nodes up on {release.id} "
+    vms = f" ({n_vms} of them VMs under {the_lab.accel})" if n_vms else ""
+    console.print(f"lab [bold]{the_lab.name}[/]: {len(the_lab.nodes)} nodes{vms} up on {release.id} "
                   f"in {time.monotonic() - started:.0f}s")
     out.print(f"inventory:   {the_lab.inventory}\nknown_hosts: {the_lab.known_hosts}")
     n = the_lab.nodes[0]
@@ -323,10 +378,10 @@ def lab_status(lab_name: str, lab_dir: str | None, as_json: bool) -> None:
                     "nodes": [s.to_dict() for s in states]})
         return
     t = Table(title=f"lab {the_lab.name} ({the_lab.subnet})")
-    for col in ("node", "address", "power", "booted", "state", "network"):
+    for col in ("node", "kind", "address", "power", "booted", "state", "network"):
         t.add_column(col)
     for s in states:
-        t.add_row(s.name, s.address, "on" if s.powered else "off", s.booted or "-", s.system_state, s.network)
+        t.add_row(s.name, s.kind, s.address, "on" if s.powered else "off", s.booted or "-", s.system_state, s.network)
     out.print(t)
 
 

@@ -22,7 +22,12 @@ DISTRIBUTIONS = {"debian": "debian-minimal", "ubuntu": "ubuntu-minimal"}
 DEFAULT_DISTRIBUTION = "debian"
 DEFAULT_RELEASE = "bookworm"
 
-COMPRESSIONS = ("zstd", "xz", "gzip", "lzo", "lz4")
+COMPRESSIONS = ("gzip", "zstd", "xz", "lzo", "lz4")
+# GRUB (2.06 and 2.12) reads squashfs compressed with these only; a machine whose GRUB loads the
+# kernel from inside the image needs one of them, so gzip is the default. zstd and lz4 images
+# still run in the lab, and `imagetool disk` refuses them.
+GRUB_COMPRESSIONS = ("gzip", "xz", "lzo")
+DEFAULT_COMPRESSION = "gzip"
 # Only these compressors take -Xcompression-level in mksquashfs; xz and lz4 have no level, and
 # silently ignoring a level the operator wrote would be a lie.
 LEVEL_RANGES = {"zstd": (1, 22), "gzip": (1, 9), "lzo": (1, 9)}
@@ -86,8 +91,8 @@ class HealthCheck:
 
 @dataclass(frozen=True)
 class SquashfsOptions:
-    compression: str = "zstd"
-    level: int | None = DEFAULT_LEVELS["zstd"]
+    compression: str = DEFAULT_COMPRESSION
+    level: int | None = DEFAULT_LEVELS[DEFAULT_COMPRESSION]
     block_size: int = DEFAULT_BLOCK_SIZE
 
 
@@ -372,7 +377,7 @@ def _parse_squashfs(value: Any, c: _Ctx) -> SquashfsOptions:
     if value is None:
         return SquashfsOptions()
     c.mapping(value, "squashfs", SQUASHFS_KEYS)
-    comp = c.string(value.get("compression", "zstd"), "squashfs.compression")
+    comp = c.string(value.get("compression", DEFAULT_COMPRESSION), "squashfs.compression")
     if comp not in COMPRESSIONS:
         raise c.error("squashfs.compression", f"{comp!r} is not supported; choose one of: {', '.join(COMPRESSIONS)}")
     level = value.get("level")

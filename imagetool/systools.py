@@ -23,6 +23,14 @@ PACKAGES = {
     "losetup": "mount",
     "tar": "tar",
     "zstd": "zstd",
+    "mkfs.ext4": "e2fsprogs",
+    "mkfs.fat": "dosfstools",
+    "mcopy": "mtools",
+    "mmd": "mtools",
+    "sgdisk": "gdisk",
+    "grub-mkimage": "grub-common",
+    "qemu-img": "qemu-utils",
+    "qemu-system-x86_64": "qemu-system-x86",
 }
 
 

@@ -33,10 +33,11 @@ def derive_release(store: Store, base: StoredRelease, version: str, mutate: Call
         release_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         mutate(tree)
         with store.staging(rid) as staging:
-            subprocess.run(["mksquashfs", str(tree), str(staging.squashfs_path), "-noappend", "-comp", "zstd",
-                            "-Xcompression-level", "3", "-no-progress", "-quiet"], check=True, capture_output=True)
+            subprocess.run(["mksquashfs", str(tree), str(staging.squashfs_path), "-noappend", "-comp", "gzip",
+                            "-Xcompression-level", "1", "-no-progress", "-quiet"], check=True, capture_output=True)
             manifest = dataclasses.replace(
                 base.manifest, version=version,
+                squashfs=dataclasses.replace(base.manifest.squashfs, compression="gzip", level=1),
                 image=ImageInfo(file=f"{rid}.squashfs", size=staging.squashfs_path.stat().st_size,
                                 sha256=sha256_file(staging.squashfs_path)))
             staging.manifest_path.write_bytes(manifest.to_json())

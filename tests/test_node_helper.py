@@ -1,13 +1,17 @@
 """The node helper itself (the file the image ships), run here against a fake node root.
 
 The rules that keep a node bootable live in the helper, so they are tested on the helper: locks
-and their take-over, gc never removing what the node may boot, the run-once record.
+and their take-over, gc never removing what the node may boot, the run-once record, the boot
+backends (lab control.json, GRUB's environment block checked against the real grub-editenv) and
+re-verification of an image before it is armed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -30,11 +34,14 @@ class NodeRoot:
         self.boot_id = root / "boot_id"
         self.boot_id.write_text("boot-1\n")
 
-    def run(self, *args: str, ok: bool = True) -> dict[str, Any]:
+    def run(self, *args: str, ok: bool = True, path: str | None = None) -> dict[str, Any]:
         env = {**os.environ, "IMAGETOOL_NODE_ROOT": str(self.root), "IMAGETOOL_NODE_BOOT_ID_FILE": str(self.boot_id)}
+        if path is not None:
+            env["PATH"] = path
         r = subprocess.run([sys.executable, str(HELPER), *args], capture_output=True, text=True, env=env, timeout=60)
         answer = json.loads(r.stdout)
         assert answer["ok"] is ok, answer
+        answer["_stderr"] = r.stderr
         return answer
 
     def add_image(self, image_id: str, mtime: float, size: int = 1000) -> None:
@@ -42,9 +49,30 @@ class NodeRoot:
         (self.images / f"{image_id}.manifest.json").write_text(json.dumps({"image": {"sha256": "0" * 64}}))
         os.utime(self.images / f"{image_id}.squashfs", (mtime, mtime))
 
-    def boot(self, image_id: str, default: str, previous: str | None = None, next_id: str | None = None) -> None:
+    def stage(self, image_id: str, data: bytes | None = None) -> None:
+        """Stage a real image the way the controller does: into .incoming, then stage-commit."""
+        data = data if data is not None else f"squashfs of {image_id}".encode() * 50
+        incoming = self.images / ".incoming"
+        incoming.mkdir(exist_ok=True)
+        (incoming / f"{image_id}.squashfs").write_bytes(data)
+        manifest = {"id": image_id, "image": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
+        (incoming / f"{image_id}.manifest.json").write_text(json.dumps(manifest))
+        self.run("stage-commit", image_id)
+
+    def corrupt(self, image_id: str) -> None:
+        """Flip one byte of a staged image, as a rotting disk would."""
+        path = self.images / f"{image_id}.squashfs"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    def release(self, image_id: str) -> None:
+        """Boot image_id: what the running root's release.json says."""
         (self.root / "etc/imagetool/release.json").write_text(json.dumps(
             {"name": image_id.rsplit("-", 1)[0], "version": image_id.rsplit("-", 1)[1]}))
+
+    def boot(self, image_id: str, default: str, previous: str | None = None, next_id: str | None = None) -> None:
+        self.release(image_id)
         (self.var / "boot/control.json").write_text(json.dumps({"default": default, "next": next_id}))
         (self.var / "state.json").write_text(json.dumps({"committed": default, "previous": previous}))
 
@@ -55,6 +83,34 @@ class NodeRoot:
 @pytest.fixture
 def node(tmp_path: Path) -> NodeRoot:
     return NodeRoot(tmp_path / "node")
+
+
+needs_grub_editenv = pytest.mark.skipif(shutil.which("grub-editenv") is None, reason="grub-editenv not installed")
+
+
+def grub_editenv(node: NodeRoot, *args: str) -> dict[str, str]:
+    """Run the real grub-editenv on the node's grubenv; answer its `list` as a dict."""
+    grubenv = node.var / "boot/grubenv"
+    if args:
+        subprocess.run(["grub-editenv", str(grubenv), *args], check=True, capture_output=True)
+    listed = subprocess.run(["grub-editenv", str(grubenv), "list"], check=True, capture_output=True, text=True)
+    return dict(line.split("=", 1) for line in listed.stdout.splitlines())
+
+
+def make_grub_node(node: NodeRoot, default: str, **other_variables: str) -> Path:
+    """A node that boots with GRUB: the loader fact and an environment block made by grub-editenv."""
+    (node.var / "boot/loader").write_text("grub\n")
+    grub_editenv(node, "create")
+    grub_editenv(node, "set", f"imagetool_default={default}", *(f"{k}={v}" for k, v in other_variables.items()))
+    return node.var / "boot/grubenv"
+
+
+def make_lab_node(node: NodeRoot, default: str) -> None:
+    (node.var / "boot/control.json").write_text(json.dumps({"default": default, "next": None}))
+
+
+def control_json(node: NodeRoot) -> dict[str, Any]:
+    return json.loads((node.var / "boot/control.json").read_text())
 
 
 def test_lock_names_its_holder_and_is_taken_over_only_by_name(node: NodeRoot) -> None:
@@ -138,3 +194,125 @@ def test_a_confirmation_after_the_node_gave_up_is_refused(node: NodeRoot) -> Non
     assert "not confirmed" in node.run("commit", "web-2", ok=False)["error"]
     node.run("confirm", "web-2")
     assert node.run("commit", "web-2")["committed"] == "web-2"
+
+
+def test_without_a_loader_file_the_node_boots_as_in_the_lab(node: NodeRoot) -> None:
+    node.stage("web-1")
+    node.stage("web-2")
+    node.boot("web-1", default="web-1")
+    assert node.run("status")["boot_loader"] == "lab"
+    node.run("set-next", "web-2", "--confirm-timeout", "30", "--rollout", "r-1")
+    # The lab firmware reads exactly this file: its format is unchanged.
+    ctl = control_json(node)
+    assert (ctl["default"], ctl["next"], ctl["confirm_timeout"], ctl["rollout"]) == ("web-1", "web-2", 30, "r-1")
+    st = node.run("status")
+    assert (st["default"], st["next"]) == ("web-1", "web-2")
+    node.run("clear-next")
+    assert control_json(node)["next"] is None
+    assert not (node.var / "boot/grubenv").exists()
+
+
+@needs_grub_editenv
+def test_grub_boot_control_agrees_with_grub_editenv(node: NodeRoot) -> None:
+    node.stage("a-1")
+    node.stage("a-2")
+    grubenv = make_grub_node(node, default="a-1", saved_entry="rescue")
+    inode = grubenv.stat().st_ino
+    node.release("a-1")
+    st = node.run("status")
+    assert (st["boot_loader"], st["default"], st["next"]) == ("grub", "a-1", None)
+
+    node.run("set-next", "a-2", "--confirm-timeout", "30", "--rollout", "r-1")
+    env = grub_editenv(node)
+    assert (env["imagetool_default"], env["imagetool_next"], env["saved_entry"]) == ("a-1", "a-2", "rescue")
+    # Metadata stays in control.json; the boot entries live in grubenv alone.
+    ctl = control_json(node)
+    assert (ctl["confirm_timeout"], ctl["rollout"]) == (30, "r-1")
+    assert "default" not in ctl and "next" not in ctl
+
+    node.run("clear-next")
+    assert grub_editenv(node)["imagetool_next"] == ""
+    assert node.run("status")["next"] is None
+
+    # Armed again; GRUB consumes the one-shot (save_env of an empty value) and boots a-2.
+    node.run("set-next", "a-2")
+    grub_editenv(node, "set", "imagetool_next=")
+    node.release("a-2")
+    assert node.run("commit", "a-2", "--rollout", "r-1")["previous"] == "a-1"
+    env = grub_editenv(node)
+    assert (env["imagetool_default"], env["imagetool_next"], env["saved_entry"]) == ("a-2", "", "rescue")
+    st = node.run("status")
+    assert (st["default"], st["next"], st["previous"]) == ("a-2", None, "a-1")
+
+    # GRUB's tool still edits what the helper wrote, and the helper keeps what the tool added.
+    grub_editenv(node, "set", "extra=1")
+    node.run("set-next", "a-1")
+    env = grub_editenv(node)
+    assert (env["imagetool_default"], env["imagetool_next"], env["extra"]) == ("a-2", "a-1", "1")
+    # Written in place: GRUB's save_env writes the file's blocks, so they must never move.
+    assert grubenv.stat().st_ino == inode and grubenv.stat().st_size == 1024
+
+
+@needs_grub_editenv
+def test_grub_block_too_full_is_refused_untouched(node: NodeRoot) -> None:
+    node.stage("a-1")
+    node.stage("a-2")
+    grubenv = make_grub_node(node, default="a-1", filler="f" * 900)  # grub-editenv also adds a comment line
+    before = grubenv.read_bytes()
+    assert "do not fit" in node.run("set-next", "a-2", ok=False)["error"]
+    assert grubenv.read_bytes() == before
+
+
+def test_grub_without_a_valid_environment_block_is_refused(node: NodeRoot) -> None:
+    node.stage("a-1")
+    node.stage("a-2")
+    node.release("a-1")
+    (node.var / "boot/loader").write_text("grub\n")
+    grubenv = node.var / "boot/grubenv"
+    for command in (["status"], ["set-next", "a-2"], ["commit", "a-1"], ["boot"]):
+        error = node.run(*command, ok=False)["error"]
+        assert str(grubenv) in error and "missing" in error, error
+    grubenv.write_bytes(b"# GRUB Environment Block\nimagetool_default=a-1\n")  # not padded to 1024
+    error = node.run("status", ok=False)["error"]
+    assert str(grubenv) in error and "not a GRUB environment block" in error
+    (node.var / "boot/loader").write_text("uboot\n")
+    assert "uboot" in node.run("status", ok=False)["error"]
+
+
+@pytest.mark.parametrize("loader", ["lab", pytest.param("grub", marks=needs_grub_editenv)])
+def test_set_next_refuses_an_image_corrupted_after_staging(node: NodeRoot, loader: str) -> None:
+    node.stage("web-1")
+    node.stage("web-2")
+    node.release("web-1")
+    if loader == "grub":
+        make_grub_node(node, default="web-1")
+    else:
+        make_lab_node(node, default="web-1")
+    node.corrupt("web-2")
+    refused = node.run("set-next", "web-2", ok=False)
+    assert "web-2: sha256 mismatch" in refused["error"]
+    st = node.run("status")
+    assert (st["boot_loader"], st["default"], st["next"]) == (loader, "web-1", None)
+    ctl = control_json(node) if (node.var / "boot/control.json").exists() else {}
+    assert "next_set_at" not in ctl, "nothing was armed or recorded"
+
+
+@needs_grub_editenv
+def test_dead_man_switch_reads_the_default_from_grubenv(node: NodeRoot, tmp_path: Path) -> None:
+    node.stage("a-1")
+    node.stage("a-2")
+    make_grub_node(node, default="a-1")
+    node.release("a-1")
+    assert node.run("boot")["trial"] is False
+    node.run("set-next", "a-2", "--confirm-timeout", "1")
+    # A stand-in systemctl: the test must never reboot the machine running it.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'systemctl.log'}\n")
+    (fake / "systemctl").chmod(0o755)
+    node.release("a-2")  # booted the one-shot a-2; the default in grubenv is still a-1
+    got = node.run("boot", path=f"{fake}:{os.environ['PATH']}")
+    assert (got["trial"], got["confirmed"], got["rebooting"]) == (True, False, True)
+    assert "rebooting into a-1" in got["_stderr"]
+    assert (tmp_path / "systemctl.log").read_text().split() == ["reboot"]
+    assert json.loads((node.var / "boot/trial.json").read_text())["id"] == "a-2"

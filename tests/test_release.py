@@ -96,7 +96,7 @@ def test_minimal_release_gets_defaults(tmp_path: Path) -> None:
     assert r.elements == () and r.packages == () and r.services == () and r.health_checks == ()
     assert r.element_paths == ()
     assert r.environment == {}
-    assert r.squashfs == SquashfsOptions("zstd", 15, 131072)
+    assert r.squashfs == SquashfsOptions("gzip", 9, 131072)
     assert r.source_date_epoch is None
 
 
