@@ -31,7 +31,8 @@ DEFAULT_COMPRESSION = "gzip"
 # Only these compressors take -Xcompression-level in mksquashfs; xz and lz4 have no level, and
 # silently ignoring a level the operator wrote would be a lie.
 LEVEL_RANGES = {"zstd": (1, 22), "gzip": (1, 9), "lzo": (1, 9)}
-DEFAULT_LEVELS = {"zstd": 15, "gzip": 9}
+# gzip 6, not 9: measured on the example image, 9 costs 6x the CPU (226 s vs 37 s) for 0.6% less.
+DEFAULT_LEVELS = {"zstd": 15, "gzip": 6}
 DEFAULT_BLOCK_SIZE = 131072
 DEFAULT_HEALTH_TIMEOUT = 10
 

@@ -101,11 +101,11 @@ def lab_root() -> Path:
     return Path(os.environ.get("IMAGETOOL_TEST_LAB_DIR", "/var/tmp/imagetool-test-labs"))
 
 
-def make_lab(name: str, n_nodes: int, release, root: Path) -> Iterator:
+def make_lab(name: str, n_nodes: int, release, root: Path, **kw) -> Iterator:
     from imagetool import lab
 
     lab.down(name, root)  # a crashed earlier session may have left one behind
-    the_lab = lab.up(name, n_nodes, release, root=root, var_size=3 * 1024**3)
+    the_lab = lab.up(name, n_nodes, release, root=root, var_size=3 * 1024**3, **kw)
     try:
         yield the_lab
     finally:

@@ -96,7 +96,7 @@ def test_minimal_release_gets_defaults(tmp_path: Path) -> None:
     assert r.elements == () and r.packages == () and r.services == () and r.health_checks == ()
     assert r.element_paths == ()
     assert r.environment == {}
-    assert r.squashfs == SquashfsOptions("gzip", 9, 131072)
+    assert r.squashfs == SquashfsOptions("gzip", 6, 131072)
     assert r.source_date_epoch is None
 
 
@@ -107,7 +107,7 @@ def test_ubuntu_base(tmp_path: Path) -> None:
 
 def test_gzip_default_level(tmp_path: Path) -> None:
     r = load_release(write(tmp_path, minimal("squashfs: {compression: gzip}\n")))
-    assert r.squashfs == SquashfsOptions("gzip", 9, 131072)
+    assert r.squashfs == SquashfsOptions("gzip", 6, 131072)
     r = load_release(write(tmp_path, minimal("squashfs: {compression: xz}\n")))
     assert r.squashfs.level is None
 

@@ -1,0 +1,129 @@
+"""Real machines, for real: a qemu VM booting the disk `imagetool disk` makes, through real GRUB,
+the image's own kernel and initramfs, next to a container node in one mixed lab.
+
+The tests run in file order and share one lab (node1 a container, node2 a VM); each starts from the
+state the previous one left. Under TCG a VM boot takes a minute or two on this machine kind, so
+every step here is one the issue asks for and nothing is repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+from imagetool import lab
+from imagetool.cli import main
+from rollout.inventory import load_inventory
+from rollout.update import RolloutOptions, run_rollback, run_rollout
+from tests.conftest import TEST_STORE, make_lab, node_status
+from tests.derive import broken_boot, derive_release, failing_health_check
+
+pytestmark = [pytest.mark.lab, pytest.mark.vm]
+
+LAB = "itvm"
+VM_TIMEOUTS = dict(confirm_timeout=600, boot_timeout=360, health_timeout=180)
+
+
+@pytest.fixture(scope="module")
+def cluster(release1, lab_root):
+    yield from make_lab(LAB, 2, release1, lab_root, vm_nodes=1)
+
+
+@pytest.fixture(scope="module")
+def inventory(cluster):
+    return load_inventory(cluster.inventory)
+
+
+@pytest.fixture(scope="module")
+def vm(cluster):
+    node = cluster.nodes[1]
+    assert node.kind == "vm"
+    return node
+
+
+def ssh(cluster, node, *command, timeout=60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(lab.ssh_argv(cluster, node, *command), capture_output=True, text=True, timeout=timeout)
+
+
+def test_vm_node_boots_its_image_read_only_through_grub(cluster, vm, release1):
+    s = node_status(cluster, vm)
+    assert (s["boot_loader"], s["booted"], s["default"], s["committed"]) == ("grub", release1.id, release1.id,
+                                                                               release1.id)
+    root = json.loads(ssh(cluster, vm, "findmnt", "-J", "/").stdout)["filesystems"][0]
+    assert root["fstype"] == "squashfs" and "ro" in root["options"].split(","), root
+    var = json.loads(ssh(cluster, vm, "findmnt", "-J", "/var").stdout)["filesystems"][0]
+    assert var["fstype"] == "ext4" and "rw" in var["options"].split(","), var
+    cmdline = ssh(cluster, vm, "cat", "/proc/cmdline").stdout
+    assert f"imagetool.image={release1.id}" in cmdline and "boot=imagetool" in cmdline and "panic=" in cmdline
+    r = ssh(cluster, vm, "systemctl", "is-system-running", "--wait", timeout=200)
+    assert r.stdout.strip() == "running", ssh(cluster, vm, "systemctl", "--failed").stdout
+    # Identity made on /var at first boot, not shared with the other node.
+    ids = {n.name: ssh(cluster, n, "cat", "/etc/machine-id").stdout.strip() for n in cluster.nodes}
+    assert len(set(ids.values())) == 2 and all(len(i) == 32 for i in ids.values()), ids
+    assert ssh(cluster, vm, "cat", "/var/lib/imagetool/etc/machine-id").stdout.strip() == ids[vm.name]
+    # The VM answers on its static lab address, which came from /var (the image's default is DHCP).
+    assert ssh(cluster, vm, "test", "-f", "/run/systemd/network/10-lab.network").returncode == 0
+
+
+def test_rollout_to_a_mixed_lab_then_again_changes_nothing(cluster, inventory, vm, release1, release2):
+    before = {n.name: node_status(cluster, n)["boot_id"] for n in cluster.nodes}
+    result = run_rollout(release2, inventory, RolloutOptions(batches="1,1", **VM_TIMEOUTS))
+    assert result.exit_code == 0, result.to_dict()
+    assert [r.outcome for r in result.nodes] == ["done", "done"]
+    for node in cluster.nodes:
+        s = node_status(cluster, node)
+        assert (s["booted"], s["default"], s["committed"], s["previous"]) == (release2.id, release2.id,
+                                                                                 release2.id, release1.id), s
+        assert s["next"] is None and s["boot_id"] != before[node.name]
+    env = ssh(cluster, vm, "cat", "/var/lib/imagetool/boot/grubenv").stdout
+    assert f"imagetool_default={release2.id}\nimagetool_next=\n" in env, "commit moved GRUB's default"
+    assert ssh(cluster, vm, "systemctl", "is-system-running", "--wait", timeout=200).stdout.strip() == "running"
+
+    boots = {n.name: node_status(cluster, n)["boot_id"] for n in cluster.nodes}
+    r = CliRunner().invoke(main, ["rollout", release2.id, "-i", str(cluster.inventory), "--store", str(TEST_STORE),
+                                  "--batch", "1,1", "--json"])
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout)
+    assert again["bytes_sent"] == 0 and {n["outcome"] for n in again["nodes"]} == {"skipped"}
+    assert {n.name: node_status(cluster, n)["boot_id"] for n in cluster.nodes} == boots, "nothing rebooted"
+
+
+def test_cluster_rollback_returns_the_vm_to_the_previous_image(cluster, inventory, vm, release1, release2):
+    result = run_rollback(inventory, RolloutOptions(batches="2", **VM_TIMEOUTS))
+    assert result.exit_code == 0, result.to_dict()
+    assert result.bytes_sent == 0
+    s = node_status(cluster, vm)
+    assert (s["booted"], s["default"], s["committed"], s["previous"]) == (release1.id, release1.id, release1.id,
+                                                                             release2.id)
+    root = json.loads(ssh(cluster, vm, "findmnt", "-J", "/").stdout)["filesystems"][0]
+    assert root["fstype"] == "squashfs" and "ro" in root["options"].split(",")
+
+
+def test_release_that_cannot_boot_falls_back_through_grub(cluster, inventory, vm, release1, test_store):
+    """No init in the image: the kernel panics, panic= resets the VM, and GRUB, whose one-shot entry
+    is already spent, boots the committed image."""
+    bad = derive_release(test_store, release1, "1_broken_boot", broken_boot)
+    before = node_status(cluster, vm)["boot_id"]
+    result = run_rollout(bad, inventory, RolloutOptions(batches="1", limit=[vm.name], **VM_TIMEOUTS))
+    assert result.exit_code == 3, result.to_dict()
+    assert result.node(vm.name).outcome == "rolled-back", result.to_dict()
+    s = node_status(cluster, vm)
+    assert (s["booted"], s["default"], s["committed"]) == (release1.id,) * 3
+    assert s["next"] is None and s["boot_id"] != before
+    console = (lab.lab_dir(LAB, cluster.dir.parent) / "nodes" / vm.name / "console.log").read_text(errors="replace")
+    assert f"imagetool: booting {bad.id}" in console, "GRUB tried the new image"
+    assert "Kernel panic" in console or "No init found" in console or "panic" in console.lower()
+
+
+def test_failing_health_gate_on_a_vm_is_rolled_back(cluster, inventory, vm, release1, test_store):
+    bad = derive_release(test_store, release1, "1_bad_health", failing_health_check)
+    result = run_rollout(bad, inventory, RolloutOptions(batches="1", limit=[vm.name], **VM_TIMEOUTS))
+    assert result.exit_code == 3, result.to_dict()
+    r = result.node(vm.name)
+    assert r.outcome == "rolled-back" and "webapp-http" in r.error
+    s = node_status(cluster, vm)
+    assert (s["booted"], s["default"], s["committed"]) == (release1.id,) * 3
+    assert s["system_state"] == "running"
