@@ -9,6 +9,7 @@ asked to accept new keys, a changed key is always refused. Every failure to reac
 from __future__ import annotations
 
 import errno
+import logging
 import select
 import shlex
 import socket
@@ -32,6 +33,10 @@ from tenacity import (
 
 from imagetool.errors import HostKeyError, InputError, NodeError, UnreachableError
 from rollout.inventory import NodeSpec
+
+# paramiko's transport thread logs a traceback for every failed handshake, and a rebooting node
+# (a VM behind a port forward, say) resets many; the transport raises its own clear error.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 # Flow control for the bytes we *receive* (command output): a window this large lets a chatty
 # command run without waiting on window adjustments. What we can *send* per packet is the
