@@ -168,3 +168,42 @@ def test_cli_disk_errors_are_clear(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "zstd-compressed, which GRUB cannot read" in r.stderr and "Traceback" not in r.stderr
+
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
+@needs_grub
+@pytest.mark.vm
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_disk_boots_into_its_image_under_bios_and_uefi(release1, tmp_path, firmware):
+    """The same disk, on both firmwares: GRUB reads grub.cfg, loads the kernel from inside the
+    squashfs, and the initramfs hands over to the image's systemd on a read-only root."""
+    from tests.conftest import wait_for
+
+    if not shutil.which("qemu-system-x86_64") or (firmware == "uefi" and not OVMF_CODE.exists()):
+        pytest.skip("qemu-system-x86 / ovmf not installed (scripts/setup installs them)")
+    out = tmp_path / "node.raw"
+    make_disk(release1, DiskOptions(output=out, size=2 * 1024**3))
+    console = tmp_path / "console.log"
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1", "-nodefaults",
+            "-display", "none", "-net", "none", "-drive", f"file={out},format=raw,if=virtio",
+            "-device", "virtio-rng-pci", "-serial", f"file:{console}"]
+    if firmware == "uefi":
+        shutil.copyfile(OVMF_VARS, tmp_path / "vars.fd")
+        argv += ["-machine", "q35", "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                 "-drive", f"if=pflash,format=raw,file={tmp_path / 'vars.fd'}"]
+    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def text() -> str:
+            return console.read_text(errors="replace") if console.exists() else ""
+
+        handed_over = wait_for(lambda: "Welcome to" in text() or "Kernel panic" in text(), timeout=300, interval=2)
+        log = text()
+        assert handed_over and "Kernel panic" not in log, log[-3000:]
+        assert f"imagetool: booting {release1.id}" in log
+        assert f"imagetool.image={release1.id}" in log and "boot=imagetool" in log
+    finally:
+        qemu.kill()
+        qemu.wait()
