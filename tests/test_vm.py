@@ -103,8 +103,9 @@ def test_cluster_rollback_returns_the_vm_to_the_previous_image(cluster, inventor
 
 
 def test_release_that_cannot_boot_falls_back_through_grub(cluster, inventory, vm, release1, test_store):
-    """No init in the image: the kernel panics, panic= resets the VM, and GRUB, whose one-shot entry
-    is already spent, boots the committed image."""
+    """No init in the image: the initramfs panics (rather than run /bin/sh as PID 1 and hang),
+    panic= resets the VM, and GRUB, whose one-shot entry is already spent, boots the committed
+    image, with no help from the controller."""
     bad = derive_release(test_store, release1, "1_broken_boot", broken_boot)
     before = node_status(cluster, vm)["boot_id"]
     result = run_rollout(bad, inventory, RolloutOptions(batches="1", limit=[vm.name], **VM_TIMEOUTS))
@@ -115,12 +116,14 @@ def test_release_that_cannot_boot_falls_back_through_grub(cluster, inventory, vm
     assert s["next"] is None and s["boot_id"] != before
     console = (lab.lab_dir(LAB, cluster.dir.parent) / "nodes" / vm.name / "console.log").read_text(errors="replace")
     assert f"imagetool: booting {bad.id}" in console, "GRUB tried the new image"
-    assert "Kernel panic" in console or "No init found" in console or "panic" in console.lower()
+    assert f"imagetool: {bad.id} has no working /sbin/init" in console and "Kernel panic" in console
 
 
 def test_failing_health_gate_on_a_vm_is_rolled_back(cluster, inventory, vm, release1, test_store):
     bad = derive_release(test_store, release1, "1_bad_health", failing_health_check)
-    result = run_rollout(bad, inventory, RolloutOptions(batches="1", limit=[vm.name], **VM_TIMEOUTS))
+    # The gate waits health_timeout for a check that will never pass: keep it short here.
+    timeouts = {**VM_TIMEOUTS, "health_timeout": 90}
+    result = run_rollout(bad, inventory, RolloutOptions(batches="1", limit=[vm.name], **timeouts))
     assert result.exit_code == 3, result.to_dict()
     r = result.node(vm.name)
     assert r.outcome == "rolled-back" and "webapp-http" in r.error
