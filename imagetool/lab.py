@@ -57,8 +57,9 @@ VM_CPUS = 1
 ACCELS = ("kvm", "tcg")
 ACCEL_ENV = "IMAGETOOL_LAB_ACCEL"
 # The KVM probe boots SeaBIOS with nothing to boot, which then reboots, which ends qemu: a working
-# KVM does that in well under a second (TCG: 0.2 s). Seen on this machine kind: KVM took 4 s for
-# it, and hung booting a kernel; anything slower than this is not a KVM to use.
+# KVM does that in well under a second (TCG: 0.2 s). Seen on this machine kind (nested, /dev/kvm
+# present): with -cpu host qemu aborts at once (MSR 0x10a); with its default CPU it took 4 s for
+# the probe and hung booting a kernel. Anything slower than this is not a KVM to use.
 KVM_PROBE_TIMEOUT = 2.0
 UNIX_PATH_MAX = 107
 Progress = Callable[[str, str], None]
@@ -280,8 +281,9 @@ def up(name: str, n_nodes: int, release: StoredRelease, *, root: Path | None = N
                                host_veth=f"{prefix}n{i}", machine_uuid=str(uuid.uuid4()))
             lab.nodes.append(node)
             if node.is_vm:
-                progress("provision", f"{node.name} (VM disk)")
-                _make_vm(lab, node, release, var_size)
+                progress("provision", f"{node.name} (VM)")
+                _make_vm(lab, node, release, var_size,
+                         lambda step, detail, n=node.name: progress("provision", f"{n} (VM): disk {step} {detail}"))
             else:
                 progress("provision", node.name)
                 _make_network(lab, node)
@@ -390,7 +392,7 @@ def vm_var_files(node: LabNode, gateway: str, host_key: bytes, host_key_pub: byt
     }
 
 
-def _make_vm(lab: Lab, node: LabNode, release: StoredRelease, var_size: int) -> None:
+def _make_vm(lab: Lab, node: LabNode, release: StoredRelease, var_size: int, progress: Progress | None = None) -> None:
     """The VM's tap on the bridge, and its disk: `imagetool disk` with this node's identity on /var."""
     nd = lab.node_dir(node.name)
     nd.mkdir(parents=True)
@@ -403,10 +405,17 @@ def _make_vm(lab: Lab, node: LabNode, release: StoredRelease, var_size: int) -> 
     key = keys / "ssh_host_ed25519_key"
     _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{node.name}", "-f", str(key)])
     files = vm_var_files(node, lab.gateway, key.read_bytes(), key.with_suffix(".pub").read_bytes())
+    # The other key types too: made at first boot under TCG, RSA alone took 22 s of it.
+    for kind in ("ecdsa", "rsa"):
+        other = keys / f"ssh_host_{kind}_key"
+        _run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{node.name}", "-f", str(other)])
+        files[f"lib/ssh/{other.name}"] = other.read_bytes()
+        files[f"lib/ssh/{other.name}.pub"] = other.with_suffix(".pub").read_bytes()
     shutil.copyfile(key.with_suffix(".pub"), nd / HOST_KEY_PUB)
     shutil.rmtree(keys)
-    disk.make_disk(release, disk.DiskOptions(output=nd / "disk.raw", format="raw", size=vm_disk_size(var_size),
-                                             authorized_keys=[lab.key.with_suffix(".pub")], var_files=files))
+    options = disk.DiskOptions(output=nd / "disk.raw", format="raw", size=vm_disk_size(var_size),
+                               authorized_keys=[lab.key.with_suffix(".pub")], var_files=files)
+    disk.make_disk(release, options, progress)
 
 
 def write_access_files(lab: Lab) -> None:
@@ -544,7 +553,7 @@ def choose_accel(requested: str, env: Mapping[str, str], probe: Callable[[], boo
         return from_env, ACCEL_ENV
     if probe():
         return "kvm", "probe: KVM works"
-    return "tcg", f"probe: KVM unavailable or did not run a trivial guest within {KVM_PROBE_TIMEOUT:.0f}s"
+    return "tcg", f"probe: KVM unavailable, failing, or slower than {KVM_PROBE_TIMEOUT:.0f}s for a trivial guest"
 
 
 def qemu_pid(lab: Lab, node: str) -> int | None:
