@@ -632,15 +632,14 @@ def _not_for_vm(lab: Lab, node: str, what: str) -> LabNode:
 
 
 def _pid(path: Path) -> int | None:
+    """The live process whose pid `path` holds. A zombie is not live: a firmware this process
+    started and killed stays one until reaped, and `status` (which asks every node at once) must
+    not report such a node powered."""
     try:
         pid = int(path.read_text().strip())
     except (OSError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    return pid
+    return pid if _running(pid) else None
 
 
 def firmware_pid(lab: Lab, node: str) -> int | None:
