@@ -120,6 +120,28 @@ def wait_for(predicate, timeout: float, interval: float = 0.5):
                     retry_error_callback=lambda state: state.outcome.result())(predicate)
 
 
+def lab_ssh(the_lab, node, *command: str, timeout: float = 30):
+    """Run `command` on a lab node over real SSH with host key checking."""
+    import subprocess
+
+    from imagetool.lab import ssh_argv
+
+    return subprocess.run(ssh_argv(the_lab, node, *command), capture_output=True, text=True, timeout=timeout)
+
+
+def check_cut_and_heal(the_lab, node, back_within: float) -> None:
+    """A cut node answers nothing and shows as cut; healed, it answers again within `back_within` s."""
+    from imagetool import lab
+
+    lab.cut(the_lab, node.name)
+    try:
+        assert lab_ssh(the_lab, node, "true", timeout=15).returncode != 0
+        assert next(s for s in lab.status(the_lab) if s.name == node.name).network == "cut"
+    finally:
+        lab.heal(the_lab, node.name)
+    assert wait_for(lambda: lab_ssh(the_lab, node, "true", timeout=10).returncode == 0, back_within)
+
+
 def node_status(the_lab, node) -> dict:
     """The node helper's own answer, over real SSH with host key checking."""
     import subprocess

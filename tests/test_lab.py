@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from imagetool import lab
-from tests.conftest import make_lab, node_status, wait_for
+from tests.conftest import check_cut_and_heal, lab_ssh, make_lab, node_status, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -21,8 +21,7 @@ def cluster(release1, lab_root):
     yield from make_lab(LAB, 3, release1, lab_root)
 
 
-def ssh(the_lab, node, *command, timeout=30):
-    return subprocess.run(lab.ssh_argv(the_lab, node, *command), capture_output=True, text=True, timeout=timeout)
+ssh = lab_ssh
 
 
 def booted(the_lab, node, release_id: str, other_than: str):
@@ -117,14 +116,7 @@ def test_one_shot_boot_then_reset_falls_back_to_the_default(cluster, release1, r
 
 
 def test_cut_and_heal_the_network(cluster):
-    node = cluster.nodes[1]
-    lab.cut(cluster, node.name)
-    try:
-        assert ssh(cluster, node, "true", timeout=15).returncode != 0
-        assert lab.status(cluster)[1].network == "cut"
-    finally:
-        lab.heal(cluster, node.name)
-    assert wait_for(lambda: ssh(cluster, node, "true", timeout=10).returncode == 0, 30)
+    check_cut_and_heal(cluster, cluster.nodes[1], back_within=30)
 
 
 def test_kill_and_start(cluster):

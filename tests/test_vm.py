@@ -18,7 +18,7 @@ from imagetool import lab
 from imagetool.cli import main
 from rollout.inventory import load_inventory
 from rollout.update import RolloutOptions, run_rollback, run_rollout
-from tests.conftest import TEST_STORE, make_lab, node_status
+from tests.conftest import TEST_STORE, lab_ssh, make_lab, node_status
 from tests.derive import broken_boot, derive_release, failing_health_check
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm]
@@ -45,7 +45,7 @@ def vm(cluster):
 
 
 def ssh(cluster, node, *command, timeout=60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(lab.ssh_argv(cluster, node, *command), capture_output=True, text=True, timeout=timeout)
+    return lab_ssh(cluster, node, *command, timeout=timeout)
 
 
 def test_vm_node_boots_its_image_read_only_through_grub(cluster, vm, release1):

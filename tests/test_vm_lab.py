@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from imagetool import lab
 from imagetool.errors import InputError, UnreachableError
-from tests.conftest import REPO, make_lab, wait_for
+from tests.conftest import REPO, check_cut_and_heal, lab_ssh, make_lab, wait_for
 
 HAVE_QEMU = shutil.which(lab.QEMU) is not None
 needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason=f"{lab.QEMU} not installed")
@@ -353,8 +353,7 @@ def cluster(vm_release, lab_root):
     yield from make_lab(LAB, 2, vm_release, lab_root, vm_nodes=1)
 
 
-def ssh(the_lab, node, *command, timeout=30):
-    return subprocess.run(lab.ssh_argv(the_lab, node, *command), capture_output=True, text=True, timeout=timeout)
+ssh = lab_ssh
 
 
 def helper_status(the_lab, node) -> dict | None:
@@ -459,14 +458,7 @@ def test_one_shot_boot_then_reset_falls_back_to_the_default(cluster, vm_release,
 @pytest.mark.lab
 @pytest.mark.vm
 def test_cut_and_heal_a_vm(cluster):
-    node = vm(cluster)
-    lab.cut(cluster, node.name)
-    try:
-        assert ssh(cluster, node, "true", timeout=15).returncode != 0
-        assert lab.status(cluster)[1].network == "cut"
-    finally:
-        lab.heal(cluster, node.name)
-    assert wait_for(lambda: ssh(cluster, node, "true", timeout=10).returncode == 0, 60)
+    check_cut_and_heal(cluster, vm(cluster), back_within=60)
 
 
 @pytest.mark.lab
