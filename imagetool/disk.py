@@ -30,7 +30,7 @@ from typing import Callable
 from imagetool.errors import HostSetupError, ImagetoolError, InputError
 from imagetool.release import GRUB_COMPRESSIONS
 from imagetool.store import StoredRelease
-from imagetool.systools import require
+from imagetool.systools import require, run_tool
 
 MiB = 1024**2
 SECTOR = 512
@@ -299,7 +299,7 @@ def _make_esp(esp: Path, work: Path, volume_id: str, var_uuid: str) -> None:
     _grub_image("x86_64-efi", efi, work, volume_id)
     cfg = work / "grub.cfg"
     cfg.write_text(grub_cfg(var_uuid))
-    env = {"MTOOLS_SKIP_CHECK": "1"}
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
     _run(["mmd", "-i", str(esp), "::EFI", "::EFI/BOOT", "::grub"], env=env)
     _run(["mcopy", "-i", str(esp), str(efi), "::EFI/BOOT/BOOTX64.EFI"], env=env)
     _run(["mcopy", "-i", str(esp), str(cfg), "::grub/grub.cfg"], env=env)
@@ -354,12 +354,4 @@ def _write_at(target: Path, source: Path, offset: int) -> None:
         shutil.copyfileobj(src, dst, 4 * MiB)
 
 
-def _run(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **env} if env else None
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, env=full_env)
-    except FileNotFoundError:
-        raise HostSetupError(f"missing system tool {argv[0]}") from None
-    if r.returncode != 0:
-        raise ImagetoolError(f"`{' '.join(argv)}` failed (exit status {r.returncode}): {(r.stderr or r.stdout).strip()}")
-    return r
+_run = run_tool

@@ -39,7 +39,7 @@ from imagetool import disk
 from imagetool.errors import HostSetupError, ImagetoolError, InputError, NotFoundError, UnreachableError
 from imagetool.firmware import container_inits, lab_cgroups, remove_cgroups
 from imagetool.store import StoredRelease
-from imagetool.systools import pid_alive, require, require_root
+from imagetool.systools import pid_alive, require, require_root, run_tool
 
 LAB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
 NODE_NAME_RE = re.compile(r"^node[0-9]{1,3}$")
@@ -185,11 +185,7 @@ def _node_order(p: Path) -> int:
     return int(re.sub(r"\D", "", p.parent.name) or 0)
 
 
-def _run(argv: list[str], check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(argv, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
-    if check and r.returncode != 0:
-        raise ImagetoolError(f"`{' '.join(argv)}` failed (exit status {r.returncode}): {r.stderr.strip()}")
-    return r
+_run = run_tool
 
 
 def preflight(vms: bool = False) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-from imagetool.errors import HostSetupError
+from imagetool.errors import HostSetupError, ImagetoolError
 
 PACKAGES = {
     "debootstrap": "debootstrap",
@@ -78,3 +79,16 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def run_tool(argv: list[str], check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run a system tool, output captured; a failure (with check) or a missing tool is an error
+    that quotes the command and what it said."""
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    except FileNotFoundError:
+        raise HostSetupError(f"missing system tool {argv[0]}") from None
+    if check and r.returncode != 0:
+        said = (r.stderr or r.stdout).strip()
+        raise ImagetoolError(f"`{' '.join(argv)}` failed (exit status {r.returncode}): {said}")
+    return r
