@@ -675,22 +675,18 @@ def stage(release: str, inventory: str, store: str | None, limit: tuple[str, ...
     """Copy RELEASE to the nodes without disturbing them (skips nodes that have it, resumes partial copies)."""
     from imagetool.errors import LockedError, NodeError, UnreachableError
     from imagetool.store import Store, default_store_path, resolve_release
-    from rollout.inventory import load_inventory, select
-    from rollout.node import ssh_nodes
+    from rollout.fleet import open_nodes
+    from rollout.inventory import load_inventory
+    from rollout.locks import default_owner, new_rollout_id
     from rollout.stage import stage_all
-    from rollout.update import default_owner, new_rollout_id
 
     stored = resolve_release(Store(default_store_path(store)), release)
     inv = load_inventory(inventory)
-    nodes = ssh_nodes(select(inv.nodes, list(limit)), accept_new_host_keys=accept_new_host_keys)
     # Under each node's rollout lock, so a rollout or a gc cannot pull the transfer away.
     lock_as = ("stage-" + new_rollout_id(), default_owner(), _command_line())
-    try:
+    with open_nodes(inv, list(limit), accept_new_host_keys=accept_new_host_keys) as nodes:
         with LiveView([n.name for n in nodes], f"staging {stored.id}", stage_events=True) as view:
             report = stage_all(nodes, stored, parallel=parallel, progress=view, lock_as=lock_as)
-    finally:
-        for n in nodes:
-            n.close()
     if as_json:
         print_json(report.to_dict())
     else:
@@ -884,7 +880,7 @@ def status(inventory: str, limit: tuple[str, ...], no_health: bool, parallel: in
     """What each node booted, committed and keeps; its health, free space and lock."""
     from imagetool.errors import UnreachableError
     from rollout.inventory import load_inventory
-    from rollout.update import inventory_status
+    from rollout.fleet import inventory_status
 
     inv = load_inventory(inventory)
     with console.status("asking the nodes"):

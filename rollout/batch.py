@@ -1,8 +1,9 @@
 """Batches: how many nodes activate at once, in Ansible's `serial` terms.
 
 "1,2,25%" means a canary of one node, then two, then a quarter of the nodes at a time until all
-are covered: the last entry repeats. Percentages are of all nodes in the rollout, rounded down
-but at least one, so "25%" of three nodes is still a batch of one.
+are covered: the last entry repeats. Percentages are of the nodes this run activates (nodes
+already on the target take no batch slot), rounded down but at least one, so "25%" of three
+nodes is still a batch of one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from imagetool.errors import InputError
@@ -32,33 +34,49 @@ def _entry(text: str, what: str) -> tuple[float, bool]:
     return value, percent
 
 
-def parse_batches(spec: str, n_nodes: int) -> list[int]:
-    """Batch sizes covering `n_nodes`, e.g. parse_batches("1,2,25%", 10) == [1, 2, 2, 2, 2, 1]."""
-    what = f"--batch {spec!r}"
-    entries = [e for e in str(spec).split(",")]
-    if not spec or any(not e.strip() for e in entries):
-        raise InputError(f"{what}: expected a comma-separated list like '1,2,25%'")
-    sizes: list[int] = []
-    for text in entries:
-        value, percent = _entry(text, what)
-        if percent:
-            if value <= 0 or value > 100:
+@dataclass(frozen=True)
+class BatchSpec:
+    """A parsed --batch value: each entry a node count or a percentage; the last one repeats."""
+
+    text: str
+    entries: tuple[tuple[float, bool], ...]
+
+    @classmethod
+    def parse(cls, spec: str) -> BatchSpec:
+        what = f"--batch {spec!r}"
+        texts = str(spec).split(",")
+        if not spec or any(not e.strip() for e in texts):
+            raise InputError(f"{what}: expected a comma-separated list like '1,2,25%'")
+        entries = []
+        for text in texts:
+            value, percent = _entry(text, what)
+            if percent and (value <= 0 or value > 100):
                 raise InputError(f"{what}: {text.strip()!r}: a percentage must be above 0% and at most 100%")
-            size = max(1, math.floor(n_nodes * value / 100))
-        else:
-            if value < 1:
+            if not percent and value < 1:
                 raise InputError(f"{what}: {text.strip()!r}: a batch needs at least one node")
-            size = int(value)
-        sizes.append(size)
+            entries.append((value, percent))
+        return cls(str(spec), tuple(entries))
+
+    def sizes(self, n_nodes: int) -> list[int]:
+        """Batch sizes covering `n_nodes`: percentages are of `n_nodes`, rounded down, at least 1."""
+        sizes = [max(1, math.floor(n_nodes * v / 100)) if percent else int(v) for v, percent in self.entries]
+        return cover(sizes, n_nodes)
+
+
+def cover(sizes: Sequence[int], n_nodes: int) -> list[int]:
+    """`sizes` cut or extended (the last size repeats) to add up to exactly `n_nodes`."""
     out: list[int] = []
     covered = 0
-    i = 0
     while covered < n_nodes:
-        size = min(sizes[min(i, len(sizes) - 1)], n_nodes - covered)
+        size = min(sizes[min(len(out), len(sizes) - 1)], n_nodes - covered)
         out.append(size)
         covered += size
-        i += 1
     return out
+
+
+def parse_batches(spec: str, n_nodes: int) -> list[int]:
+    """Batch sizes covering `n_nodes`, e.g. parse_batches("1,2,25%", 10) == [1, 2, 2, 2, 2, 1]."""
+    return BatchSpec.parse(spec).sizes(n_nodes)
 
 
 def split(nodes: Sequence[T], sizes: Sequence[int]) -> list[list[T]]:

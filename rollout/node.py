@@ -467,8 +467,10 @@ class GroupResult(dict[str, Any]):
         return {k: v for k, v in self.items() if isinstance(v, BaseException)}
 
 
-def for_each(nodes: Sequence[N], fn: Callable[[N], T], parallel: int = 8) -> GroupResult:
-    """Run fn on every node in threads; ImagetoolError and OSError are results, Ctrl-C is not."""
+def for_each(nodes: Sequence[N], fn: Callable[[N], T], parallel: int = 8, *,
+             on_interrupt: Callable[[], None] | None = None) -> GroupResult:
+    """Run fn on every node in threads; an exception is that node's result, Ctrl-C is not: it
+    calls `on_interrupt` (to tell the workers to stop), waits for them, and goes on up."""
     out = GroupResult()
     if not nodes:
         return out
@@ -479,6 +481,10 @@ def for_each(nodes: Sequence[N], fn: Callable[[N], T], parallel: int = 8) -> Gro
                 out[name] = fut.result()
             except Exception as e:  # noqa: BLE001 - a node's failure is data here
                 out[name] = e
+            except BaseException:
+                if on_interrupt is not None:
+                    on_interrupt()
+                raise
     return GroupResult({n.name: out[n.name] for n in nodes})
 
 

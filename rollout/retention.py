@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from imagetool.errors import ImagetoolError
-from rollout.inventory import Inventory, select
-from rollout.node import Node, for_each, ssh_nodes, under_lock
-from rollout.update import default_owner, new_rollout_id
+from rollout.fleet import open_nodes
+from rollout.inventory import Inventory
+from rollout.locks import default_owner, new_rollout_id
+from rollout.node import Node, for_each, under_lock
 
 
 @dataclass
@@ -60,9 +61,5 @@ def collect(nodes: Sequence[Node], *, keep: int = 1, incoming: bool = False, par
 
 def inventory_gc(inventory: Inventory, *, keep: int = 1, incoming: bool = False, limit: list[str] | None = None,
                  accept_new_host_keys: bool = False, parallel: int = 8) -> list[GcReport]:
-    nodes = ssh_nodes(select(inventory.nodes, limit), accept_new_host_keys=accept_new_host_keys)
-    try:
+    with open_nodes(inventory, limit, accept_new_host_keys=accept_new_host_keys) as nodes:
         return collect(nodes, keep=keep, incoming=incoming, parallel=parallel)
-    finally:
-        for n in nodes:
-            n.close()

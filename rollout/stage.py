@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from imagetool.errors import ImagetoolError, NodeError, VerificationError
 from imagetool.store import StoredRelease
-from rollout.node import Node, incoming_paths, under_lock
+from rollout.node import Node, for_each, incoming_paths, under_lock
 
 StageOutcome = Literal["present", "staged", "resumed", "failed"]
 
@@ -194,8 +193,5 @@ def stage_all(nodes: Sequence[Node], release: StoredRelease, parallel: int = 4,
             progress.stage_end(node.name, result)
             return result
 
-    if nodes:
-        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(nodes)))) as pool:
-            for node, result in zip(nodes, pool.map(one, nodes)):
-                report.results[node.name] = result
+    report.results.update(for_each(nodes, one, parallel))
     return report

@@ -310,7 +310,7 @@ def test_cli_rollout_and_rollback(release: StoredRelease, tmp_path: Path, monkey
     inv = tmp_path / "inv.yaml"
     inv.write_text("nodes:\n  n1: {host: 10.0.0.1}\n  n2: {host: 10.0.0.2, groups: [web]}\n")
     nodes = {n.name: n for n in fleet(2)}
-    monkeypatch.setattr("rollout.update.ssh_nodes", lambda specs, **kw: [nodes[s.name] for s in specs])
+    monkeypatch.setattr("rollout.fleet.ssh_nodes", lambda specs, **kw: [nodes[s.name] for s in specs])
     store = str(release.manifest_path.parent)
     common = ["-i", str(inv), "--health-timeout", "0", "--json"]
 
