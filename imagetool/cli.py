@@ -468,7 +468,8 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     options = [
         click.option("--batch", "batches", default=DEFAULT_BATCHES, show_default=True,
-                     help="Batch sizes, Ansible serial style: '1,2,25%' (the last repeats). The first batch is the canary."),
+                     help="Batch sizes, Ansible serial style: '1,2,25%' (the last repeats; percentages of the nodes that "
+                          "move). The first batch is the canary."),
         click.option("--pause", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds between batches."),
         click.option("--max-failures", default="0", show_default=True, metavar="N|P%",
                      help="Failed nodes tolerated (over the whole run) before stopping."),
@@ -500,18 +501,15 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _make_options(kw: dict[str, Any], command: str) -> Any:
+def _make_options(kw: dict[str, Any], command: str, **fixed: Any) -> Any:
+    """RolloutOptions from the command's options; an option the command lacks keeps its default."""
     from rollout.health import cli_checks
     from rollout.update import RolloutOptions
 
-    return RolloutOptions(
-        batches=kw["batches"], pause=kw["pause"], max_failures=kw["max_failures"], on_failure=kw["on_failure"],
-        confirm_timeout=kw["confirm_timeout"], boot_timeout=kw["boot_timeout"], health_timeout=kw["health_timeout"],
-        parallel=kw["parallel"], dry_run=kw["dry_run"], accept_new_host_keys=kw["accept_new_host_keys"],
-        rollout_id=kw["rollout_id"], limit=list(kw["limit"]) or None,
-        checks=cli_checks(kw["check_http"], kw["check_tcp"], kw["check_command"]),
-        command=command, break_lock=kw["break_lock"], lock_max_age=kw["lock_max_age"],
-    )
+    given = {k: v for k, v in kw.items() if v is not None and k not in ("check_http", "check_tcp", "check_command")}
+    given["limit"] = list(kw.get("limit") or ()) or None
+    given["checks"] = cli_checks(kw.get("check_http", ()), kw.get("check_tcp", ()), kw.get("check_command", ()))
+    return RolloutOptions(command=command, **given, **fixed)
 
 
 class LiveView:
@@ -761,16 +759,14 @@ def plan(release: str, inventory: str, store: str | None, batches: str | None, c
          accept_new_host_keys: bool, as_json: bool) -> None:
     """Show what `rollout RELEASE` would do, node by node, changing nothing (same as rollout --dry-run)."""
     from imagetool.store import Store, default_store_path, resolve_release
-    from rollout.batch import DEFAULT_BATCHES
-    from rollout.health import cli_checks
     from rollout.inventory import load_inventory
-    from rollout.update import RolloutOptions, run_rollout
+    from rollout.update import run_rollout
 
     stored = resolve_release(Store(default_store_path(store)), release)
     inv = load_inventory(inventory)
-    options = RolloutOptions(batches=batches or DEFAULT_BATCHES, dry_run=True, parallel=parallel,
-                             accept_new_host_keys=accept_new_host_keys, limit=list(limit) or None,
-                             checks=cli_checks(check_http, check_tcp, check_command), command=_command_line())
+    options = _make_options(dict(batches=batches, check_http=check_http, check_tcp=check_tcp,
+                                 check_command=check_command, limit=limit, parallel=parallel,
+                                 accept_new_host_keys=accept_new_host_keys), _command_line(), dry_run=True)
     with console.status("asking the nodes"):
         result = run_rollout(stored, inv, options)
     show_result(result, as_json)
