@@ -143,38 +143,6 @@ class RolloutResult:
         }
 
 
-@dataclass
-class RolloutResult:
-    rollout_id: str
-    kind: Literal["rollout", "rollback"]
-    target: str | None
-    nodes: list[NodeResult]
-    batches: list[list[str]] = field(default_factory=list)
-    stopped: bool = False
-    reason: str | None = None
-    dry_run: bool = False
-    seconds: float = 0.0
-
-    @property
-    def exit_code(self) -> int:
-        return exit_code(self.nodes)
-
-    @property
-    def bytes_sent(self) -> int:
-        return sum(r.bytes_sent for r in self.nodes)
-
-    def node(self, name: str) -> NodeResult:
-        return next(r for r in self.nodes if r.node == name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rollout_id": self.rollout_id, "kind": self.kind, "target": self.target,
-            "exit_code": self.exit_code, "stopped": self.stopped, "reason": self.reason,
-            "dry_run": self.dry_run, "seconds": round(self.seconds, 1), "bytes_sent": self.bytes_sent,
-            "batches": self.batches, "nodes": [r.to_dict() for r in self.nodes],
-        }
-
-
 class Rollout:
     """One rollout or rollback over a set of nodes. Use `run(release)` or `rollback(to)`."""
 

@@ -1,0 +1,5 @@
+"""`python -m imagetool.cli ...`: the lab's reset command runs it this way."""
+
+from imagetool.cli import main
+
+main()

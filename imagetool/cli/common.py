@@ -1,0 +1,84 @@
+"""What every command shares: the `main` group, output consoles, JSON, error handling, options."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from imagetool.errors import EXIT_CODES, ImagetoolError
+
+
+def _width(stream: Any) -> int | None:
+    """Into a file or a pipe (CI logs), tables get room instead of being cut at 80 columns."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return None if tty or "COLUMNS" in os.environ else 200
+
+
+console = Console(stderr=True, soft_wrap=True, width=_width(sys.stderr))
+out = Console(soft_wrap=True, width=_width(sys.stdout))
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The one place where core errors become messages and exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ImagetoolError as e:
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/]")
+            sys.exit(130)
+
+    return wrapper
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+EPILOG = "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
+
+
+@click.group(epilog=EPILOG)
+@click.version_option(package_name="imagetool")
+def main() -> None:
+    """Build read-only root images, roll them out node by node behind health gates, roll back."""
+
+
+store_option = click.option(
+    "--store", type=click.Path(file_okay=False), default=None,
+    help="Release store directory (default: $IMAGETOOL_STORE or ./releases).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], units[t[-1]]) if t and t[-1] in units else (t, 1)
+    try:
+        return int(float(num) * unit)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 4G, 512M)") from None

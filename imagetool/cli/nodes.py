@@ -1,0 +1,334 @@
+"""Commands that work on nodes: stage, rollout, rollback, plan, gc, history, status."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from imagetool.cli.common import console, handle_errors, human_bytes, json_option, main, out, print_json, store_option
+from imagetool.cli.view import LiveView, first_line, show_result
+
+
+inventory_option = click.option(
+    "-i", "--inventory", required=True, type=click.Path(dir_okay=False), help="Inventory file (YAML).")
+host_keys_option = click.option(
+    "--accept-new-host-keys", is_flag=True, help="Trust and record host keys not yet in known_hosts.")
+limit_option = click.option(
+    "--limit", multiple=True, metavar="NAME|GROUP", help="Only these nodes or groups (repeatable).")
+parallel_option = click.option(
+    "--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+    help="Nodes staged or contacted at once.")
+
+
+def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The batching, policy and health-gate options rollout and rollback share."""
+    from rollout.batch import DEFAULT_BATCHES
+
+    options = [
+        click.option("--batch", "batches", default=DEFAULT_BATCHES, show_default=True,
+                     help="Batch sizes, Ansible serial style: '1,2,25%' (the last repeats; percentages of the nodes that "
+                          "move). The first batch is the canary."),
+        click.option("--pause", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds between batches."),
+        click.option("--max-failures", default="0", show_default=True, metavar="N|P%",
+                     help="Failed nodes tolerated (over the whole run) before stopping."),
+        click.option("--on-failure", type=click.Choice(["rollback-node", "rollback-all"]), default="rollback-node",
+                     show_default=True, help="When stopping: leave moved nodes, or move every one back too."),
+        click.option("--confirm-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
+                     help="Seconds a node waits for confirmation of a new boot before it reboots back by itself."),
+        click.option("--boot-timeout", type=click.FloatRange(min=1), default=180, show_default=True,
+                     help="Seconds to wait for a node to come back after a reboot."),
+        click.option("--health-timeout", type=click.FloatRange(min=0), default=120, show_default=True,
+                     help="Seconds a freshly booted node may take to become healthy."),
+        click.option("--check-http", multiple=True, metavar="URL[=STATUS]",
+                     help="Extra health check from here, e.g. http://{host}:8080/health=200 (repeatable)."),
+        click.option("--check-tcp", multiple=True, metavar="HOST:PORT", help="Extra TCP check from here, e.g. {host}:5432."),
+        click.option("--check-command", multiple=True, metavar="CMD", help="Extra check command run on the node."),
+        click.option("--rollout-id", default=None, help="Take over an interrupted run's locks by its id and carry on."),
+        click.option("--break-lock", is_flag=True,
+                     help="Take over node locks of other runs older than --lock-max-age (says whose it broke)."),
+        click.option("--lock-max-age", type=click.FloatRange(min=0), default=3600, show_default=True, metavar="S",
+                     help="Age in seconds after which --break-lock may take a lock over."),
+        click.option("--dry-run", is_flag=True, help="Connect, plan and show; change nothing."),
+        limit_option,
+        parallel_option,
+        host_keys_option,
+        json_option,
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _make_options(kw: dict[str, Any], command: str, **fixed: Any) -> Any:
+    """RolloutOptions from the command's options; an option the command lacks keeps its default."""
+    from rollout.health import cli_checks
+    from rollout.update import RolloutOptions
+
+    given = {k: v for k, v in kw.items() if v is not None and k not in ("check_http", "check_tcp", "check_command")}
+    given["limit"] = list(kw.get("limit") or ()) or None
+    given["checks"] = cli_checks(kw.get("check_http", ()), kw.get("check_tcp", ()), kw.get("check_command", ()))
+    return RolloutOptions(command=command, **given, **fixed)
+
+
+def _command_line() -> str:
+    import shlex
+
+    return shlex.join(["imagetool", *sys.argv[1:]])[:500]
+
+
+@main.command()
+@click.argument("release")
+@inventory_option
+@store_option
+@limit_option
+@parallel_option
+@host_keys_option
+@json_option
+@handle_errors
+def stage(release: str, inventory: str, store: str | None, limit: tuple[str, ...], parallel: int,
+          accept_new_host_keys: bool, as_json: bool) -> None:
+    """Copy RELEASE to the nodes without disturbing them (skips nodes that have it, resumes partial copies)."""
+    from imagetool.errors import LockedError, NodeError, UnreachableError
+    from imagetool.store import Store, default_store_path, resolve_release
+    from rollout.fleet import open_nodes
+    from rollout.inventory import load_inventory
+    from rollout.locks import default_owner, new_rollout_id
+    from rollout.stage import stage_all
+
+    stored = resolve_release(Store(default_store_path(store)), release)
+    inv = load_inventory(inventory)
+    # Under each node's rollout lock, so a rollout or a gc cannot pull the transfer away.
+    lock_as = ("stage-" + new_rollout_id(), default_owner(), _command_line())
+    with open_nodes(inv, list(limit), accept_new_host_keys=accept_new_host_keys) as nodes:
+        with LiveView([n.name for n in nodes], f"staging {stored.id}", stage_events=True) as view:
+            report = stage_all(nodes, stored, parallel=parallel, progress=view, lock_as=lock_as)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        t = Table(title=f"stage {stored.id}")
+        for col in ("node", "outcome", "time", "bytes", "error"):
+            t.add_column(col)
+        for r in report.results.values():
+            t.add_row(r.node, r.outcome, f"{r.seconds:.0f}s", human_bytes(r.bytes_sent), escape(r.error or ""))
+        out.print(t)
+    failed = report.failed
+    if failed:
+        errors = [r.exception for r in failed.values()]
+        cls = (UnreachableError if all(isinstance(e, UnreachableError) for e in errors)
+               else LockedError if any(isinstance(e, LockedError) for e in errors) else NodeError)
+        raise cls(f"{len(failed)} of {len(report.results)} nodes not staged: " + ", ".join(failed))
+
+
+@main.command()
+@click.argument("release")
+@inventory_option
+@store_option
+@rollout_options
+@handle_errors
+def rollout(release: str, inventory: str, store: str | None, as_json: bool, **kw: Any) -> None:
+    """Roll RELEASE out: stage everywhere, then activate batch by batch behind health gates."""
+    from imagetool.store import Store, default_store_path, resolve_release
+    from rollout.inventory import load_inventory, select
+    from rollout.update import run_rollout
+
+    stored = resolve_release(Store(default_store_path(store)), release)
+    inv = load_inventory(inventory)
+    options = _make_options(kw, _command_line())
+    names = [n.name for n in select(inv.nodes, options.limit)]
+    with LiveView(names, f"rollout {stored.id}") as view:
+        result = run_rollout(stored, inv, options, events=view.event, progress=view)
+    show_result(result, as_json)
+
+
+@main.command()
+@inventory_option
+@click.option("--to", "to", default=None, metavar="RELEASE", help="Roll back to this release (staged on the nodes) instead of each node's previous one.")
+@rollout_options
+@handle_errors
+def rollback(inventory: str, to: str | None, as_json: bool, **kw: Any) -> None:
+    """Move nodes back to their previous image (kept on each node, so nothing is copied)."""
+    from rollout.inventory import load_inventory, select
+    from rollout.update import run_rollback
+
+    inv = load_inventory(inventory)
+    options = _make_options(kw, _command_line())
+    names = [n.name for n in select(inv.nodes, options.limit)]
+    with LiveView(names, "rollback" + (f" to {to}" if to else "")) as view:
+        result = run_rollback(inv, options, to=to, events=view.event)
+    show_result(result, as_json)
+
+
+@main.command()
+@click.argument("release")
+@inventory_option
+@store_option
+@click.option("--batch", "batches", default=None, help="Batch sizes as for rollout (default: rollout's).")
+@click.option("--check-http", multiple=True, metavar="URL[=STATUS]", help="Extra health check, as for rollout.")
+@click.option("--check-tcp", multiple=True, metavar="HOST:PORT", help="Extra TCP check, as for rollout.")
+@click.option("--check-command", multiple=True, metavar="CMD", help="Extra check command, as for rollout.")
+@limit_option
+@parallel_option
+@host_keys_option
+@json_option
+@handle_errors
+def plan(release: str, inventory: str, store: str | None, batches: str | None, check_http: tuple[str, ...],
+         check_tcp: tuple[str, ...], check_command: tuple[str, ...], limit: tuple[str, ...], parallel: int,
+         accept_new_host_keys: bool, as_json: bool) -> None:
+    """Show what `rollout RELEASE` would do, node by node, changing nothing (same as rollout --dry-run)."""
+    from imagetool.store import Store, default_store_path, resolve_release
+    from rollout.inventory import load_inventory
+    from rollout.update import run_rollout
+
+    stored = resolve_release(Store(default_store_path(store)), release)
+    inv = load_inventory(inventory)
+    options = _make_options(dict(batches=batches, check_http=check_http, check_tcp=check_tcp,
+                                 check_command=check_command, limit=limit, parallel=parallel,
+                                 accept_new_host_keys=accept_new_host_keys), _command_line(), dry_run=True)
+    with console.status("asking the nodes"):
+        result = run_rollout(stored, inv, options)
+    show_result(result, as_json)
+
+
+@main.command()
+@inventory_option
+@click.option("--keep", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Other images to keep per node (newest first), beyond booted, committed, previous and pending.")
+@click.option("--incoming", is_flag=True, help="Also drop partial transfers.")
+@limit_option
+@parallel_option
+@host_keys_option
+@json_option
+@handle_errors
+def gc(inventory: str, keep: int, incoming: bool, limit: tuple[str, ...], parallel: int, accept_new_host_keys: bool,
+       as_json: bool) -> None:
+    """Remove old images from the nodes; never the booted, committed, previous or pending one."""
+    from imagetool.errors import NodeError
+    from rollout.inventory import load_inventory
+    from rollout.retention import inventory_gc
+
+    inv = load_inventory(inventory)
+    with console.status("collecting"):
+        reports = inventory_gc(inv, keep=keep, incoming=incoming, limit=list(limit) or None,
+                               accept_new_host_keys=accept_new_host_keys, parallel=parallel)
+    if as_json:
+        print_json([r.to_dict() for r in reports])
+    else:
+        t = Table(title=f"gc --keep {keep}")
+        for col in ("node", "removed", "kept", "freed", "free now", "error"):
+            t.add_column(col)
+        for r in reports:
+            t.add_row(r.node, " ".join(r.removed) or "-", " ".join(r.kept) or "-", human_bytes(r.freed_bytes),
+                      human_bytes(r.free_bytes) if r.error is None else "-", escape(r.error or ""))
+        out.print(t)
+    failed = [r for r in reports if r.error]
+    if failed:
+        raise NodeError(f"{len(failed)} of {len(reports)} nodes not collected: " + ", ".join(r.node for r in failed))
+
+
+@main.command()
+@click.argument("rollout_id", required=False)
+@click.option("--limit", "count", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Rollouts listed (newest last).")
+@json_option
+@handle_errors
+def history(rollout_id: str | None, count: int, as_json: bool) -> None:
+    """List past rollouts from the journal, or show one (ROLLOUT_ID or a unique prefix) event by event."""
+    from rollout.journal import find_record, list_records, state_dir
+
+    directory = state_dir()
+    if rollout_id is None:
+        records = list_records(directory)[-count:]
+        if as_json:
+            print_json([r.to_dict() for r in records])
+            return
+        t = Table(title=f"rollouts in {directory}")
+        for col in ("id", "kind", "target", "started", "state", "nodes", "owner"):
+            t.add_column(col)
+        for r in records:
+            outcomes: dict[str, int] = {}
+            for o in r.outcomes.values():
+                outcomes[o] = outcomes.get(o, 0) + 1
+            summary = ", ".join(f"{v} {k}" for k, v in outcomes.items()) or f"{len(r.nodes)} nodes"
+            style = {"ok": "green", "interrupted": "yellow", "dry-run": "cyan"}.get(r.state, "red")
+            t.add_row(r.id, r.kind, r.target or "(previous)", (r.started or "")[:19], f"[{style}]{r.state}[/]",
+                      summary, escape(r.owner or ""))
+        out.print(t)
+        return
+    rec = find_record(directory, rollout_id)
+    if as_json:
+        print_json(rec.to_dict(events=True))
+        return
+    out.print(f"[bold]{rec.kind} {rec.id}[/] → {rec.target or '(previous)'}: {rec.state}"
+              + (f" ({escape(rec.reason)})" if rec.reason else ""), highlight=False)
+    out.print(f"command: {escape(rec.command or '')}   owner: {escape(rec.owner or '')}   journal: {rec.path}",
+              highlight=False)
+    if rec.resumes:
+        out.print(f"took over the locks of: {', '.join(rec.resumes)}", highlight=False)
+    t = Table()
+    for col in ("time", "node", "step", "outcome", "detail"):
+        t.add_column(col)
+    for ev in rec.events:
+        kind = ev.get("event")
+        if kind == "step":
+            t.add_row(str(ev.get("time", ""))[11:23], str(ev.get("node")), str(ev.get("step")),
+                      str(ev.get("outcome")), escape(first_line(str(ev.get("detail") or ""), 100)))
+        elif kind in ("plan", "hook", "takeover"):
+            detail = {"plan": lambda e: f"{e.get('action')}: {e.get('reason')}",
+                      "hook": lambda e: f"{e.get('point')} {e.get('hook')}: exit {e.get('exit_status')}",
+                      "takeover": lambda e: f"took over the lock of {e.get('rollout')}: {e.get('why')}"}[kind](ev)
+            t.add_row(str(ev.get("time", ""))[11:23], str(ev.get("node")), kind, "", escape(first_line(detail, 100)))
+    out.print(t)
+
+
+@main.command()
+@inventory_option
+@limit_option
+@click.option("--no-health", is_flag=True, help="Skip the health checks; status only.")
+@click.option("--parallel", type=click.IntRange(min=1), default=8, show_default=True, help="Nodes contacted at once.")
+@host_keys_option
+@json_option
+@handle_errors
+def status(inventory: str, limit: tuple[str, ...], no_health: bool, parallel: int, accept_new_host_keys: bool,
+           as_json: bool) -> None:
+    """What each node booted, committed and keeps; its health, free space and lock."""
+    from imagetool.errors import UnreachableError
+    from rollout.fleet import inventory_status
+    from rollout.inventory import load_inventory
+
+    inv = load_inventory(inventory)
+    with console.status("asking the nodes"):
+        reports = inventory_status(inv, limit=list(limit) or None, accept_new_host_keys=accept_new_host_keys,
+                                   health=not no_health, parallel=parallel)
+    if as_json:
+        print_json([r.to_dict() for r in reports])
+    else:
+        t = Table(title=f"nodes in {inventory}")
+        for col in ("node", "booted", "committed", "previous", "staged", "boot id", "health", "free", "lock"):
+            t.add_column(col)
+        for r in reports:
+            s = r.status
+            if s is None:
+                t.add_row(r.name, f"[bold red]unreachable[/]: {escape(r.error or '')}", "", "", "", "", "", "", "")
+                continue
+            booted = s.booted or "-"
+            if s.booted != s.committed:
+                booted = f"[yellow]{booted}[/] (trial)" if s.trial else f"[yellow]{booted}[/]"
+            staged = " ".join(i.id for i in s.images if i.id not in (s.committed, s.previous, s.booted)) or "-"
+            if no_health:
+                health = "-"
+            elif r.health is not None:
+                health = "[green]healthy[/]"
+            else:
+                health = f"[red]unhealthy[/]: {escape((r.health_error or '')[-120:])}"
+            lock = f"{s.lock.get('rollout')} ({s.lock.get('owner')})" if s.lock else "-"
+            t.add_row(r.name, booted, s.committed or "-", s.previous or "-", staged, s.boot_id[:8], health,
+                      human_bytes(s.free_bytes), escape(lock))
+        out.print(t)
+    unreachable = [r for r in reports if r.status is None]
+    if unreachable:
+        raise UnreachableError(f"{len(unreachable)} of {len(reports)} nodes unreachable: "
+                               + ", ".join(r.name for r in unreachable))
