@@ -398,32 +398,6 @@ def _parse_squashfs(value: Any, c: _Ctx) -> SquashfsOptions:
     return SquashfsOptions(compression=comp, level=level, block_size=block)
 
 
-def release_to_dict(release: Release) -> dict[str, Any]:
-    """A JSON-able view of the release as written (element paths relative, as in the file)."""
-    return {
-        "name": release.name,
-        "version": release.version,
-        "id": release.id,
-        "description": release.description,
-        "base": {"distribution": release.base.distribution, "release": release.base.release},
-        "mirrors": {"distribution": release.mirrors.distribution, "security": release.mirrors.security},
-        "elements": list(release.elements),
-        "element_paths": list(release.element_paths_given),
-        "packages": list(release.packages),
-        "services": list(release.services),
-        "health_checks": [
-            {"name": h.name, "command": h.command, "timeout": h.timeout} for h in release.health_checks
-        ],
-        "environment": dict(release.environment),
-        "squashfs": {
-            "compression": release.squashfs.compression,
-            "level": release.squashfs.level,
-            "block_size": release.squashfs.block_size,
-        },
-        "source_date_epoch": release.source_date_epoch,
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # Mirrors: the build machine's apt already knows a reachable mirror; hosts like the default
 # security.debian.org may not be reachable from CI, so read apt's sources rather than guessing.

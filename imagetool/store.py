@@ -202,10 +202,6 @@ class Store:
             raise VerificationError(f"{path}: describes release {manifest.id}, not {release_id}")
         return _stored(release_id, manifest, self.path)
 
-    def latest(self, name: str) -> StoredRelease | None:
-        matching = [r for r in self.list() if r.manifest.name == name]
-        return matching[-1] if matching else None
-
     def _clean_stale(self, incoming: Path) -> None:
         for entry in incoming.iterdir():
             parts = entry.name.rsplit(".", 2)

@@ -88,9 +88,6 @@ class HealthGate:
     timeout: float = 120.0
     interval: float = 2.0
 
-    def run(self, node: Node) -> HealthReport:
-        return check_node(node, self)
-
 
 # --- command-line checks -------------------------------------------------------------------
 

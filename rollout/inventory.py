@@ -136,12 +136,6 @@ class Inventory:
     known_hosts: Path
     hooks: Hooks = field(default_factory=Hooks)
 
-    def node(self, name: str) -> NodeSpec:
-        for node in self.nodes:
-            if node.name == name:
-                return node
-        raise InputError(f"{self.path}: no node named {name!r}")
-
     @property
     def groups(self) -> dict[str, list[str]]:
         """Group name -> node names, in file order."""
