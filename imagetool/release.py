@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from imagetool.errors import InputError, NotFoundError
 from imagetool.names import check_name, check_version, release_id
+from imagetool.yamlfile import load_yaml
 
 DISTRIBUTIONS = {"debian": "debian-minimal", "ubuntu": "ubuntu-minimal"}
 DEFAULT_DISTRIBUTION = "debian"
@@ -196,27 +195,7 @@ class _Ctx:
 def load_release(path: str | Path) -> Release:
     path = Path(path)
     where = str(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{where}: release file does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"{where}: is a directory, expected a release file (YAML)") from None
-    except OSError as e:
-        raise InputError(f"{where}: cannot read release file: {e.strerror or e}") from None
-    try:
-        doc = yaml.safe_load(data)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = e.problem or e.context or "syntax error"
-        ctx = e.context_mark
-        if e.context and ctx is not None and e.problem and (ctx.line, ctx.column) != (mark.line, mark.column):
-            # "unexpected end of stream" alone points at the end; the opening quote is what to fix.
-            problem += f" ({e.context} at line {ctx.line + 1}, column {ctx.column + 1})"
-        raise InputError(f"{where}: {loc}malformed YAML: {problem}") from None
-    except yaml.YAMLError as e:
-        raise InputError(f"{where}: malformed YAML: {e}") from None
+    doc = load_yaml(path, "release file")
     if not isinstance(doc, dict):
         raise InputError(
             f"{where}: top level: expected a mapping (name: ..., version: ...), got {_type_name(doc)}"

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import paramiko
-import yaml
 
 from imagetool.errors import InputError
+from imagetool.yamlfile import load_yaml
 from rollout.hooks import HOOK_POINTS, Hooks, HookSpec, RunOnceSpec
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -144,55 +144,6 @@ class Inventory:
             for group in node.groups:
                 out.setdefault(group, []).append(node.name)
         return out
-
-
-# --- YAML loading ---------------------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load that refuses duplicate mapping keys: plain YAML keeps the last one silently,
-    which would make two nodes with the same name collapse into one without a word."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    seen: dict[Any, yaml.Node] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            duplicate = key in seen
-        except TypeError:  # unhashable key; construct_mapping below reports it properly
-            continue
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"found duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
-                key_node.start_mark,
-            )
-        seen[key] = key_node
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _load_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise InputError(f"{path}: inventory file does not exist") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read inventory: {e.strerror or e}") from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        problem = " ".join(p for p in (e.context, e.problem) if p)
-        raise InputError(f"{path}: malformed YAML at {where}: {problem}") from None
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: malformed YAML: {e}") from None
 
 
 # --- validation helpers -----------------------------------------------------------------------
@@ -338,7 +289,7 @@ def load_inventory(
     path = Path(path)
     base = path.resolve().parent
     root = _Where(path)
-    data = _mapping(_load_yaml(path), root, TOP_KEYS)
+    data = _mapping(load_yaml(path, "inventory file"), root, TOP_KEYS)
     if not data:
         raise root.error("the inventory is empty; it needs at least a 'nodes' mapping")
 
