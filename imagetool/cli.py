@@ -501,7 +501,7 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _make_options(kw: dict[str, Any], command: str) -> Any:
-    from rollout.health import cli_checks
+    from rollout.checks import cli_checks
     from rollout.update import RolloutOptions
 
     return RolloutOptions(
@@ -509,7 +509,7 @@ def _make_options(kw: dict[str, Any], command: str) -> Any:
         confirm_timeout=kw["confirm_timeout"], boot_timeout=kw["boot_timeout"], health_timeout=kw["health_timeout"],
         parallel=kw["parallel"], dry_run=kw["dry_run"], accept_new_host_keys=kw["accept_new_host_keys"],
         rollout_id=kw["rollout_id"], limit=list(kw["limit"]) or None,
-        checks=cli_checks(kw["check_http"], kw["check_tcp"], kw["check_command"]),
+        checks=cli_checks(http=kw["check_http"], tcp=kw["check_tcp"], command=kw["check_command"]),
         command=command, break_lock=kw["break_lock"], lock_max_age=kw["lock_max_age"],
     )
 
@@ -766,7 +766,7 @@ def plan(release: str, inventory: str, store: str | None, batches: str | None, c
     """Show what `rollout RELEASE` would do, node by node, changing nothing (same as rollout --dry-run)."""
     from imagetool.store import Store, default_store_path, resolve_release
     from rollout.batch import DEFAULT_BATCHES
-    from rollout.health import cli_checks
+    from rollout.checks import cli_checks
     from rollout.inventory import load_inventory
     from rollout.update import RolloutOptions, run_rollout
 
@@ -774,7 +774,7 @@ def plan(release: str, inventory: str, store: str | None, batches: str | None, c
     inv = load_inventory(inventory)
     options = RolloutOptions(batches=batches or DEFAULT_BATCHES, dry_run=True, parallel=parallel,
                              accept_new_host_keys=accept_new_host_keys, limit=list(limit) or None,
-                             checks=cli_checks(check_http, check_tcp, check_command), command=_command_line())
+                             checks=cli_checks(http=check_http, tcp=check_tcp, command=check_command), command=_command_line())
     with console.status("asking the nodes"):
         result = run_rollout(stored, inv, options)
     show_result(result, as_json)
