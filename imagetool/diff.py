@@ -6,73 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagetool.manifest import Manifest, Package
-
-
-_DIGITS = "0123456789"
-
-
-def _order(s: str, i: int) -> int:
-    # dpkg's order(): '~' sorts before everything, even the end of the string; letters before
-    # other characters.
-    if i >= len(s):
-        return 0
-    c = s[i]
-    if c in _DIGITS:
-        return 0
-    if c.isascii() and c.isalpha():
-        return ord(c)
-    if c == "~":
-        return -1
-    return ord(c) + 256
-
-
-def _verrevcmp(a: str, b: str) -> int:
-    i = j = 0
-    while i < len(a) or j < len(b):
-        first_diff = 0
-        while (i < len(a) and a[i] not in _DIGITS) or (j < len(b) and b[j] not in _DIGITS):
-            ac, bc = _order(a, i), _order(b, j)
-            if ac != bc:
-                return ac - bc
-            i += 1
-            j += 1
-        while i < len(a) and a[i] == "0":
-            i += 1
-        while j < len(b) and b[j] == "0":
-            j += 1
-        while i < len(a) and a[i] in _DIGITS and j < len(b) and b[j] in _DIGITS:
-            if not first_diff:
-                first_diff = ord(a[i]) - ord(b[j])
-            i += 1
-            j += 1
-        if i < len(a) and a[i] in _DIGITS:
-            return 1
-        if j < len(b) and b[j] in _DIGITS:
-            return -1
-        if first_diff:
-            return first_diff
-    return 0
-
-
-def _parse_version(v: str) -> tuple[int, str, str]:
-    epoch = 0
-    if ":" in v:
-        e, v = v.split(":", 1)
-        epoch = int(e) if e and all(ch in _DIGITS for ch in e) else 0
-    upstream, _, revision = v.rpartition("-")
-    if not upstream:
-        upstream, revision = revision, ""
-    return epoch, upstream, revision
-
-
-def debian_version_cmp(a: str, b: str) -> int:
-    """-1, 0 or 1 as dpkg --compare-versions orders a and b (epoch, upstream, revision, '~')."""
-    ea, ua, ra = _parse_version(a)
-    eb, ub, rb = _parse_version(b)
-    if ea != eb:
-        return -1 if ea < eb else 1
-    r = _verrevcmp(ua, ub) or _verrevcmp(ra, rb)
-    return (r > 0) - (r < 0)
+from imagetool.versions import debian_version_cmp
 
 
 @dataclass

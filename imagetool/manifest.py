@@ -9,13 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagetool.errors import NotFoundError, VerificationError
+from imagetool import schema
+from imagetool.errors import InputError, NotFoundError, VerificationError
 from imagetool.names import check_name, check_version, release_id
 from imagetool.release import Base, HealthCheck, Mirrors, SquashfsOptions
+from imagetool.schema import Where
 
 FORMAT = 1
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -116,85 +119,73 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, doc: Any, where: str) -> Manifest:
-        r = _Reader(where)
-        r.need(doc, "", dict)
-        fmt = r.get(doc, "format", int)
+        w = Where(where, error=VerificationError)
+        schema.mapping(doc, w, optional=False)
+        fmt = _get(doc, w, "format", schema.integer)
         if fmt != FORMAT:
-            raise VerificationError(f"{where}: key 'format': manifest format {fmt!r} is not supported (expected {FORMAT})")
-        name = r.get(doc, "name", str)
-        version = r.get(doc, "version", str)
+            raise (w / "format").error(f"manifest format {fmt!r} is not supported (expected {FORMAT})")
+        name = _get(doc, w, "name", schema.string)
+        version = _get(doc, w, "version", schema.string)
         try:
-            check_name(name, where=f"{where}: key 'name'")
-            check_version(version, where=f"{where}: key 'version'")
-        except Exception as e:  # noqa: BLE001 - re-raised as a verification failure
+            check_name(name, where=str(w / "name"))
+            check_version(version, where=str(w / "version"))
+        except InputError as e:
             raise VerificationError(str(e)) from None
-        mid = r.get(doc, "id", str)
+        mid = _get(doc, w, "id", schema.string)
         if mid != release_id(name, version):
-            raise VerificationError(f"{where}: key 'id': {mid!r} does not match name and version ({release_id(name, version)!r})")
-        sde = r.get(doc, "source_date_epoch", int, optional=True)
-        release_sha = r.get(doc, "release_sha256", str)
-        r.sha256(release_sha, "release_sha256")
+            raise (w / "id").error(f"{mid!r} does not match name and version ({release_id(name, version)!r})")
+        sde = _get(doc, w, "source_date_epoch", schema.integer, optional=True)
+        release_sha = _get(doc, w, "release_sha256", _sha256)
 
-        b = r.get(doc, "builder", dict)
-        builder = BuilderInfo(
-            imagetool=r.get(b, "builder.imagetool", str),
-            diskimage_builder=r.get(b, "builder.diskimage_builder", str),
-            python=r.get(b, "builder.python", str),
-            host=r.get(b, "builder.host", str),
-        )
-        bd = r.get(doc, "base", dict)
-        base = Base(distribution=r.get(bd, "base.distribution", str), release=r.get(bd, "base.release", str))
-        md = r.get(doc, "mirrors", dict)
+        b, wb = _get(doc, w, "builder", _mapping), w / "builder"
+        builder = BuilderInfo(**{k: _get(b, wb, k, schema.string) for k in ("imagetool", "diskimage_builder", "python", "host")})
+        bd, wbd = _get(doc, w, "base", _mapping), w / "base"
+        base = Base(distribution=_get(bd, wbd, "distribution", schema.string), release=_get(bd, wbd, "release", schema.string))
+        md, wmd = _get(doc, w, "mirrors", _mapping), w / "mirrors"
         mirrors = Mirrors(
-            distribution=r.get(md, "mirrors.distribution", str, optional=True),
-            security=r.get(md, "mirrors.security", str, optional=True),
+            distribution=_get(md, wmd, "distribution", schema.string, optional=True),
+            security=_get(md, wmd, "security", schema.string, optional=True),
         )
-        elements = tuple(r.str_list(doc, "elements"))
-        env = r.get(doc, "environment", dict)
+        elements = _get(doc, w, "elements", _strings)
+        env = _get(doc, w, "environment", _mapping)
         for k, v in env.items():
-            r.need(v, f"environment.{k}", str)
-        sd = r.get(doc, "squashfs", dict)
+            schema.string(v, w / "environment" / k)
+        sd, wsd = _get(doc, w, "squashfs", _mapping), w / "squashfs"
         squashfs = SquashfsOptions(
-            compression=r.get(sd, "squashfs.compression", str),
-            level=r.get(sd, "squashfs.level", int, optional=True),
-            block_size=r.get(sd, "squashfs.block_size", int),
+            compression=_get(sd, wsd, "compression", schema.string),
+            level=_get(sd, wsd, "level", schema.integer, optional=True),
+            block_size=_get(sd, wsd, "block_size", schema.integer),
         )
         packages = []
-        for i, p in enumerate(r.get(doc, "packages", list)):
-            key = f"packages[{i}]"
-            r.need(p, key, dict)
-            packages.append(
-                Package(
-                    name=r.get(p, f"{key}.name", str),
-                    version=r.get(p, f"{key}.version", str),
-                    arch=r.get(p, f"{key}.arch", str),
-                )
-            )
-        services = tuple(r.str_list(doc, "services"))
+        for i, p in enumerate(_get(doc, w, "packages", schema.sequence)):
+            wp = (w / "packages")[i]
+            schema.mapping(p, wp, optional=False)
+            packages.append(Package(**{k: _get(p, wp, k, schema.string) for k in ("name", "version", "arch")}))
+        services = _get(doc, w, "services", _strings)
         checks = []
-        for i, h in enumerate(r.get(doc, "health_checks", list)):
-            key = f"health_checks[{i}]"
-            r.need(h, key, dict)
-            timeout = r.get(h, f"{key}.timeout", (int, float))
-            checks.append(HealthCheck(name=r.get(h, f"{key}.name", str), command=r.get(h, f"{key}.command", str), timeout=timeout))
-        im = r.get(doc, "image", dict)
+        for i, h in enumerate(_get(doc, w, "health_checks", schema.sequence)):
+            wh = (w / "health_checks")[i]
+            schema.mapping(h, wh, optional=False)
+            checks.append(HealthCheck(
+                name=_get(h, wh, "name", schema.string),
+                command=_get(h, wh, "command", schema.string),
+                timeout=_get(h, wh, "timeout", _seconds),
+            ))
+        im, wim = _get(doc, w, "image", _mapping), w / "image"
         image = ImageInfo(
-            file=r.get(im, "image.file", str),
-            size=r.get(im, "image.size", int),
-            sha256=r.get(im, "image.sha256", str),
+            file=_get(im, wim, "file", schema.string),
+            size=_get(im, wim, "size", _size),
+            sha256=_get(im, wim, "sha256", _sha256),
         )
-        r.sha256(image.sha256, "image.sha256")
         # The file name travels to nodes; it must be the one the id implies, nothing else.
         if image.file != f"{mid}.squashfs":
-            raise VerificationError(f"{where}: key 'image.file': expected {mid + '.squashfs'!r}, got {image.file!r}")
-        if image.size < 0:
-            raise VerificationError(f"{where}: key 'image.size': must not be negative, got {image.size}")
+            raise (wim / "file").error(f"expected {mid + '.squashfs'!r}, got {image.file!r}")
         return cls(
             format=fmt,
             name=name,
             version=version,
-            description=r.get(doc, "description", str, optional=True) or "",
-            built_at=r.get(doc, "built_at", str),
+            description=_get(doc, w, "description", schema.string, optional=True) or "",
+            built_at=_get(doc, w, "built_at", schema.string),
             source_date_epoch=sde,
             release_sha256=release_sha,
             builder=builder,
@@ -210,35 +201,33 @@ class Manifest:
         )
 
 
-class _Reader:
-    def __init__(self, where: str) -> None:
-        self.where = where
+def _get(d: dict[str, Any], w: Where, key: str, check: Callable[[Any, Where], Any], optional: bool = False) -> Any:
+    """d[key] checked by `check`; every key must be there, null only where `optional`."""
+    if key not in d:
+        raise w.missing(key)
+    if d[key] is None and optional:
+        return None
+    return check(d[key], w / key)
 
-    def need(self, value: Any, key: str, typ: type | tuple[type, ...]) -> Any:
-        if isinstance(value, bool) or not isinstance(value, typ):
-            names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
-            label = f"key '{key}'" if key else "top level"
-            raise VerificationError(f"{self.where}: {label}: expected {names}, got {value!r}")
-        return value
 
-    def get(self, d: dict[str, Any], key: str, typ: type | tuple[type, ...], optional: bool = False) -> Any:
-        leaf = key.rsplit(".", 1)[-1]
-        if leaf not in d:
-            raise VerificationError(f"{self.where}: key '{key}': missing from manifest")
-        value = d[leaf]
-        if value is None and optional:
-            return None
-        return self.need(value, key, typ)
+def _mapping(value: Any, w: Where) -> dict[str, Any]:
+    return schema.mapping(value, w, optional=False)
 
-    def str_list(self, d: dict[str, Any], key: str) -> list[str]:
-        items = self.get(d, key, list)
-        for i, item in enumerate(items):
-            self.need(item, f"{key}[{i}]", str)
-        return items
 
-    def sha256(self, value: str, key: str) -> None:
-        if not SHA256_RE.match(value):
-            raise VerificationError(f"{self.where}: key '{key}': {value!r} is not a sha256 hex digest")
+def _strings(value: Any, w: Where) -> tuple[str, ...]:
+    return schema.string_list(value, w, unique=False, optional=False)
+
+
+def _seconds(value: Any, w: Where) -> float:
+    return schema.number(value, w, minimum=0, exclusive=True)
+
+
+def _size(value: Any, w: Where) -> int:
+    return schema.integer(value, w, minimum=0)
+
+
+def _sha256(value: Any, w: Where) -> str:
+    return schema.string(value, w, SHA256_RE, "sha256 hex digest")
 
 
 def load_manifest(path: str | Path) -> Manifest:

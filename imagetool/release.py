@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
-from imagetool.errors import InputError, NotFoundError
+from imagetool import schema
+from imagetool.errors import InputError
 from imagetool.names import check_name, check_version, release_id
+from imagetool.schema import Where
+from imagetool.yamlfile import load_yaml
 
 DISTRIBUTIONS = {"debian": "debian-minimal", "ubuntu": "ubuntu-minimal"}
 DEFAULT_DISTRIBUTION = "debian"
@@ -130,144 +131,53 @@ class Release:
 # Loading
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "a mapping",
-    }.get(type(value), type(value).__name__)
-
-
-class _Ctx:
-    """Carries the file name so every message can say where the problem is."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def error(self, key: str, problem: str) -> InputError:
-        return InputError(f"{self.where}: key '{key}': {problem}")
-
-    def at(self, key: str) -> str:
-        return f"{self.where}: key '{key}'"
-
-    def got(self, key: str, expected: str, value: Any) -> InputError:
-        return self.error(key, f"expected {expected}, got {value!r} ({_type_name(value)})")
-
-    def mapping(self, value: Any, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.got(key, "a mapping", value)
-        for k in value:
-            if not isinstance(k, str) or k not in allowed:
-                full = f"{key}.{k}" if key else str(k)
-                raise self.error(full, f"unknown key; allowed keys: {', '.join(allowed)}")
-        return value
-
-    def string(self, value: Any, key: str, regex: re.Pattern[str] | None = None, what: str = "") -> str:
-        if not isinstance(value, str):
-            raise self.got(key, "a string", value)
-        if regex is not None and not regex.match(value):
-            raise self.error(key, f"{value!r} is not a valid {what}")
-        return value
-
-    def string_list(self, value: Any, key: str, regex: re.Pattern[str], what: str) -> tuple[str, ...]:
-        if value is None:
-            return ()
-        if not isinstance(value, list):
-            raise self.got(key, "a list", value)
-        items: list[str] = []
-        for i, item in enumerate(value):
-            item = self.string(item, f"{key}[{i}]", regex, what)
-            if item in items:
-                raise self.error(f"{key}[{i}]", f"{item!r} is listed twice")
-            items.append(item)
-        return tuple(items)
-
-    def integer(self, value: Any, key: str) -> int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise self.got(key, "an integer", value)
-        return value
-
-
 def load_release(path: str | Path) -> Release:
     path = Path(path)
-    where = str(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{where}: release file does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"{where}: is a directory, expected a release file (YAML)") from None
-    except OSError as e:
-        raise InputError(f"{where}: cannot read release file: {e.strerror or e}") from None
-    try:
-        doc = yaml.safe_load(data)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = e.problem or e.context or "syntax error"
-        ctx = e.context_mark
-        if e.context and ctx is not None and e.problem and (ctx.line, ctx.column) != (mark.line, mark.column):
-            # "unexpected end of stream" alone points at the end; the opening quote is what to fix.
-            problem += f" ({e.context} at line {ctx.line + 1}, column {ctx.column + 1})"
-        raise InputError(f"{where}: {loc}malformed YAML: {problem}") from None
-    except yaml.YAMLError as e:
-        raise InputError(f"{where}: malformed YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise InputError(
-            f"{where}: top level: expected a mapping (name: ..., version: ...), got {_type_name(doc)}"
-        )
-    return _parse_release(doc, path, _Ctx(where))
+    doc = load_yaml(path, "release file")
+    return _parse_release(doc, path, Where(path))
 
 
-def _parse_release(doc: dict[str, Any], path: Path, c: _Ctx) -> Release:
-    c.mapping(doc, "", TOP_KEYS)
-    for required in ("name", "version"):
-        if required not in doc or doc[required] is None:
-            raise c.error(required, "missing (required)")
-    name = check_name(doc["name"], where=c.at("name"))
-    version = check_version(doc["version"], where=c.at("version"))
+def _parse_release(doc: Any, path: Path, w: Where) -> Release:
+    schema.mapping(doc, w, TOP_KEYS, required=("name", "version"), optional=False)
+    name = check_name(doc["name"], where=str(w / "name"))
+    version = check_version(doc["version"], where=str(w / "version"))
 
     description = doc.get("description")
-    description = "" if description is None else c.string(description, "description")
+    description = "" if description is None else schema.string(description, w / "description")
 
-    base = _parse_base(doc.get("base"), c)
-    mirrors = _parse_mirrors(doc.get("mirrors"), c)
-    elements = c.string_list(
-        doc.get("elements"), "elements", ELEMENT_RE, "element name (lowercase letters, digits, '_' and '-')"
+    base = _parse_base(doc.get("base"), w / "base")
+    mirrors = _parse_mirrors(doc.get("mirrors"), w / "mirrors")
+    elements = schema.string_list(
+        doc.get("elements"), w / "elements", ELEMENT_RE, "element name (lowercase letters, digits, '_' and '-')"
     )
     if base.element in elements:
         i = elements.index(base.element)
-        raise c.error(f"elements[{i}]", f"{base.element!r} comes from base.distribution; do not list it")
+        raise (w / "elements")[i].error(f"{base.element!r} comes from base.distribution; do not list it")
 
-    given = c.string_list(doc.get("element_paths"), "element_paths", re.compile(r"^.+$"), "path")
+    given = schema.string_list(doc.get("element_paths"), w / "element_paths", re.compile(r"^.+$"), "path")
     here = path.absolute().parent
     element_paths = []
     for i, p in enumerate(given):
         full = (here / p).resolve()
         if not full.is_dir():
-            raise c.error(f"element_paths[{i}]", f"{p!r} is not a directory (looked for {full})")
+            raise (w / "element_paths")[i].error(f"{p!r} is not a directory (looked for {full})")
         element_paths.append(full)
 
-    packages = c.string_list(
-        doc.get("packages"), "packages", PACKAGE_RE, "Debian package name (lowercase letters, digits and '+.-')"
+    packages = schema.string_list(
+        doc.get("packages"), w / "packages", PACKAGE_RE,
+        "Debian package name (lowercase letters, digits and '+.-')",
     )
-    services = c.string_list(
-        doc.get("services"), "services", SERVICE_RE, "systemd unit name (letters, digits and '@_.:-', ending in .service, .socket, .timer or .target)"
+    services = schema.string_list(
+        doc.get("services"), w / "services", SERVICE_RE,
+        "systemd unit name (letters, digits and '@_.:-', ending in .service, .socket, .timer or .target)",
     )
-    health_checks = _parse_health_checks(doc.get("health_checks"), c)
-    environment = _parse_environment(doc.get("environment"), c)
-    squashfs = _parse_squashfs(doc.get("squashfs"), c)
+    health_checks = _parse_health_checks(doc.get("health_checks"), w / "health_checks")
+    environment = _parse_environment(doc.get("environment"), w / "environment")
+    squashfs = _parse_squashfs(doc.get("squashfs"), w / "squashfs")
 
     sde = doc.get("source_date_epoch")
     if sde is not None:
-        sde = c.integer(sde, "source_date_epoch")
-        if sde < 0:
-            raise c.error("source_date_epoch", f"must not be negative, got {sde}")
+        sde = schema.integer(sde, w / "source_date_epoch", minimum=0)
 
     return Release(
         path=path.absolute(),
@@ -288,78 +198,51 @@ def _parse_release(doc: dict[str, Any], path: Path, c: _Ctx) -> Release:
     )
 
 
-def _parse_base(value: Any, c: _Ctx) -> Base:
-    if value is None:
-        return Base()
-    c.mapping(value, "base", BASE_KEYS)
-    dist = value.get("distribution", DEFAULT_DISTRIBUTION)
-    dist = c.string(dist, "base.distribution")
-    if dist not in DISTRIBUTIONS:
-        raise c.error("base.distribution", f"{dist!r} is not supported; choose one of: {', '.join(DISTRIBUTIONS)}")
-    rel = value.get("release", DEFAULT_RELEASE)
-    rel = c.string(rel, "base.release", RELEASE_CODENAME_RE, "release codename (lowercase letters and digits)")
+def _parse_base(value: Any, w: Where) -> Base:
+    value = schema.mapping(value, w, BASE_KEYS)
+    dist = schema.string(value.get("distribution", DEFAULT_DISTRIBUTION), w / "distribution")
+    schema.one_of(dist, w / "distribution", DISTRIBUTIONS)
+    rel = schema.string(
+        value.get("release", DEFAULT_RELEASE), w / "release", RELEASE_CODENAME_RE,
+        "release codename (lowercase letters and digits)",
+    )
     return Base(distribution=dist, release=rel)
 
 
-def _check_url(value: Any, key: str, c: _Ctx) -> str:
-    url = c.string(value, key)
+def _check_url(value: Any, w: Where) -> str:
+    url = schema.string(value, w)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or any(ch.isspace() for ch in url):
-        raise c.error(key, f"{url!r} is not an http:// or https:// URL")
+        raise w.error(f"{url!r} is not an http:// or https:// URL")
     return url.rstrip("/")
 
 
-def _parse_mirrors(value: Any, c: _Ctx) -> Mirrors:
-    if value is None:
-        return Mirrors()
-    c.mapping(value, "mirrors", MIRROR_KEYS)
-    out: dict[str, str | None] = {}
-    for k in MIRROR_KEYS:
-        v = value.get(k)
-        out[k] = None if v is None else _check_url(v, f"mirrors.{k}", c)
-    return Mirrors(**out)
+def _parse_mirrors(value: Any, w: Where) -> Mirrors:
+    value = schema.mapping(value, w, MIRROR_KEYS)
+    return Mirrors(**{k: None if value.get(k) is None else _check_url(value[k], w / k) for k in MIRROR_KEYS})
 
 
-def _parse_health_checks(value: Any, c: _Ctx) -> tuple[HealthCheck, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise c.got("health_checks", "a list", value)
+def _parse_health_checks(value: Any, w: Where) -> tuple[HealthCheck, ...]:
     checks: list[HealthCheck] = []
-    seen: set[str] = set()
-    for i, item in enumerate(value):
-        key = f"health_checks[{i}]"
-        c.mapping(item, key, HEALTH_KEYS)
-        for required in ("name", "command"):
-            if item.get(required) is None:
-                raise c.error(f"{key}.{required}", "missing (required)")
-        name = c.string(
-            item["name"], f"{key}.name", HEALTH_NAME_RE, "health check name (lowercase letters, digits, '_' and '-')"
+    for i, item in enumerate(schema.sequence(value, w)):
+        wi = w[i]
+        schema.mapping(item, wi, HEALTH_KEYS, required=("name", "command"), optional=False)
+        name = schema.string(
+            item["name"], wi / "name", HEALTH_NAME_RE, "health check name (lowercase letters, digits, '_' and '-')"
         )
-        if name in seen:
-            raise c.error(f"{key}.name", f"health check {name!r} is defined twice")
-        seen.add(name)
-        command = c.string(item["command"], f"{key}.command")
-        if not command.strip():
-            raise c.error(f"{key}.command", "must not be empty")
-        timeout = item.get("timeout", DEFAULT_HEALTH_TIMEOUT)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
-            raise c.got(f"{key}.timeout", "a number of seconds", timeout)
-        if not timeout > 0 or timeout != timeout or timeout == float("inf"):
-            raise c.error(f"{key}.timeout", f"must be a positive number of seconds, got {timeout!r}")
+        if any(c.name == name for c in checks):
+            raise (wi / "name").error(f"health check {name!r} is defined twice")
+        command = schema.string(item["command"], wi / "command", non_empty=True)
+        timeout = schema.number(item.get("timeout", DEFAULT_HEALTH_TIMEOUT), wi / "timeout", minimum=0, exclusive=True)
         checks.append(HealthCheck(name=name, command=command, timeout=timeout))
     return tuple(checks)
 
 
-def _parse_environment(value: Any, c: _Ctx) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise c.got("environment", "a mapping", value)
+def _parse_environment(value: Any, w: Where) -> dict[str, str]:
     env: dict[str, str] = {}
-    for k, v in value.items():
-        if not isinstance(k, str) or not ENV_KEY_RE.match(k):
-            raise c.error(f"environment.{k}", f"{k!r} is not a valid variable name (must match {ENV_KEY_RE.pattern})")
+    for k, v in schema.mapping(value, w).items():
+        if not ENV_KEY_RE.match(k):
+            raise (w / k).error(f"{k!r} is not a valid variable name (must match {ENV_KEY_RE.pattern})")
         # DIB's own switches are 1/0 (e.g. DIB_AVOID_PACKAGES_UPDATE=1), so YAML booleans map there.
         if isinstance(v, bool):
             env[k] = "1" if v else "0"
@@ -367,61 +250,33 @@ def _parse_environment(value: Any, c: _Ctx) -> dict[str, str]:
             env[k] = str(v)
         elif isinstance(v, str):
             if "\0" in v:
-                raise c.error(f"environment.{k}", "must not contain a NUL character")
+                raise (w / k).error("must not contain a NUL character")
             env[k] = v
         else:
-            raise c.got(f"environment.{k}", "a string, integer or boolean", v)
+            raise (w / k).got("a string, integer or boolean", v)
     return env
 
 
-def _parse_squashfs(value: Any, c: _Ctx) -> SquashfsOptions:
-    if value is None:
-        return SquashfsOptions()
-    c.mapping(value, "squashfs", SQUASHFS_KEYS)
-    comp = c.string(value.get("compression", DEFAULT_COMPRESSION), "squashfs.compression")
-    if comp not in COMPRESSIONS:
-        raise c.error("squashfs.compression", f"{comp!r} is not supported; choose one of: {', '.join(COMPRESSIONS)}")
+def _parse_squashfs(value: Any, w: Where) -> SquashfsOptions:
+    value = schema.mapping(value, w, SQUASHFS_KEYS)
+    comp = schema.string(value.get("compression", DEFAULT_COMPRESSION), w / "compression")
+    schema.one_of(comp, w / "compression", COMPRESSIONS)
     level = value.get("level")
     if level is None:
         level = DEFAULT_LEVELS.get(comp)
     else:
-        level = c.integer(level, "squashfs.level")
+        level = schema.integer(level, w / "level")
         if comp not in LEVEL_RANGES:
-            raise c.error("squashfs.level", f"{comp} has no compression level; remove the key or use one of: {', '.join(LEVEL_RANGES)}")
+            raise (w / "level").error(
+                f"{comp} has no compression level; remove the key or use one of: {', '.join(LEVEL_RANGES)}"
+            )
         lo, hi = LEVEL_RANGES[comp]
         if not lo <= level <= hi:
-            raise c.error("squashfs.level", f"{level} is out of range for {comp} ({lo}..{hi})")
-    block = value.get("block_size", DEFAULT_BLOCK_SIZE)
-    block = c.integer(block, "squashfs.block_size")
+            raise (w / "level").error(f"{level} is out of range for {comp} ({lo}..{hi})")
+    block = schema.integer(value.get("block_size", DEFAULT_BLOCK_SIZE), w / "block_size")
     if not (4096 <= block <= 1048576) or block & (block - 1):
-        raise c.error("squashfs.block_size", f"{block} is not a power of two between 4096 and 1048576")
+        raise (w / "block_size").error(f"{block} is not a power of two between 4096 and 1048576")
     return SquashfsOptions(compression=comp, level=level, block_size=block)
-
-
-def release_to_dict(release: Release) -> dict[str, Any]:
-    """A JSON-able view of the release as written (element paths relative, as in the file)."""
-    return {
-        "name": release.name,
-        "version": release.version,
-        "id": release.id,
-        "description": release.description,
-        "base": {"distribution": release.base.distribution, "release": release.base.release},
-        "mirrors": {"distribution": release.mirrors.distribution, "security": release.mirrors.security},
-        "elements": list(release.elements),
-        "element_paths": list(release.element_paths_given),
-        "packages": list(release.packages),
-        "services": list(release.services),
-        "health_checks": [
-            {"name": h.name, "command": h.command, "timeout": h.timeout} for h in release.health_checks
-        ],
-        "environment": dict(release.environment),
-        "squashfs": {
-            "compression": release.squashfs.compression,
-            "level": release.squashfs.level,
-            "block_size": release.squashfs.block_size,
-        },
-        "source_date_epoch": release.source_date_epoch,
-    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from imagetool.errors import AlreadyExistsError, InputError, NotFoundError, VerificationError
 from imagetool.manifest import Manifest, sha256_file
 
-SIGNATURE_SUFFIX = ".sig"
-
 
 def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
     if force:

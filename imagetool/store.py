@@ -10,7 +10,6 @@ build that dies half-way leaves at most files that `list` and `get` do not see. 
 from __future__ import annotations
 
 import fcntl
-import functools
 import os
 import shutil
 import tempfile
@@ -19,11 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagetool.diff import debian_version_cmp
 from imagetool.errors import AlreadyExistsError, ImagetoolError, NotFoundError, VerificationError
 from imagetool.manifest import Manifest, load_manifest
 from imagetool.names import check_release_id
 from imagetool.systools import pid_alive
+from imagetool.versions import version_key
 
 STORE_ENV = "IMAGETOOL_STORE"
 INCOMING = ".incoming"
@@ -100,10 +99,6 @@ def _stored(rid: str, manifest: Manifest, directory: Path) -> StoredRelease:
         sig_path=sig if sig.exists() else None,
         log_path=log if log.exists() else None,
     )
-
-
-# Versions sort the way dpkg sorts them: 1.9 < 1.10, 2.0~rc1 < 2.0.
-_version_key = functools.cmp_to_key(debian_version_cmp)
 
 
 class Staging:
@@ -188,7 +183,7 @@ class Store:
             if manifest.id != rid:
                 continue
             releases.append(_stored(rid, manifest, self.path))
-        releases.sort(key=lambda r: (r.manifest.name, _version_key(r.manifest.version)))
+        releases.sort(key=lambda r: (r.manifest.name, version_key(r.manifest.version)))
         return releases
 
     def has(self, release_id: str) -> bool:
@@ -206,10 +201,6 @@ class Store:
         if manifest.id != release_id:
             raise VerificationError(f"{path}: describes release {manifest.id}, not {release_id}")
         return _stored(release_id, manifest, self.path)
-
-    def latest(self, name: str) -> StoredRelease | None:
-        matching = [r for r in self.list() if r.manifest.name == name]
-        return matching[-1] if matching else None
 
     def _clean_stale(self, incoming: Path) -> None:
         for entry in incoming.iterdir():

@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from rollout.inventory import NodeSpec
     from rollout.node import Node
 
-HookPoint = Literal["before_activate", "after_commit", "after_rollback", "run_once"]
 HOOK_POINTS: tuple[str, ...] = ("before_activate", "after_commit", "after_rollback")
 Where = Literal["controller", "node"]
 OUTPUT_TAIL = 2000

@@ -11,20 +11,22 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any
 
 import paramiko
-import yaml
 
+from imagetool import schema
 from imagetool.errors import InputError
+from imagetool.schema import Where
+from imagetool.yamlfile import load_yaml
+from rollout.checks import CHECK_NAME_RE, CheckSpec, parse_checks
 from rollout.hooks import HOOK_POINTS, Hooks, HookSpec, RunOnceSpec
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Groups are matched against --limit values alongside node names, so they share the alphabet.
 GROUP_NAME_RE = NODE_NAME_RE
-CHECK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 DEFAULT_USER = "root"
 DEFAULT_PORT = 22
@@ -39,14 +41,6 @@ HOOK_KEYS = ("name", "run", "where", "timeout")
 RUN_ONCE_KEYS = (*HOOK_KEYS, "node")
 DEFAULT_KEYS = ("user", "port", "key", "known_hosts", "proxy_jump", "vars", "reset_command")
 NODE_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "groups", "vars", "reset_command")
-CHECK_KEYS = ("name", "command", "tcp", "http", "expect_status", "timeout", "retries", "interval")
-CHECK_KINDS = ("command", "tcp", "http")
-
-# Only these placeholders are substituted in check targets; any other brace (a shell `${x}` or an
-# awk program in a command check) is left alone, which str.format could not do.
-PLACEHOLDER_RE = re.compile(r"\{(host|name|port|user|vars\.[A-Za-z0-9_.-]+)\}")
-
-CheckKind = Literal["command", "tcp", "http"]
 
 
 @dataclass(frozen=True)
@@ -88,46 +82,6 @@ class NodeSpec:
         return shlex.split(command)
 
 
-@dataclass(frozen=True)
-class CheckSpec:
-    """One extra health check; run by the health gate, per node, after `for_node`.
-
-    `retries` is how many attempts the check gets before it counts as failed (at least 1),
-    `interval` the seconds between attempts, `timeout` the limit of one attempt.
-    """
-
-    name: str
-    kind: CheckKind
-    target: str
-    expect_status: int = 200
-    timeout: float = 5
-    retries: int = 3
-    interval: float = 1.0
-
-    def for_node(self, node: NodeSpec) -> CheckSpec:
-        """This check with {host}, {name}, {port}, {user} and {vars.X} filled in for `node`.
-
-        Values substituted into a command check are shell-quoted: the command is a trusted
-        literal, but the values come from per-node data.
-        """
-
-        def value(match: re.Match[str]) -> str:
-            key = match.group(1)
-            if key.startswith("vars."):
-                var = key[len("vars."):]
-                if var not in node.vars:
-                    raise InputError(
-                        f"health check {self.name!r}: node {node.name} has no var {var!r} "
-                        f"(used as {{{key}}} in {self.target!r})"
-                    )
-                text = str(node.vars[var])
-            else:
-                text = str(getattr(node, key))
-            return shlex.quote(text) if self.kind == "command" else text
-
-        return replace(self, target=PLACEHOLDER_RE.sub(value, self.target))
-
-
 @dataclass
 class Inventory:
     path: Path
@@ -135,12 +89,6 @@ class Inventory:
     health_checks: list[CheckSpec]
     known_hosts: Path
     hooks: Hooks = field(default_factory=Hooks)
-
-    def node(self, name: str) -> NodeSpec:
-        for node in self.nodes:
-            if node.name == name:
-                return node
-        raise InputError(f"{self.path}: no node named {name!r}")
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -152,143 +100,37 @@ class Inventory:
         return out
 
 
-# --- YAML loading ---------------------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load that refuses duplicate mapping keys: plain YAML keeps the last one silently,
-    which would make two nodes with the same name collapse into one without a word."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    seen: dict[Any, yaml.Node] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            duplicate = key in seen
-        except TypeError:  # unhashable key; construct_mapping below reports it properly
-            continue
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"found duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
-                key_node.start_mark,
-            )
-        seen[key] = key_node
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _load_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise InputError(f"{path}: inventory file does not exist") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read inventory: {e.strerror or e}") from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        problem = " ".join(p for p in (e.context, e.problem) if p)
-        raise InputError(f"{path}: malformed YAML at {where}: {problem}") from None
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: malformed YAML: {e}") from None
-
-
 # --- validation helpers -----------------------------------------------------------------------
 
 
-class _Where:
-    """The file and key path an error is about, e.g. `inv.yaml: nodes.node1.port`."""
-
-    def __init__(self, path: Path, *keys: str) -> None:
-        self.path = path
-        self.keys = keys
-
-    def __truediv__(self, key: object) -> _Where:
-        return _Where(self.path, *self.keys, str(key))
-
-    def error(self, problem: str) -> InputError:
-        key = ".".join(self.keys)
-        return InputError(f"{self.path}: {key}: {problem}" if key else f"{self.path}: {problem}")
+def _str(value: Any, where: Where) -> str:
+    return schema.string(value, where, non_empty=True)
 
 
-def _mapping(value: Any, where: _Where, allowed: Iterable[str]) -> dict[str, Any]:
-    allowed = tuple(allowed)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise where.error(f"expected a mapping with keys {', '.join(allowed)}, got {_kind(value)}")
-    unknown = [str(k) for k in value if k not in allowed]
-    if unknown:
-        raise where.error(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)} "
-            f"(allowed: {', '.join(allowed)})"
-        )
-    return value
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-            type(None): "nothing"}.get(type(value), type(value).__name__)
-
-
-def _str(value: Any, where: _Where) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise where.error(f"expected a non-empty string, got {value!r}")
-    return value
-
-
-def _port(value: Any, where: _Where) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
-        raise where.error(f"expected a port number 1-65535, got {value!r}")
-    return value
-
-
-def _number(value: Any, where: _Where, *, minimum: float, integer: bool = False) -> Any:
-    ok_types = (int,) if integer else (int, float)
-    if not isinstance(value, ok_types) or isinstance(value, bool) or value < minimum:
-        kind = "an integer" if integer else "a number"
-        raise where.error(f"expected {kind} >= {minimum:g}, got {value!r}")
-    return value
-
-
-def _path(value: Any, where: _Where, base: Path) -> Path:
+def _path(value: Any, where: Where, base: Path) -> Path:
     p = Path(_str(value, where)).expanduser()
     # Relative paths are relative to the inventory so an inventory and its keys move together.
     return p if p.is_absolute() else (base / p)
 
 
-def _vars(value: Any, where: _Where) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise where.error(f"expected a mapping of names to values, got {_kind(value)}")
-    return dict(value)
+def _vars(value: Any, where: Where) -> dict[str, Any]:
+    return dict(schema.mapping(value, where))
 
 
-def _groups(value: Any, where: _Where) -> tuple[str, ...]:
+def _groups(value: Any, where: Where) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise where.error(f"expected a list of group names, got {_kind(value)}")
+        raise where.got("a list of group names", value)
     for g in value:
         if not isinstance(g, str) or not GROUP_NAME_RE.match(g):
             raise where.error(f"{g!r} is not a valid group name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
     return tuple(dict.fromkeys(value))
 
 
-def _proxy_jump(value: Any, where: _Where) -> str | None:
+def _proxy_jump(value: Any, where: Where) -> str | None:
     text = _str(value, where).strip()
     if text.lower() == "none":
         return None
@@ -297,7 +139,7 @@ def _proxy_jump(value: Any, where: _Where) -> str | None:
     return text
 
 
-def _reset_command(value: Any, where: _Where) -> str:
+def _reset_command(value: Any, where: Where) -> str:
     text = _str(value, where)
     try:
         shlex.split(text)
@@ -343,15 +185,15 @@ def load_inventory(
     """
     path = Path(path)
     base = path.resolve().parent
-    root = _Where(path)
-    data = _mapping(_load_yaml(path), root, TOP_KEYS)
+    root = Where(path, style="path")
+    data = schema.mapping(load_yaml(path, "inventory file"), root, TOP_KEYS)
     if not data:
         raise root.error("the inventory is empty; it needs at least a 'nodes' mapping")
 
-    defaults = _mapping(data.get("defaults"), root / "defaults", DEFAULT_KEYS)
+    defaults = schema.mapping(data.get("defaults"), root / "defaults", DEFAULT_KEYS)
     d = root / "defaults"
     default_user = _str(defaults["user"], d / "user") if "user" in defaults else None
-    default_port = _port(defaults["port"], d / "port") if "port" in defaults else None
+    default_port = schema.port(defaults["port"], d / "port") if "port" in defaults else None
     default_key = _path(defaults["key"], d / "key", base) if "key" in defaults else None
     known_hosts = (
         _path(defaults["known_hosts"], d / "known_hosts", base)
@@ -366,10 +208,9 @@ def load_inventory(
 
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, dict) or not raw_nodes:
-        raise (root / "nodes").error(
-            f"expected a mapping of node names to node settings, got {_kind(raw_nodes)}"
-            if raw_nodes is not None else "missing: the inventory lists no nodes"
-        )
+        if raw_nodes is None:
+            raise (root / "nodes").error("missing: the inventory lists no nodes")
+        raise (root / "nodes").got("a mapping of node names to node settings", raw_nodes)
 
     config = _ssh_config(ssh_config)
     nodes: list[NodeSpec] = []
@@ -377,7 +218,7 @@ def load_inventory(
         w = root / "nodes" / name
         if not isinstance(name, str) or not NODE_NAME_RE.match(name):
             raise w.error(f"{name!r} is not a valid node name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
-        spec = _mapping(raw, w, NODE_KEYS)
+        spec = schema.mapping(raw, w, NODE_KEYS)
 
         # `ssh ALIAS` semantics: the alias looked up is what one would type, the host if the
         # inventory gives one, else the node name. The inventory wins over the ssh config.
@@ -391,11 +232,11 @@ def load_inventory(
             host = resolved
 
         if "port" in spec:
-            port = _port(spec["port"], w / "port")
+            port = schema.port(spec["port"], w / "port")
         elif default_port is not None:
             port = default_port
         elif "port" in opts:
-            port = _port(opts["port"], _Where(Path("ssh config"), host, "Port"))
+            port = schema.port(opts["port"], Where("ssh config", (host, "Port"), style="path"))
         else:
             port = DEFAULT_PORT
 
@@ -419,7 +260,7 @@ def load_inventory(
         elif "proxy_jump" in defaults:
             jump = default_jump
         elif "proxyjump" in opts:
-            jump = _proxy_jump(opts["proxyjump"], _Where(Path("ssh config"), host, "ProxyJump"))
+            jump = _proxy_jump(opts["proxyjump"], Where("ssh config", (host, "ProxyJump"), style="path"))
         else:
             jump = None
 
@@ -452,15 +293,15 @@ def load_inventory(
                 f"group {clash[0]!r} has the name of a node; --limit could not tell them apart"
             )
 
-    checks = _checks(data.get("health_checks"), root / "health_checks")
+    checks = parse_checks(data.get("health_checks"), root / "health_checks")
     hooks = _hooks(data.get("hooks"), data.get("run_once"), root)
     return Inventory(path=path, nodes=nodes, health_checks=checks, known_hosts=known_hosts, hooks=hooks)
 
 
-def _hook(raw: Any, where: _Where, allowed: tuple[str, ...], default_name: str) -> dict[str, Any]:
-    spec = _mapping(raw, where, allowed)
+def _hook(raw: Any, where: Where, allowed: tuple[str, ...], default_name: str) -> dict[str, Any]:
+    spec = schema.mapping(raw, where, allowed)
     if "run" not in spec:
-        raise where.error("missing 'run' (the command to run)")
+        raise where.missing("run", "the command to run")
     name = _str(spec.get("name", default_name), where / "name")
     if not CHECK_NAME_RE.match(name):
         raise (where / "name").error(f"{name!r} is not a valid hook name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
@@ -468,19 +309,18 @@ def _hook(raw: Any, where: _Where, allowed: tuple[str, ...], default_name: str) 
     if runs_on not in ("controller", "node"):
         raise (where / "where").error(f"expected 'controller' or 'node', got {runs_on!r}")
     return {"name": name, "run": _str(spec["run"], where / "run"), "where": runs_on,
-            "timeout": float(_number(spec.get("timeout", 300), where / "timeout", minimum=1))}
+            "timeout": float(schema.number(spec.get("timeout", 300), where / "timeout", minimum=1))}
 
 
-def _hooks(value: Any, run_once: Any, root: _Where) -> Hooks:
+def _hooks(value: Any, run_once: Any, root: Where) -> Hooks:
     where = root / "hooks"
-    points = _mapping(value, where, HOOKS_KEYS)
+    points = schema.mapping(value, where, HOOKS_KEYS)
     found: dict[str, tuple[HookSpec, ...]] = {}
     for point in HOOKS_KEYS:
         raw = points.get(point)
         if raw is None:
             continue
-        if not isinstance(raw, list):
-            raise (where / point).error(f"expected a list of hooks, got {_kind(raw)}")
+        raw = schema.sequence(raw, where / point)
         specs = [HookSpec(**_hook(item, where / point / i, HOOK_KEYS, f"{point}-{i + 1}")) for i, item in enumerate(raw)]
         names = [h.name for h in specs]
         dup = next((n for n in names if names.count(n) > 1), None)
@@ -491,64 +331,11 @@ def _hooks(value: Any, run_once: Any, root: _Where) -> Hooks:
     if run_once is not None:
         w = root / "run_once"
         fields = _hook(run_once, w, RUN_ONCE_KEYS, "run-once")
-        which = _mapping(run_once, w, RUN_ONCE_KEYS).get("node", "first")
+        which = schema.mapping(run_once, w, RUN_ONCE_KEYS).get("node", "first")
         if which not in ("first", "last"):
             raise (w / "node").error(f"expected 'first' or 'last' (the bootstrap node), got {which!r}")
         once = RunOnceSpec(**fields, node=which)
     return Hooks(**found, run_once=once)
-
-
-def _checks(value: Any, where: _Where) -> list[CheckSpec]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise where.error(f"expected a list of checks, got {_kind(value)}")
-    checks: list[CheckSpec] = []
-    seen: set[str] = set()
-    for i, raw in enumerate(value):
-        label = raw.get("name", i) if isinstance(raw, dict) and isinstance(raw.get("name"), str) else i
-        w = where / label
-        spec = _mapping(raw, w, CHECK_KEYS)
-        if "name" not in spec:
-            raise w.error("missing 'name'")
-        name = _str(spec["name"], w / "name")
-        if not CHECK_NAME_RE.match(name):
-            raise (w / "name").error(f"{name!r} is not a valid check name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
-        if name in seen:
-            raise (w / "name").error(f"duplicate health check name {name!r}")
-        seen.add(name)
-        kinds = [k for k in CHECK_KINDS if k in spec]
-        if len(kinds) != 1:
-            found = f"got {', '.join(kinds)}" if kinds else "got none"
-            raise w.error(f"a check needs exactly one of command, tcp, http ({found})")
-        kind: CheckKind = kinds[0]  # type: ignore[assignment]
-        target = _str(spec[kind], w / kind)
-        if kind == "tcp" and not re.match(r"^.+:(\d+|\{[^}]+\})$", target):
-            raise (w / kind).error(f"{target!r}: expected HOST:PORT, e.g. '{{host}}:22'")
-        if kind == "http" and not re.match(r"^https?://", target):
-            raise (w / kind).error(f"{target!r}: expected an http:// or https:// URL")
-        for placeholder in re.findall(r"\{([A-Za-z0-9_.]+)\}", target):
-            if not PLACEHOLDER_RE.fullmatch("{" + placeholder + "}") and kind != "command":
-                raise (w / kind).error(
-                    f"unknown placeholder {{{placeholder}}} (known: host, name, port, user, vars.NAME)"
-                )
-        if "expect_status" in spec and kind != "http":
-            raise (w / "expect_status").error("only http checks have an expected status")
-        expect = spec.get("expect_status", 200)
-        if not isinstance(expect, int) or isinstance(expect, bool) or not 100 <= expect <= 599:
-            raise (w / "expect_status").error(f"expected an HTTP status 100-599, got {expect!r}")
-        checks.append(
-            CheckSpec(
-                name=name,
-                kind=kind,
-                target=target,
-                expect_status=expect,
-                timeout=_number(spec.get("timeout", 5), w / "timeout", minimum=0.001),
-                retries=_number(spec.get("retries", 3), w / "retries", minimum=1, integer=True),
-                interval=float(_number(spec.get("interval", 1.0), w / "interval", minimum=0)),
-            )
-        )
-    return checks
 
 
 def select(nodes: list[NodeSpec], limit: list[str] | None) -> list[NodeSpec]:

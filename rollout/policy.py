@@ -20,7 +20,6 @@ from typing import Any, Literal
 #   planned      dry run: would be activated
 Outcome = Literal["done", "skipped", "failed", "rolled-back", "not-started", "planned"]
 OnFailure = Literal["rollback-node", "rollback-all"]
-ON_FAILURE_CHOICES: tuple[str, ...] = ("rollback-node", "rollback-all")
 
 # Outcomes that count against --max-failures: a node rolled back after failing its health gate
 # still failed, however well the rollback went.

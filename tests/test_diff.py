@@ -5,8 +5,9 @@ import json
 import pytest
 
 from tests.samples import sample_manifest
-from imagetool.diff import debian_version_cmp, diff_releases
+from imagetool.diff import diff_releases
 from imagetool.manifest import ImageInfo, Manifest
+from imagetool.versions import debian_version_cmp, version_key
 
 
 def make_manifest(version: str, packages: dict[str, str], services=(), checks=(), size: int = 1000) -> Manifest:  # type: ignore[no-untyped-def]
@@ -35,6 +36,12 @@ def make_manifest(version: str, packages: dict[str, str], services=(), checks=()
 def test_debian_version_cmp(a: str, b: str, expected: int) -> None:
     assert debian_version_cmp(a, b) == expected
     assert debian_version_cmp(b, a) == -expected
+
+
+def test_release_versions_sort_as_dpkg_sorts_them() -> None:
+    # Release versions may contain '_', which Debian versions may not: it sorts as a separator.
+    versions = ["1.10", "2.0~rc1", "1.9", "2.0", "1_11", "1:0.1"]
+    assert sorted(versions, key=version_key) == ["1.9", "1.10", "1_11", "2.0~rc1", "2.0", "1:0.1"]
 
 
 def test_diff() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -9,11 +10,11 @@ from imagetool.release import (
     Base,
     HealthCheck,
     Mirrors,
+    Release,
     SquashfsOptions,
     detect_apt_mirrors,
     effective_mirrors,
     load_release,
-    release_to_dict,
 )
 
 FULL = """\
@@ -46,6 +47,32 @@ squashfs:
   block_size: 262144
 source_date_epoch: 1700000000
 """
+
+
+def release_to_dict(release: Release) -> dict[str, Any]:
+    """A JSON-able view of the release as written (element paths relative, as in the file)."""
+    return {
+        "name": release.name,
+        "version": release.version,
+        "id": release.id,
+        "description": release.description,
+        "base": {"distribution": release.base.distribution, "release": release.base.release},
+        "mirrors": {"distribution": release.mirrors.distribution, "security": release.mirrors.security},
+        "elements": list(release.elements),
+        "element_paths": list(release.element_paths_given),
+        "packages": list(release.packages),
+        "services": list(release.services),
+        "health_checks": [
+            {"name": h.name, "command": h.command, "timeout": h.timeout} for h in release.health_checks
+        ],
+        "environment": dict(release.environment),
+        "squashfs": {
+            "compression": release.squashfs.compression,
+            "level": release.squashfs.level,
+            "block_size": release.squashfs.block_size,
+        },
+        "source_date_epoch": release.source_date_epoch,
+    }
 
 
 def write(tmp_path: Path, text: str, name: str = "webapp.yaml") -> Path:

@@ -23,8 +23,6 @@ from imagetool.cli.common import (
 )
 from imagetool.errors import ImagetoolError
 
-
-
 lab_option = click.option("--lab", "lab_name", default="default", show_default=True, help="Lab name (labs coexist by name).")
 lab_root_option = click.option("--lab-dir", type=click.Path(file_okay=False), default=None,
                                help="Where labs keep their state (default: $IMAGETOOL_LAB_DIR or /var/lib/imagetool-lab).")

@@ -12,7 +12,6 @@ from rich.table import Table
 from imagetool.cli.common import console, handle_errors, human_bytes, json_option, main, out, print_json, store_option
 from imagetool.cli.view import LiveView, first_line, show_result
 
-
 inventory_option = click.option(
     "-i", "--inventory", required=True, type=click.Path(dir_okay=False), help="Inventory file (YAML).")
 host_keys_option = click.option(
@@ -22,6 +21,22 @@ limit_option = click.option(
 parallel_option = click.option(
     "--parallel", type=click.IntRange(min=1), default=4, show_default=True,
     help="Nodes staged or contacted at once.")
+
+
+def check_options() -> list[Callable[..., Any]]:
+    """`--check-KEY` for every health-check kind in the registry (rollout.checks)."""
+    from rollout.checks import KINDS
+
+    return [click.option(f"--check-{key}", f"check_{key}", multiple=True, metavar=kind.metavar, help=kind.flag_help)
+            for key, kind in KINDS.items()]
+
+
+def with_options(options: list[Callable[..., Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return apply
 
 
 def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -43,10 +58,7 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Seconds to wait for a node to come back after a reboot."),
         click.option("--health-timeout", type=click.FloatRange(min=0), default=120, show_default=True,
                      help="Seconds a freshly booted node may take to become healthy."),
-        click.option("--check-http", multiple=True, metavar="URL[=STATUS]",
-                     help="Extra health check from here, e.g. http://{host}:8080/health=200 (repeatable)."),
-        click.option("--check-tcp", multiple=True, metavar="HOST:PORT", help="Extra TCP check from here, e.g. {host}:5432."),
-        click.option("--check-command", multiple=True, metavar="CMD", help="Extra check command run on the node."),
+        *check_options(),
         click.option("--rollout-id", default=None, help="Take over an interrupted run's locks by its id and carry on."),
         click.option("--break-lock", is_flag=True,
                      help="Take over node locks of other runs older than --lock-max-age (says whose it broke)."),
@@ -58,19 +70,17 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         host_keys_option,
         json_option,
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return with_options(options)(fn)
 
 
 def _make_options(kw: dict[str, Any], command: str, **fixed: Any) -> Any:
     """RolloutOptions from the command's options; an option the command lacks keeps its default."""
-    from rollout.health import cli_checks
+    from rollout.checks import cli_checks
     from rollout.update import RolloutOptions
 
-    given = {k: v for k, v in kw.items() if v is not None and k not in ("check_http", "check_tcp", "check_command")}
+    given = {k: v for k, v in kw.items() if v is not None and not k.startswith("check_")}
     given["limit"] = list(kw.get("limit") or ()) or None
-    given["checks"] = cli_checks(kw.get("check_http", ()), kw.get("check_tcp", ()), kw.get("check_command", ()))
+    given["checks"] = cli_checks(**{k.removeprefix("check_"): v for k, v in kw.items() if k.startswith("check_")})
     return RolloutOptions(command=command, **given, **fixed)
 
 
@@ -167,17 +177,13 @@ def rollback(inventory: str, to: str | None, as_json: bool, **kw: Any) -> None:
 @inventory_option
 @store_option
 @click.option("--batch", "batches", default=None, help="Batch sizes as for rollout (default: rollout's).")
-@click.option("--check-http", multiple=True, metavar="URL[=STATUS]", help="Extra health check, as for rollout.")
-@click.option("--check-tcp", multiple=True, metavar="HOST:PORT", help="Extra TCP check, as for rollout.")
-@click.option("--check-command", multiple=True, metavar="CMD", help="Extra check command, as for rollout.")
+@with_options(check_options())
 @limit_option
 @parallel_option
 @host_keys_option
 @json_option
 @handle_errors
-def plan(release: str, inventory: str, store: str | None, batches: str | None, check_http: tuple[str, ...],
-         check_tcp: tuple[str, ...], check_command: tuple[str, ...], limit: tuple[str, ...], parallel: int,
-         accept_new_host_keys: bool, as_json: bool) -> None:
+def plan(release: str, inventory: str, store: str | None, as_json: bool, **kw: Any) -> None:
     """Show what `rollout RELEASE` would do, node by node, changing nothing (same as rollout --dry-run)."""
     from imagetool.store import Store, default_store_path, resolve_release
     from rollout.inventory import load_inventory
@@ -185,9 +191,7 @@ def plan(release: str, inventory: str, store: str | None, batches: str | None, c
 
     stored = resolve_release(Store(default_store_path(store)), release)
     inv = load_inventory(inventory)
-    options = _make_options(dict(batches=batches, check_http=check_http, check_tcp=check_tcp,
-                                 check_command=check_command, limit=limit, parallel=parallel,
-                                 accept_new_host_keys=accept_new_host_keys), _command_line(), dry_run=True)
+    options = _make_options(kw, _command_line(), dry_run=True)
     with console.status("asking the nodes"):
         result = run_rollout(stored, inv, options)
     show_result(result, as_json)
