@@ -434,7 +434,10 @@ class SSHTransport:
             self._drain(chan, out, err, deadline)
             status = chan.recv_exit_status()
         except socket.timeout:
-            self._kill(chan)
+            # The channel is closed below: sshd then closes the command's pipes. There is no
+            # public paramiko call for the "signal" request, and OpenSSH ignores it for root
+            # logins anyway, so commands that must be bounded on the node are wrapped in
+            # timeout(1) by their callers.
             raise CommandTimeoutError(
                 f"node {self.label}: `{command}` did not finish within {timeout:g}s"
             ) from None
@@ -474,23 +477,6 @@ class SSHTransport:
                 break
         if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
             raise socket.timeout()
-
-    def _kill(self, chan: paramiko.Channel) -> None:
-        """Ask sshd to kill a command that overran its timeout (the "signal" channel request).
-
-        OpenSSH honours it only for privilege-separated sessions, i.e. not for root logins: there
-        the command goes on running after we give up. Callers that must bound a command on the
-        node wrap it in `timeout(1)` themselves."""
-        try:
-            m = paramiko.Message()
-            m.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
-            m.add_int(chan.remote_chanid)
-            m.add_string("signal")
-            m.add_boolean(False)
-            m.add_string("KILL")
-            chan.transport._send_user_message(m)  # noqa: SLF001 - paramiko has no public API
-        except Exception:  # noqa: BLE001 - best effort; the channel is closed next anyway
-            pass
 
     # --- files ------------------------------------------------------------------------------
 
@@ -552,7 +538,10 @@ class SSHTransport:
             self._drain(chan, [], err, deadline)
             status = chan.recv_exit_status()
         except socket.timeout:
-            self._kill(chan)
+            # The channel is closed below: sshd then closes the command's pipes. There is no
+            # public paramiko call for the "signal" request, and OpenSSH ignores it for root
+            # logins anyway, so commands that must be bounded on the node are wrapped in
+            # timeout(1) by their callers.
             raise CommandTimeoutError(
                 f"node {self.label}: sending {local} to {remote} did not finish within {timeout:g}s "
                 f"({sent} of {size - offset} bytes sent)"
