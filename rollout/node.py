@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_fixed
 
 from imagetool.errors import HostKeyError, ImagetoolError, LockedError, NodeError, UnreachableError
+from imagetool.layout import NODE_INCOMING, image_paths
 from rollout.inventory import NodeSpec
 from rollout.transport import CommandResult, SSHTransport
 
@@ -149,7 +150,7 @@ class StageInfo:
     def from_answer(cls, doc: dict[str, Any]) -> StageInfo:
         return cls(present=bool(doc.get("present")), sha256=doc.get("sha256"),
                    partial_bytes=int(doc.get("partial_bytes") or 0), free_bytes=int(doc.get("free_bytes") or 0),
-                   incoming=str(doc.get("incoming") or "/var/lib/imagetool/images/.incoming"))
+                   incoming=str(doc.get("incoming") or NODE_INCOMING))
 
 
 # --- command builders (pure; tested against exact lists) -------------------------------------
@@ -184,12 +185,7 @@ def helper_argv(command: str, /, *args: str, **options: Any) -> list[str]:
 
 def incoming_paths(incoming: str, image_id: str) -> dict[str, str]:
     """Where the three files of a release go while they travel (the helper's .incoming)."""
-    base = incoming.rstrip("/")
-    return {
-        "squashfs": f"{base}/{image_id}.squashfs",
-        "manifest": f"{base}/{image_id}.manifest.json",
-        "sig": f"{base}/{image_id}.sig",
-    }
+    return image_paths(incoming, image_id)
 
 
 def parse_answer(node: str, command: str, result: CommandResult) -> dict[str, Any]:
