@@ -100,6 +100,16 @@ class NodeVar:
         return self.boot_dir / "grubenv"
 
     @property
+    def trial(self) -> Path:
+        """Written by the node's dead-man switch at a boot into an image that is not the default."""
+        return self.boot_dir / "trial.json"
+
+    @property
+    def lock(self) -> Path:
+        """The rollout lock: {"rollout", "owner", "command", "time", "pid"}."""
+        return self.state_dir / "lock"
+
+    @property
     def state(self) -> Path:
         return self.state_dir / "state.json"
 
