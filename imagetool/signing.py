@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from imagetool.errors import AlreadyExistsError, InputError, NotFoundError, VerificationError
+from imagetool.layout import SIG_SUFFIX
 from imagetool.manifest import Manifest, sha256_file
 
-SIGNATURE_SUFFIX = ".sig"
+SIGNATURE_SUFFIX = SIG_SUFFIX
 
 
 def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
