@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from imagetool.errors import AlreadyExistsError, BuildError, HostSetupError, NotFoundError
+from imagetool.layout import image_file_names
 from imagetool.manifest import BuilderInfo, ImageInfo, Manifest, Package, parse_dpkg_manifest, sha256_file
 from imagetool.release import Release, effective_mirrors
 from imagetool.signing import sign_file
@@ -320,7 +321,7 @@ def make_manifest(release: Release, squashfs: Path, packages: list[Package], epo
         packages=tuple(sorted(packages, key=lambda p: (p.name, p.arch))),
         services=release.services,
         health_checks=release.health_checks,
-        image=ImageInfo(file=f"{release.id}.squashfs",
+        image=ImageInfo(file=image_file_names(release.id)["squashfs"],
                         size=squashfs.stat().st_size, sha256=sha256_file(squashfs)),
     )
 

@@ -16,7 +16,6 @@ semantics), loop-mounts images/<id>.squashfs and boots the kernel and initramfs 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import struct
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from imagetool.errors import HostSetupError, ImagetoolError, InputError
+from imagetool.layout import NodeVar
 from imagetool.release import GRUB_COMPRESSIONS
 from imagetool.store import StoredRelease
 from imagetool.systools import require, run_tool
@@ -249,21 +249,16 @@ def _gpt_entry(number: int, start: int, size: int) -> str:
 
 def _var_tree(root: Path, release: StoredRelease, options: DiskOptions) -> None:
     """The node's /var on its first boot: exactly what a node committed to `release` holds."""
-    state = root / "lib/imagetool"
-    images = state / "images"
-    images.mkdir(parents=True)
-    (state / "boot").mkdir()
+    node_var = NodeVar(root)
+    node_var.make_dirs()
     # Hard links where the store is on the same filesystem: mkfs.ext4 -d copies the bytes anyway.
-    _link_or_copy(release.squashfs, images / f"{release.id}.squashfs")
-    _link_or_copy(release.manifest_path, images / f"{release.id}.manifest.json")
-    if release.sig is not None:
-        _link_or_copy(release.sig, images / f"{release.id}.sig")
-    (state / "boot/loader").write_text("grub\n")
-    (state / "boot/grubenv").write_bytes(grubenv_block({"imagetool_default": release.id, "imagetool_next": ""}))
-    (state / "boot/control.json").write_text("{}\n")
-    (state / "state.json").write_text(json.dumps({"committed": release.id, "previous": None}, indent=2) + "\n")
+    node_var.install_image(release.id, release.squashfs, release.manifest_path, release.sig, copy=_link_or_copy)
+    node_var.loader.write_text("grub\n")
+    node_var.grubenv.write_bytes(grubenv_block({"imagetool_default": release.id, "imagetool_next": ""}))
+    node_var.write_grub_control()
+    node_var.write_state(committed=release.id)
     if options.trusted_keys:
-        keys = state / "trusted-keys"
+        keys = node_var.state_dir / "trusted-keys"
         keys.mkdir()
         for key in options.trusted_keys:
             name = Path(key).name if Path(key).name.endswith(".pem") else Path(key).stem + ".pem"

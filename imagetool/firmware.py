@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from imagetool.layout import NodeVar
+
 NSPAWN_REBOOT = 133
 # Each node's container gets a cgroup of its own under this name in every hierarchy that
 # systemd uses. With --keep-unit and no systemd on the host, nspawn puts the container's
@@ -37,44 +39,20 @@ class Firmware:
         self.node = node
         self.node_dir = lab_dir / "nodes" / node
         self.var = self.node_dir / "var"
+        self.node_var = NodeVar(self.var)
         self.root = self.node_dir / "root"
         self.info = json.loads((self.node_dir / "node.json").read_text())
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.power_off = False
         self.crashes: list[float] = []
 
-    # -- boot control, exactly as a bootloader sees it
-
-    def control_path(self) -> Path:
-        return self.var / "lib/imagetool/boot/control.json"
+    # -- boot control, exactly as a bootloader sees it (imagetool.layout knows its format)
 
     def choose_image(self) -> str | None:
-        path = self.control_path()
-        try:
-            ctl = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            self.log(f"boot control unreadable ({e}); no bootable image")
-            return None
-        default, next_ = ctl.get("default"), ctl.get("next")
-        if next_:
-            # Consume the one-shot entry before booting it: if this boot dies, the next is the default.
-            ctl["next"] = None
-            ctl["last_one_shot"] = next_
-            tmp = path.with_name(".control.json.firmware")
-            tmp.write_text(json.dumps(ctl, indent=2, sort_keys=True) + "\n")
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            if self.image_file(next_).exists():
-                return next_
-            self.log(f"one-shot image {next_} missing; booting default {default}")
-        if default and self.image_file(default).exists():
-            return default
-        self.log(f"default image {default!r} missing; no bootable image")
-        return None
+        return self.node_var.choose_boot(self.log)
 
     def image_file(self, image_id: str) -> Path:
-        return self.var / "lib/imagetool/images" / f"{image_id}.squashfs"
+        return self.node_var.image_file(image_id)
 
     # -- one boot
 

@@ -38,6 +38,7 @@ from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 from imagetool import disk
 from imagetool.errors import HostSetupError, ImagetoolError, InputError, NotFoundError, UnreachableError
 from imagetool.firmware import container_inits, lab_cgroups, remove_cgroups
+from imagetool.layout import NodeVar
 from imagetool.store import StoredRelease
 from imagetool.systools import pid_alive, require, require_root, run_tool
 
@@ -341,17 +342,13 @@ def _seed_node(lab: Lab, node: LabNode, release: StoredRelease, var_size: int) -
     var = nd / "var"
     var.mkdir()
     _run(["mount", "-o", "loop", str(img), str(var)])
-    state = var / "lib/imagetool"
-    for sub in ("images", "boot", "etc"):
-        (state / sub).mkdir(parents=True, exist_ok=True)
-    images = state / "images"
-    shutil.copyfile(release.squashfs, images / f"{release.id}.squashfs")
-    shutil.copyfile(release.manifest_path, images / f"{release.id}.manifest.json")
-    if release.sig is not None:
-        shutil.copyfile(release.sig, images / f"{release.id}.sig")
-    (state / "boot/control.json").write_text(json.dumps({"default": release.id, "next": None}, indent=2) + "\n")
-    (state / "state.json").write_text(json.dumps({"committed": release.id, "previous": None}, indent=2) + "\n")
-    (state / "etc/hostname").write_text(node.name + "\n")
+    node_var = NodeVar(var)
+    node_var.make_dirs()
+    node_var.install_image(release.id, release.squashfs, release.manifest_path, release.sig)
+    node_var.write_lab_control(default=release.id)
+    node_var.write_state(committed=release.id)
+    (node_var.state_dir / "etc").mkdir()
+    (node_var.state_dir / "etc/hostname").write_text(node.name + "\n")
     ssh = var / "lib/ssh"
     (ssh / "authorized_keys").mkdir(parents=True)
     _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{node.name}", "-f",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagetool.errors import AlreadyExistsError, ImagetoolError, NotFoundError, VerificationError
+from imagetool.layout import MANIFEST_SUFFIX, SQUASHFS_SUFFIX, image_file_names
 from imagetool.manifest import Manifest, load_manifest
 from imagetool.names import check_release_id
 from imagetool.systools import pid_alive
@@ -26,9 +27,7 @@ from imagetool.versions import version_key
 
 STORE_ENV = "IMAGETOOL_STORE"
 INCOMING = ".incoming"
-SQUASHFS_SUFFIX = ".squashfs"
-MANIFEST_SUFFIX = ".manifest.json"
-SIG_SUFFIX = ".sig"
+# A release's files are named as on the nodes (imagetool.layout), plus the build's log.
 LOG_SUFFIX = ".build.log"
 
 
@@ -81,10 +80,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _beside(directory: Path, rid: str) -> tuple[Path, Path, Path, Path]:
+    names = image_file_names(rid)
     return (
-        directory / f"{rid}{SQUASHFS_SUFFIX}",
-        directory / f"{rid}{MANIFEST_SUFFIX}",
-        directory / f"{rid}{SIG_SUFFIX}",
+        directory / names["squashfs"],
+        directory / names["manifest"],
+        directory / names["sig"],
         directory / f"{rid}{LOG_SUFFIX}",
     )
 

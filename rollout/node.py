@@ -1,14 +1,16 @@
-"""The one interface the rollout talks to nodes through, and its SSH implementation.
+"""The one interface the rollout talks to nodes through, and the node helper's client.
 
 Shaped like colmena's `Host`: status, copy an image in, activate it with a reboot, wait for the
-boot, check, commit. `SSHNode` drives the node helper (`imagetool-node`) over an `SSHTransport`;
-tests drive the same rollout code with an in-memory node (tests/fakes.py). Every helper command
-answers one JSON object; `{"ok": false, "error": E}` becomes a `HelperError` naming node and E.
+boot, check, commit. `HelperNode` drives the node helper (`imagetool-node`) over any
+`Transport`: SSH in production (`ssh_nodes`), a directory on this machine running the very same
+helper in unit tests and benches (`rollout.local.local_nodes`). Every helper command answers one
+JSON object; `{"ok": false, "error": E}` becomes a `HelperError` naming node and E.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import threading
@@ -22,8 +24,9 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_fixed
 
 from imagetool.errors import HostKeyError, ImagetoolError, LockedError, NodeError, UnreachableError
+from imagetool.layout import NODE_INCOMING, image_paths
 from rollout.inventory import NodeSpec
-from rollout.transport import CommandResult, SSHTransport
+from rollout.transport import CommandResult, ProgressFn, SSHTransport, Transport
 
 HELPER = "imagetool-node"
 # Seconds a helper command may take. Most answer at once; stage-commit hashes the whole image
@@ -149,7 +152,7 @@ class StageInfo:
     def from_answer(cls, doc: dict[str, Any]) -> StageInfo:
         return cls(present=bool(doc.get("present")), sha256=doc.get("sha256"),
                    partial_bytes=int(doc.get("partial_bytes") or 0), free_bytes=int(doc.get("free_bytes") or 0),
-                   incoming=str(doc.get("incoming") or "/var/lib/imagetool/images/.incoming"))
+                   incoming=str(doc.get("incoming") or NODE_INCOMING))
 
 
 # --- command builders (pure; tested against exact lists) -------------------------------------
@@ -184,12 +187,7 @@ def helper_argv(command: str, /, *args: str, **options: Any) -> list[str]:
 
 def incoming_paths(incoming: str, image_id: str) -> dict[str, str]:
     """Where the three files of a release go while they travel (the helper's .incoming)."""
-    base = incoming.rstrip("/")
-    return {
-        "squashfs": f"{base}/{image_id}.squashfs",
-        "manifest": f"{base}/{image_id}.manifest.json",
-        "sig": f"{base}/{image_id}.sig",
-    }
+    return image_paths(incoming, image_id)
 
 
 def parse_answer(node: str, command: str, result: CommandResult) -> dict[str, Any]:
@@ -214,9 +212,6 @@ def parse_answer(node: str, command: str, result: CommandResult) -> dict[str, An
 
 
 # --- the interface ----------------------------------------------------------------------------
-
-ProgressFn = Callable[[int], None]
-
 
 @runtime_checkable
 class Node(Protocol):
@@ -282,18 +277,27 @@ class _SameBoot(Exception):
     pass
 
 
-class SSHNode:
-    """A node reached over SSH, driven through its helper."""
+class HelperNode:
+    """A node driven through its helper, reached over a `Transport`."""
 
-    def __init__(self, spec: NodeSpec, transport: SSHTransport) -> None:
+    def __init__(self, spec: NodeSpec, transport: Transport) -> None:
         self.spec = spec
         self.transport = transport
-        # The helper's protocol, learned from its status answer: a node still on an image from
-        # before this controller gets only what its helper understands.
-        self.protocol = 1
+        # The helper's protocol, learned from its status answer (None: not asked yet): a node
+        # still on an image from before this controller gets only what its helper understands.
+        self._protocol: int | None = None
 
     def __repr__(self) -> str:
-        return f"SSHNode({self.spec.name})"
+        return f"HelperNode({self.spec.name})"
+
+    @property
+    def protocol(self) -> int:
+        """The helper's protocol; asks the node (`status`) when it has not answered one yet, so
+        a command that depends on it never guesses from what happened to be called before."""
+        if self._protocol is None:
+            self.status()
+        assert self._protocol is not None
+        return self._protocol
 
     @property
     def name(self) -> str:
@@ -311,7 +315,7 @@ class SSHNode:
 
     def status(self, timeout: float = QUICK_TIMEOUT) -> NodeStatus:
         doc = self._call("status", timeout=timeout)
-        self.protocol = int(doc.get("protocol") or 1)
+        self._protocol = int(doc.get("protocol") or 1)
         return NodeStatus.from_answer(self.name, doc)
 
     # --- staging -----------------------------------------------------------------------------
@@ -435,7 +439,8 @@ class SSHNode:
 def under_lock(node: Node, lock_id: str, owner: str, command: str, fn: Callable[[Node], T]) -> T:
     """fn(node) while holding the node's rollout lock: work outside a rollout (stage, gc) must
     not race one. A held lock raises LockedError naming its holder; the lock is released after."""
-    node.lock(lock_id, owner, command)
+    # The pid lets a later run see that this process is gone and take the lock over.
+    node.lock(lock_id, owner, command, pid=os.getpid())
     try:
         result = fn(node)
     except BaseException:
@@ -448,8 +453,9 @@ def under_lock(node: Node, lock_id: str, owner: str, command: str, fn: Callable[
     return result
 
 
-def ssh_nodes(specs: Iterable[NodeSpec], *, accept_new_host_keys: bool = False) -> list[SSHNode]:
-    return [SSHNode(s, SSHTransport(s, accept_new_host_keys=accept_new_host_keys)) for s in specs]
+def ssh_nodes(specs: Iterable[NodeSpec], *, accept_new_host_keys: bool = False) -> list[HelperNode]:
+    """The inventory's nodes, reached over SSH."""
+    return [HelperNode(s, SSHTransport(s, accept_new_host_keys=accept_new_host_keys)) for s in specs]
 
 
 # --- many nodes at once -------------------------------------------------------------------------
@@ -489,6 +495,6 @@ def for_each(nodes: Sequence[N], fn: Callable[[N], T], parallel: int = 8, *,
 
 
 __all__ = [
-    "BootTimeoutError", "GroupResult", "HelperError", "Node", "NodeImage", "NodeStatus", "SSHNode",
+    "BootTimeoutError", "GroupResult", "HelperError", "HelperNode", "Node", "NodeImage", "NodeStatus",
     "StageInfo", "for_each", "helper_argv", "incoming_paths", "parse_answer", "ssh_nodes",
 ]

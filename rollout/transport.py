@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import paramiko
 from tenacity import (
@@ -84,6 +84,48 @@ class CommandResult:
             f"node {self.name} ({self.host}): {what} failed: `{self.command}` ended with {status}"
             + (f"; stderr:\n{tail}" if tail else " and printed nothing on stderr")
         )
+
+
+ProgressFn = Callable[[int], None]
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """How the node client reaches one node: run a command, run a trusted shell script, append a
+    file's bytes to a file there (pyinfra's connector, colmena's Host). `SSHTransport` is the
+    production home; `rollout.local.LocalTransport` runs the same node helper against a
+    directory on this machine, for unit tests and benches.
+
+    Every failure to reach the node is an UnreachableError naming it; a command that overruns
+    its timeout is a CommandTimeoutError."""
+
+    # Seconds one connection attempt may take.
+    connect_timeout: float
+
+    @property
+    def connected(self) -> bool:
+        """A connection is open (it may still turn out dead on use, as after a reboot)."""
+        ...
+
+    def run(self, argv: list[str], *, timeout: float = 60) -> CommandResult:
+        """Run argv on the node, each argument reaching the program exactly as given."""
+        ...
+
+    def run_shell(self, script: str, *, timeout: float = 60) -> CommandResult:
+        """Run a trusted, literal shell script with the node's shell."""
+        ...
+
+    def put_file(self, local: Path, remote: str, *, offset: int = 0, progress: ProgressFn | None = None,
+                 timeout: float = 600) -> int:
+        """Append local[offset:] to `remote` on the node (offset 0 truncates it first); returns the
+        bytes sent, calling `progress` with the bytes sent so far."""
+        ...
+
+    def reconnect(self, timeout: float) -> None:
+        """Drop the connection and connect again within `timeout` seconds (after a reboot)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def fingerprint(key: paramiko.PKey) -> str:

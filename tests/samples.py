@@ -1,11 +1,13 @@
-"""Manifests for unit tests: one realistic sample, changed per test with keyword arguments."""
+"""Manifests and releases for unit tests: one realistic sample, changed per test with keyword arguments."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from imagetool.manifest import BuilderInfo, ImageInfo, Manifest, Package
+from imagetool.manifest import BuilderInfo, ImageInfo, Manifest, Package, sha256_file
 from imagetool.release import Base, HealthCheck, Mirrors, SquashfsOptions
+from imagetool.store import Store, StoredRelease
 
 
 def sample_manifest(name: str = "webapp", version: str = "1.0", *, packages: dict[str, str] | None = None,
@@ -30,3 +32,14 @@ def sample_manifest(name: str = "webapp", version: str = "1.0", *, packages: dic
         health_checks=tuple(HealthCheck(*c) for c in checks),
         image=image or ImageInfo(f"{name}-{version}.squashfs", 1000, "b" * 64),
     )
+
+
+def make_release(store_dir: Path, name: str, version: str, content: bytes = b"squashfs image bytes") -> StoredRelease:
+    """A release in a store at `store_dir`: `content` as its image, a sample manifest describing it."""
+    store = Store(store_dir)
+    rid = f"{name}-{version}"
+    with store.staging(rid) as st:
+        st.squashfs_path.write_bytes(content)
+        image = ImageInfo(f"{rid}.squashfs", len(content), sha256_file(st.squashfs_path))
+        st.manifest_path.write_bytes(sample_manifest(name, version, image=image).to_json())
+        return st.commit()

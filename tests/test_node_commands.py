@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,11 @@ from rollout.node import (
     BootTimeoutError,
     HelperError,
     NodeStatus,
-    SSHNode,
+    HelperNode,
     helper_argv,
     incoming_paths,
     parse_answer,
+    under_lock,
 )
 from rollout.transport import CommandResult
 
@@ -123,12 +125,12 @@ class ScriptedTransport:
         self.connected = False
 
 
-def node(answers: dict[str, list[Any]], **spec: Any) -> tuple[SSHNode, ScriptedTransport]:
+def node(answers: dict[str, list[Any]], **spec: Any) -> tuple[HelperNode, ScriptedTransport]:
     t = ScriptedTransport(answers)
-    return SSHNode(NodeSpec(name="n1", host="10.0.0.1", **spec), t), t  # type: ignore[arg-type]
+    return HelperNode(NodeSpec(name="n1", host="10.0.0.1", **spec), t), t  # type: ignore[arg-type]
 
 
-def test_sshnode_sends_exact_commands() -> None:
+def test_helper_node_sends_exact_commands() -> None:
     ok = {"ok": True}
     n, t = node({"set-next": [ok], "commit": [ok], "confirm": [ok], "clear-next": [ok],
                  "reboot": [{"ok": True, "boot_id": "b-1"}]})
@@ -147,7 +149,7 @@ def test_sshnode_sends_exact_commands() -> None:
 
 
 def test_lock_refusal_is_locked_error() -> None:
-    n, _ = node({"lock": [{"ok": False, "error": "locked by rollout r-0 of ops@ctl"}]})
+    n, _ = node({"status": [{**STATUS, "protocol": 2}], "lock": [{"ok": False, "error": "locked by rollout r-0 of ops@ctl"}]})
     with pytest.raises(LockedError, match="node n1: locked by rollout r-0"):
         n.lock("r-1", "me@here", "imagetool rollout")
 
@@ -212,3 +214,17 @@ def test_lock_speaks_the_protocol_of_the_nodes_helper() -> None:
     n.lock("r-2", "me@here", "imagetool rollout", take_over="r-1", pid=77)
     assert t.calls[-1] == ["imagetool-node", "lock", "r-2", "--owner", "me@here", "--command", "imagetool rollout",
                            "--take-over", "r-1", "--pid", "77"]
+
+
+def test_protocol_is_asked_before_it_is_used() -> None:
+    """lock without an earlier status (stage and gc lock first): the node is asked, not assumed
+    to speak protocol 1, so a protocol-2 helper gets the pid and take-over it understands."""
+    ok = {"ok": True, "lock": {}}
+    n, t = node({"status": [{**STATUS, "protocol": 2}], "lock": [ok], "unlock": [ok]})
+    under_lock(n, "stage-1", "me@here", "imagetool stage", lambda _: None)
+    assert [c[1] for c in t.calls] == ["status", "lock", "unlock"]
+    assert t.calls[1] == ["imagetool-node", "lock", "stage-1", "--owner", "me@here", "--command", "imagetool stage",
+                          "--pid", str(os.getpid())]
+    n.lock("r-2", "me@here", "imagetool rollout", take_over="stage-1", pid=77)
+    assert [c[1] for c in t.calls].count("status") == 1  # asked once
+    assert t.calls[-1][-4:] == ["--take-over", "stage-1", "--pid", "77"]

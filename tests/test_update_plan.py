@@ -1,4 +1,5 @@
-"""The rolling update's orchestration against in-memory nodes (tests/fakes.py)."""
+"""The rolling update's orchestration against local nodes running the real node helper
+(rollout.local, tests/local_fleet.py)."""
 
 from __future__ import annotations
 
@@ -9,30 +10,24 @@ import pytest
 from imagetool.errors import InputError, LockedError, UnreachableError
 from imagetool.store import StoredRelease
 from rollout.inventory import CheckSpec
+from rollout.local import Action
+from rollout.node import HelperNode
 from rollout.update import Rollout, RolloutOptions, new_rollout_id
-from tests.fakes import FakeNode, make_release
-
-OLD, NEW = "web-1.0", "web-1.1"
-
-
-@pytest.fixture
-def release(tmp_path: Path) -> StoredRelease:
-    return make_release(tmp_path / "store", "web", "1.1", b"x" * 1000)
-
-
-def fleet(n: int, log: list[tuple[str, str, str]] | None = None, **kw: object) -> list[FakeNode]:
-    log = [] if log is None else log
-    return [FakeNode(f"n{i}", OLD, log, **kw) for i in range(1, n + 1)]  # type: ignore[arg-type]
-
-
-def options(**kw: object) -> RolloutOptions:
-    base: dict[str, object] = {"health_timeout": 0, "health_interval": 0, "batches": "1,50%"}
-    base.update(kw)
-    return RolloutOptions(**base)  # type: ignore[arg-type]
-
-
-def first(log: list[tuple[str, str, str]], node: str, action: str) -> int:
-    return next(i for i, (n, a, _) in enumerate(log) if n == node and a == action)
+from tests.local_fleet import (  # noqa: F401 - fixtures
+    NEW,
+    OLD,
+    Fleet,
+    actions,
+    boot_into,
+    clear_log,
+    fast_boot_polls,
+    first,
+    fleet,
+    machine,
+    options,
+    release,
+    state,
+)
 
 
 def test_rollout_id_format() -> None:
@@ -40,8 +35,8 @@ def test_rollout_id_format() -> None:
     assert rid.startswith("19700101T000000-") and len(rid) == len("19700101T000000-") + 6
 
 
-def test_canary_first_then_batches(release: StoredRelease) -> None:
-    log: list[tuple[str, str, str]] = []
+def test_canary_first_then_batches(release: StoredRelease, fleet: Fleet) -> None:
+    log: list[Action] = []
     nodes = fleet(5, log)
     events: list[tuple[str, str, str]] = []
     result = Rollout(nodes, options(), events=lambda *e: events.append(e)).run(release)
@@ -57,236 +52,251 @@ def test_canary_first_then_batches(release: StoredRelease) -> None:
     assert max(first(log, f"n{i}", "stage-commit") for i in range(1, 6)) < first(log, "n1", "reboot")
     size = release.manifest.image.size + release.manifest_path.stat().st_size
     for n in nodes:
-        assert (n.booted, n.default, n.committed, n.previous) == (NEW, NEW, NEW, OLD)
-        assert n.actions("set-next", "reboot", "confirm", "commit") == [
+        st = state(n)
+        assert (st.booted, st.default, st.committed, st.previous) == (NEW, NEW, NEW, OLD)
+        assert actions(n, "set-next", "reboot", "confirm", "commit") == [
             ("set-next", NEW), ("reboot", ""), ("confirm", NEW), ("commit", NEW)]
-        assert n.lock_held is None
+        assert st.lock is None
         assert result.node(n.name).bytes_sent == size
     assert result.bytes_sent == 5 * size
     assert ("n1", "done", f"{OLD} → {NEW}") in events
 
 
-def test_second_run_is_a_no_op(release: StoredRelease) -> None:
+def test_second_run_is_a_no_op(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(3)
     Rollout(nodes, options()).run(release)
-    for n in nodes:
-        n.log.clear()
+    clear_log(nodes)
     result = Rollout(nodes, options()).run(release)
     assert [r.outcome for r in result.nodes] == ["skipped"] * 3
     assert result.exit_code == 0 and result.bytes_sent == 0
     for n in nodes:
-        assert n.actions("put", "set-next", "reboot", "commit", "stage-info") == []
-        assert n.actions("health")  # the gate still vouches for them
-        assert n.boots == 2
+        assert actions(n, "put", "set-next", "reboot", "commit", "stage-info") == []
+        assert actions(n, "health")  # the gate still vouches for them
+        assert machine(n).boots == 2
 
 
-def test_canary_failure_stops_and_rolls_back(release: StoredRelease) -> None:
+def unhealthy(node: HelperNode, image: str) -> None:
+    """On `image` the node comes up degraded, with a failed unit."""
+    machine(node).system_state[image] = "degraded"
+    machine(node).failed_units[image] = ["app.service"]
+
+
+def test_canary_failure_stops_and_rolls_back(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(4)
-    nodes[0].unhealthy_images.add(NEW)
+    unhealthy(nodes[0], NEW)
     result = Rollout(nodes, options()).run(release)
 
     assert result.stopped and result.exit_code == 3
     assert [r.outcome for r in result.nodes] == ["rolled-back", "not-started", "not-started", "not-started"]
     assert "health gate failed" in (result.nodes[0].error or "")
     canary = nodes[0]
-    assert (canary.booted, canary.default, canary.committed) == (OLD, OLD, OLD)
+    st = state(canary)
+    assert (st.booted, st.default, st.committed) == (OLD, OLD, OLD)
     # Rolled back: one-shot cleared, rebooted into the default, gate run on the old image.
-    acts = canary.actions("set-next", "reboot", "clear-next", "commit", "health")
+    acts = actions(canary, "set-next", "reboot", "clear-next", "commit", "health")
     assert acts == [("set-next", NEW), ("reboot", ""), ("health", NEW), ("clear-next", ""), ("reboot", ""),
                     ("health", OLD), ("clear-next", "")]
     for n in nodes[1:]:
-        assert n.actions("set-next", "reboot") == [] and n.booted == OLD
-    assert all(n.lock_held is None for n in nodes)
+        assert actions(n, "set-next", "reboot") == [] and state(n).booted == OLD
+    assert all(state(n).lock is None for n in nodes)
 
 
-def test_max_failures_tolerates_then_stops(release: StoredRelease) -> None:
+def test_max_failures_tolerates_then_stops(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(5)
-    nodes[1].unhealthy_images.add(NEW)
-    nodes[3].unhealthy_images.add(NEW)
+    unhealthy(nodes[1], NEW)
+    unhealthy(nodes[3], NEW)
     result = Rollout(nodes, options(batches="1", max_failures="1")).run(release)
     # n2 failing is within budget; n4 failing exceeds it, so n5 never starts.
     assert [r.outcome for r in result.nodes] == ["done", "rolled-back", "done", "rolled-back", "not-started"]
     assert result.stopped and result.exit_code == 3
-    assert [n.committed for n in nodes] == [NEW, OLD, NEW, OLD, OLD]
+    assert [state(n).committed for n in nodes] == [NEW, OLD, NEW, OLD, OLD]
 
 
-def test_max_failures_percentage(release: StoredRelease) -> None:
+def test_max_failures_percentage(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(10)
-    nodes[0].unhealthy_images.add(NEW)
+    unhealthy(nodes[0], NEW)
     result = Rollout(nodes, options(batches="1,3", max_failures="10%")).run(release)
     assert not result.stopped and result.exit_code == 3  # one failure allowed; still not all done
     assert sum(r.outcome == "done" for r in result.nodes) == 9
 
 
-def test_rollback_all_moves_every_moved_node_back(release: StoredRelease) -> None:
+def test_rollback_all_moves_every_moved_node_back(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(4)
-    nodes[2].unhealthy_images.add(NEW)
+    unhealthy(nodes[2], NEW)
     result = Rollout(nodes, options(batches="1,2", on_failure="rollback-all")).run(release)
     assert result.stopped and "rollback-all" in (result.reason or "")
     outcomes = {r.node: (r.outcome, r.undone) for r in result.nodes}
     assert outcomes == {"n1": ("rolled-back", True), "n2": ("rolled-back", True),
                         "n3": ("rolled-back", False), "n4": ("not-started", False)}
     for n in nodes:
-        assert (n.booted, n.default, n.committed) == (OLD, OLD, OLD)
+        st = state(n)
+        assert (st.booted, st.default, st.committed) == (OLD, OLD, OLD)
     # n1 was moved back by activating its previous image: committed, so NEW is now its previous.
-    assert nodes[0].actions("set-next") == [("set-next", NEW), ("set-next", OLD)]
-    assert nodes[0].previous == NEW
+    assert actions(nodes[0], "set-next") == [("set-next", NEW), ("set-next", OLD)]
+    assert state(nodes[0]).previous == NEW
 
 
-def test_rollback_node_leaves_moved_nodes(release: StoredRelease) -> None:
+def test_rollback_node_leaves_moved_nodes(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(4)
-    nodes[2].unhealthy_images.add(NEW)
+    unhealthy(nodes[2], NEW)
     result = Rollout(nodes, options(batches="1,2")).run(release)
     assert [r.outcome for r in result.nodes] == ["done", "done", "rolled-back", "not-started"]
-    assert [n.committed for n in nodes] == [NEW, NEW, OLD, OLD]
+    assert [state(n).committed for n in nodes] == [NEW, NEW, OLD, OLD]
 
 
-def test_unreachable_node_stops_before_anything(release: StoredRelease) -> None:
+def test_unreachable_node_stops_before_anything(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(3)
-    nodes[1].unreachable = True
+    machine(nodes[1]).network_cut = True
     with pytest.raises(UnreachableError, match="1 of 3 nodes unreachable, nothing was changed: node n2"):
         Rollout(nodes, options()).run(release)
     for n in nodes:
-        assert n.actions("lock", "put", "set-next") == []
+        assert actions(n, "lock", "put", "set-next") == []
 
 
-def test_node_that_never_comes_back_waits_for_dead_man_switch(release: StoredRelease) -> None:
+def test_node_that_never_comes_back_waits_for_dead_man_switch(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(2)
-    nodes[0].hangs_on.add(NEW)
-    result = Rollout(nodes, options(confirm_timeout=300, boot_timeout=180)).run(release)
+    machine(nodes[0]).hangs_on.add(NEW)
+    result = Rollout(nodes, options(confirm_timeout=3, boot_timeout=1)).run(release)
     r = result.nodes[0]
-    assert r.outcome == "rolled-back" and "not back with a new boot within 180s" in (r.error or "")
-    assert nodes[0].actions("wait-for-boot") == [("wait-for-boot", "180"), ("wait-for-boot", "480")]
-    assert nodes[0].actions("reset") == []
-    assert (nodes[0].booted, nodes[0].committed) == (OLD, OLD)
+    assert r.outcome == "rolled-back" and "not back with a new boot within 1s" in (r.error or "")
+    assert actions(nodes[0], "wait-for-boot") == [("wait-for-boot", "1"), ("wait-for-boot", "4")]
+    assert actions(nodes[0], "reset") == []
+    st = state(nodes[0])
+    assert (st.booted, st.committed) == (OLD, OLD)
     assert result.nodes[1].outcome == "not-started"
 
 
-def test_node_that_never_comes_back_is_reset_out_of_band(release: StoredRelease) -> None:
-    nodes = fleet(2, can_reset=True)
-    nodes[0].hangs_on.add(NEW)
-    result = Rollout(nodes, options()).run(release)
+def test_node_that_never_comes_back_is_reset_out_of_band(release: StoredRelease, fleet: Fleet) -> None:
+    nodes = fleet(2, reset=True)
+    machine(nodes[0]).hangs_on.add(NEW)
+    result = Rollout(nodes, options(boot_timeout=1)).run(release)
     assert result.nodes[0].outcome == "rolled-back"
-    assert nodes[0].actions("reset") == [("reset", "")]
-    assert nodes[0].actions("wait-for-boot") == [("wait-for-boot", "180"), ("wait-for-boot", "180")]
-    assert nodes[0].booted == OLD
+    assert actions(nodes[0], "reset") == [("reset", "")]
+    assert actions(nodes[0], "wait-for-boot") == [("wait-for-boot", "1"), ("wait-for-boot", "1")]
+    assert state(nodes[0]).booted == OLD
 
 
-def test_failed_rollback_is_failed(release: StoredRelease) -> None:
+def test_failed_rollback_is_failed(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(1)
-    nodes[0].unhealthy_images.update({NEW, OLD})
+    unhealthy(nodes[0], NEW)
+    unhealthy(nodes[0], OLD)
     result = Rollout(nodes, options()).run(release)
     assert result.nodes[0].outcome == "failed"
     assert "putting it back failed" in (result.nodes[0].error or "")
 
 
-def test_interrupted_rollout_releases_locks_and_resumes(release: StoredRelease) -> None:
+def test_interrupted_rollout_releases_locks_and_resumes(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(4)
-    nodes[2].fail_on["reboot"] = KeyboardInterrupt()
+    machine(nodes[2]).faults["reboot"] = KeyboardInterrupt()
     with pytest.raises(KeyboardInterrupt):
         Rollout(nodes, options(batches="1")).run(release)
-    assert all(n.lock_held is None for n in nodes)
-    assert [n.committed for n in nodes] == [NEW, NEW, OLD, OLD]
-    assert nodes[2].next is None  # its one-shot entry was undone
-    assert nodes[3].actions("set-next") == []
+    assert all(state(n).lock is None for n in nodes)
+    assert [state(n).committed for n in nodes] == [NEW, NEW, OLD, OLD]
+    assert state(nodes[2]).next is None  # its one-shot entry was undone
+    assert actions(nodes[3], "set-next") == []
 
-    del nodes[2].fail_on["reboot"]
-    for n in nodes:
-        n.log.clear()
+    del machine(nodes[2]).faults["reboot"]
+    clear_log(nodes)
     result = Rollout(nodes, options(batches="1")).run(release)
     assert [r.outcome for r in result.nodes] == ["skipped", "skipped", "done", "done"]
-    assert nodes[0].actions("put", "reboot") == [] and nodes[1].actions("put", "reboot") == []
-    assert nodes[2].actions("put") == []  # staged by the first run
-    assert all(n.committed == NEW for n in nodes)
+    assert actions(nodes[0], "put", "reboot") == [] and actions(nodes[1], "put", "reboot") == []
+    assert actions(nodes[2], "put") == []  # staged by the first run
+    assert all(state(n).committed == NEW for n in nodes)
 
 
-def test_resume_from_trial_boot_goes_straight_to_the_gate(release: StoredRelease) -> None:
+def test_resume_from_trial_boot_goes_straight_to_the_gate(release: StoredRelease, fleet: Fleet) -> None:
     """A controller killed after the reboot: the node runs NEW on trial, locked by that rollout."""
     nodes = fleet(2)
     n = nodes[0]
-    n.images[NEW] = (release.manifest.image.sha256, release.manifest.image.size)
-    n.set_next(NEW, 300, "r-old")
-    n.reboot()
-    n.lock_held = {"rollout": "r-old", "owner": "x", "command": "y"}
-    n.log.clear()
+    boot_into(n, release, "r-old")
+    n.lock("r-old", "x", "y")
+    clear_log(nodes)
     with pytest.raises(LockedError, match="locked by rollout r-old"):
         Rollout(nodes, options()).run(release)
-    assert nodes[1].lock_held is None  # what was taken is given back
+    assert state(nodes[1]).lock is None  # what was taken is given back
 
     result = Rollout(nodes, options(rollout_id="r-old")).run(release)
     assert [r.outcome for r in result.nodes] == ["done", "done"]
-    assert n.actions("reboot", "set-next", "put") == []
-    assert n.actions("confirm", "commit") == [("confirm", NEW), ("commit", NEW)]
-    assert (n.default, n.previous) == (NEW, OLD)
+    assert actions(n, "reboot", "set-next", "put") == []
+    assert actions(n, "confirm", "commit") == [("confirm", NEW), ("commit", NEW)]
+    st = state(n)
+    assert (st.default, st.previous) == (NEW, OLD)
 
 
-def test_not_enough_space_fails_before_any_reboot(release: StoredRelease) -> None:
+def test_not_enough_space_fails_before_any_reboot(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(3)
-    nodes[1].free = 500
-    result = Rollout(nodes, options()).run(release)
+
+    def fill_disk(node: str, step: str, detail: str) -> None:
+        # Something on n2 has filled its /var by the time staging starts.
+        if node == "n2" and step == "stage" and detail == NEW:
+            machine(nodes[1]).set_free_bytes(500)
+
+    result = Rollout(nodes, options(), events=fill_disk).run(release)
     r = result.nodes[1]
     assert r.outcome == "failed" and "needs" in (r.error or "") and "500 free" in (r.error or "")
-    assert nodes[1].actions("put") == []
-    assert result.stopped and all(n.actions("reboot") == [] for n in nodes)
+    assert actions(nodes[1], "put") == []
+    assert result.stopped and all(actions(n, "reboot") == [] for n in nodes)
     assert [x.outcome for x in result.nodes] == ["not-started", "failed", "not-started"]
 
 
-def test_partial_transfer_resumes(release: StoredRelease) -> None:
+def test_partial_transfer_resumes(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(1)
-    nodes[0].incoming["/var/lib/imagetool/images/.incoming/web-1.1.squashfs"] = 400
+    incoming = machine(nodes[0]).node_var.incoming
+    incoming.mkdir(parents=True, exist_ok=True)
+    (incoming / "web-1.1.squashfs").write_bytes(release.squashfs_path.read_bytes()[:400])
     result = Rollout(nodes, options()).run(release)
     assert result.nodes[0].bytes_sent == 600 + release.manifest_path.stat().st_size
-    assert nodes[0].committed == NEW
+    assert state(nodes[0]).committed == NEW
 
 
-def test_dry_run_changes_nothing(release: StoredRelease) -> None:
+def test_dry_run_changes_nothing(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(3)
     result = Rollout(nodes, options(dry_run=True)).run(release)
     assert [r.outcome for r in result.nodes] == ["planned"] * 3 and result.exit_code == 0
     assert [r.batch for r in result.nodes] == [1, 2, 3]
     for n in nodes:
-        assert n.actions("lock", "put", "set-next", "reboot") == []
+        assert actions(n, "lock", "put", "set-next", "reboot") == []
 
 
-def test_inventory_command_check_is_part_of_the_gate(release: StoredRelease) -> None:
+def test_inventory_command_check_is_part_of_the_gate(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(2)
     check = CheckSpec(name="app", kind="command", target="curl -f localhost", retries=2, interval=0)
-    nodes[0].shell_results[("curl -f localhost", NEW)] = 7
+    machine(nodes[0]).programs.update({None: {"curl": "exit 0"}, NEW: {"curl": "exit 7"}})
     result = Rollout(nodes, options(), checks=[check]).run(release)
     assert result.nodes[0].outcome == "rolled-back"
     assert "app: `curl -f localhost`: exit status 7" in (result.nodes[0].error or "")
-    assert nodes[0].actions("run-shell") == [("run-shell", "curl -f localhost")] * 3  # 2 tries on NEW, 1 on OLD
+    assert actions(nodes[0], "run-shell") == [("run-shell", "curl -f localhost")] * 3  # 2 tries on NEW, 1 on OLD
 
     # Failing on the old image too: the node could not be put back in a healthy state.
     nodes = fleet(1)
-    nodes[0].shell_results["curl -f localhost"] = 7
+    machine(nodes[0]).programs[None] = {"curl": "exit 7"}
     result = Rollout(nodes, options(), checks=[check]).run(release)
     assert result.nodes[0].outcome == "failed"
 
 
-def test_rollback_to_previous(release: StoredRelease) -> None:
+def test_rollback_to_previous(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(3)
     Rollout(nodes, options()).run(release)
-    for n in nodes:
-        n.log.clear()
+    clear_log(nodes)
     result = Rollout(nodes, options()).rollback()
     assert result.kind == "rollback" and result.exit_code == 0
     assert [(r.from_id, r.to_id, r.outcome) for r in result.nodes] == [(NEW, OLD, "done")] * 3
     for n in nodes:
-        assert (n.booted, n.committed, n.previous) == (OLD, OLD, NEW)
-        assert n.actions("put") == []
+        st = state(n)
+        assert (st.booted, st.committed, st.previous) == (OLD, OLD, NEW)
+        assert actions(n, "put") == []
     # Named target: already there, so nothing happens.
     again = Rollout(nodes, options()).rollback(to=OLD)
     assert [r.outcome for r in again.nodes] == ["skipped"] * 3
 
 
-def test_rollback_refuses_missing_image_before_changing_anything() -> None:
+def test_rollback_refuses_missing_image_before_changing_anything(fleet: Fleet) -> None:
     nodes = fleet(2)
     with pytest.raises(InputError, match="node n1: no previous image"):
         Rollout(nodes, options()).rollback()
     with pytest.raises(InputError, match="node n1: web-0.5 is not staged"):
         Rollout(nodes, options()).rollback(to="web-0.5")
-    assert all(n.actions("lock", "set-next") == [] for n in nodes)
+    assert all(actions(n, "lock", "set-next") == [] for n in nodes)
 
 
 def test_options_validated() -> None:
@@ -300,7 +310,8 @@ def test_options_validated() -> None:
         RolloutOptions(confirm_timeout=60, health_timeout=120)
 
 
-def test_cli_rollout_and_rollback(release: StoredRelease, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_rollout_and_rollback(release: StoredRelease, fleet: Fleet, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
     from click.testing import CliRunner
@@ -319,12 +330,12 @@ def test_cli_rollout_and_rollback(release: StoredRelease, tmp_path: Path, monkey
     doc = json.loads(r.stdout)
     assert [(n["node"], n["outcome"], n["batch"]) for n in doc["nodes"]] == [("n1", "done", 1), ("n2", "done", 2)]
 
-    nodes["n2"].unhealthy_images.add(OLD)
+    unhealthy(nodes["n2"], OLD)
     r = CliRunner().invoke(main, ["rollback", "--limit", "web", *common])
     assert r.exit_code == 3
     doc = json.loads(r.stdout)
     assert [(n["node"], n["outcome"]) for n in doc["nodes"]] == [("n2", "rolled-back")]
-    assert nodes["n2"].committed == NEW and nodes["n1"].committed == NEW
+    assert state(nodes["n2"]).committed == NEW and state(nodes["n1"]).committed == NEW
 
     r = CliRunner().invoke(main, ["rollout", "web-1.1", "--store", store, "--batch", "0", *common])
     assert r.exit_code == 2 and "--batch" in r.output

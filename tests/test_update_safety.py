@@ -1,4 +1,5 @@
-"""Journal, locks, reconcile, hooks and run-once of the rolling update, against in-memory nodes."""
+"""Journal, locks, reconcile, hooks and run-once of the rolling update, against local nodes running the
+real node helper (rollout.local, tests/local_fleet.py)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,28 @@ from imagetool.errors import LockedError
 from imagetool.store import StoredRelease
 from rollout.hooks import Hooks, HookSpec, RunOnceSpec
 from rollout.journal import Journal, find_record, list_records
+from rollout.node import HelperNode
+from rollout.stage import stage, stage_all
 from rollout.update import Rollout
-from tests.fakes import FakeNode
-from tests.test_update_plan import NEW, OLD, fleet, options, release  # noqa: F401 - fixture
+from tests.local_fleet import (  # noqa: F401 - fixtures
+    NEW,
+    OLD,
+    Fleet,
+    actions,
+    clear_log,
+    fast_boot_polls,
+    fleet,
+    machine,
+    options,
+    release,
+    settle_on,
+    state,
+)
 
 ME = "ops@controller"
 
 
-def run(nodes: list[FakeNode], release: StoredRelease, journal_dir: Path | None = None, *,
+def run(nodes: list[HelperNode], release: StoredRelease, journal_dir: Path | None = None, *,
         hooks: Hooks | None = None, **kw: object) -> object:
     opts = options(owner=ME, **kw)
     journal = Journal(journal_dir, opts.rollout_id or "r-test") if journal_dir else None
@@ -30,6 +45,12 @@ def run(nodes: list[FakeNode], release: StoredRelease, journal_dir: Path | None 
     finally:
         if journal:
             journal.close()
+
+
+def hold_lock(node: HelperNode, **lock: object) -> None:
+    """A lock some other run took on the node (written as its helper writes it, with the time
+    and pid that run had)."""
+    machine(node).node_var.lock.write_text(json.dumps(lock))
 
 
 def dead_pid() -> int:
@@ -41,7 +62,7 @@ def dead_pid() -> int:
 # --- journal ------------------------------------------------------------------------------------
 
 
-def test_journal_records_every_step_and_the_end(release: StoredRelease, tmp_path: Path) -> None:
+def test_journal_records_every_step_and_the_end(release: StoredRelease, fleet: Fleet, tmp_path: Path) -> None:
     nodes = fleet(3)
     result = run(nodes, release, tmp_path, rollout_id="20261123T120000-aaaaaa", batches="1,2")
     rec = find_record(tmp_path, "20261123T120000")  # a unique prefix is enough
@@ -80,13 +101,13 @@ def test_journal_refuses_ids_that_are_paths(tmp_path: Path) -> None:
 # --- locks ----------------------------------------------------------------------------------------
 
 
-def test_lock_of_another_run_is_refused_naming_its_holder(release: StoredRelease) -> None:
+def test_lock_of_another_run_is_refused_naming_its_holder(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(2)
-    nodes[1].lock_held = {"rollout": "r-other", "owner": "dev@laptop", "command": "imagetool rollout x",
-                          "pid": 1, "time": time.time() - 60}
+    hold_lock(nodes[1], rollout="r-other", owner="dev@laptop", command="imagetool rollout x", pid=1,
+              time=time.time() - 60)
     with pytest.raises(LockedError, match=r"node n2: locked by rollout r-other of dev@laptop.*--break-lock"):
         run(nodes, release)
-    assert nodes[0].actions("reboot", "put") == [] and nodes[0].lock_held is None
+    assert actions(nodes[0], "reboot", "put") == [] and state(nodes[0]).lock is None
     # --break-lock respects --lock-max-age ...
     with pytest.raises(LockedError, match="only 60s old"):
         run(nodes, release, break_lock=True)
@@ -97,18 +118,16 @@ def test_lock_of_another_run_is_refused_naming_its_holder(release: StoredRelease
     assert result.exit_code == 0
     assert any(n == "n2" and s == "warning" and "broke the lock of rollout r-other of dev@laptop" in d
                for n, s, d in events)
-    assert all(n.lock_held is None for n in nodes)
+    assert all(state(n).lock is None for n in nodes)
 
 
-def test_lock_left_by_a_dead_controller_here_is_taken_over(release: StoredRelease) -> None:
+def test_lock_left_by_a_dead_controller_here_is_taken_over(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(2)
     for n in nodes:
-        n.lock_held = {"rollout": "r-killed", "owner": ME, "command": "imagetool rollout",
-                       "pid": dead_pid(), "time": time.time()}
+        hold_lock(n, rollout="r-killed", owner=ME, command="imagetool rollout", pid=dead_pid(), time=time.time())
     assert run(nodes, release).exit_code == 0  # type: ignore[attr-defined]
     # A live process of the same owner is another run going on: refused.
-    nodes[0].lock_held = {"rollout": "r-live", "owner": ME, "command": "imagetool rollout", "pid": os.getpid(),
-                          "time": time.time()}
+    hold_lock(nodes[0], rollout="r-live", owner=ME, command="imagetool rollout", pid=os.getpid(), time=time.time())
     with pytest.raises(LockedError, match="r-live"):
         run(nodes, release)
 
@@ -116,35 +135,30 @@ def test_lock_left_by_a_dead_controller_here_is_taken_over(release: StoredReleas
 # --- reconcile ------------------------------------------------------------------------------------
 
 
-def test_settled_node_with_a_stale_one_shot_entry_is_cleared(release: StoredRelease) -> None:
+def test_settled_node_with_a_stale_one_shot_entry_is_cleared(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(2)
     for n in nodes:
-        n.images[NEW] = (release.manifest.image.sha256, release.manifest.image.size)
-        n.set_next(NEW, 300, "r-1")
-        n.reboot()
-        n.confirm(NEW)
-        n.commit(NEW, "r-1")
+        settle_on(n, release)
     # An interrupted rollback had set the one-shot entry back to OLD on n2 and was killed.
     nodes[1].set_next(OLD, 300, "r-2")
     result = run(nodes, release)
     assert [r.outcome for r in result.nodes] == ["skipped", "skipped"]  # type: ignore[attr-defined]
-    assert nodes[1].next is None and nodes[1].actions("reboot")[-1:] == [("reboot", "")]  # only the setup's
-    assert nodes[0].actions("clear-next") == []
+    assert state(nodes[1]).next is None and actions(nodes[1], "reboot")[-1:] == [("reboot", "")]  # only the setup's
+    assert actions(nodes[0], "clear-next") == []
 
 
-def test_plan_changes_nothing_and_says_why(release: StoredRelease) -> None:
+def test_plan_changes_nothing_and_says_why(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(3)
-    nodes[0].images[NEW] = (release.manifest.image.sha256, release.manifest.image.size)
+    stage(nodes[0], release)
 
-    def state() -> list[dict[str, object]]:
+    def states() -> list[dict[str, object]]:
         return [{**n.status().to_dict(), "time": None} for n in nodes]
 
-    before = state()
-    for n in nodes:
-        n.log.clear()
+    before = states()
+    clear_log(nodes)
     result = Rollout(nodes, options(dry_run=True, batches="1,2")).run(release)
-    assert state() == before
-    assert {a for n in nodes for _, a, _ in n.log} <= {"status", "run-shell", "health"}
+    assert states() == before
+    assert {a for n in nodes for a, _ in actions(n)} <= {"status", "run-shell", "health"}
     r1, r2, _ = result.nodes
     assert r1.outcome == "planned" and r1.stage_bytes == 0 and "already staged" in (r1.detail or "")
     assert r2.stage_bytes == release.manifest.image.size and r2.batch == 2
@@ -170,16 +184,16 @@ def hook_log(tmp_path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def test_hooks_wrap_each_activation_and_run_once_runs_on_the_first(release: StoredRelease, tmp_path: Path) -> None:
-    log: list[tuple[str, str, str]] = []
-    nodes = fleet(3, log)
+def test_hooks_wrap_each_activation_and_run_once_runs_on_the_first(release: StoredRelease, fleet: Fleet, tmp_path: Path) -> None:
+    nodes = fleet(3)
     result = run(nodes, release, hooks=hooks(tmp_path), batches="1,2")
     assert result.exit_code == 0  # type: ignore[attr-defined]
     lines = hook_log(tmp_path)
     assert lines[:3] == [f"before_activate n1 {OLD} {NEW}", f"after_commit n1 {OLD} {NEW}", f"run_once n1 {OLD} {NEW}"]
     assert sorted(lines[3:]) == sorted([f"before_activate n2 {OLD} {NEW}", f"after_commit n2 {OLD} {NEW}",
                                         f"before_activate n3 {OLD} {NEW}", f"after_commit n3 {OLD} {NEW}"])
-    assert nodes[0].run_once == {"release": NEW, "rollout": result.rollout_id}  # type: ignore[attr-defined]
+    run_once = state(nodes[0]).run_once or {}
+    assert (run_once["release"], run_once["rollout"]) == (NEW, result.rollout_id)  # type: ignore[attr-defined]
     # The same rollout again: nothing moves, no hook runs, run-once is not repeated.
     (tmp_path / "hooks.log").unlink()
     again = run(nodes, release, hooks=hooks(tmp_path), batches="1,2")
@@ -187,28 +201,25 @@ def test_hooks_wrap_each_activation_and_run_once_runs_on_the_first(release: Stor
     assert hook_log(tmp_path) == []
 
 
-def test_run_once_on_the_last_node(release: StoredRelease, tmp_path: Path) -> None:
+def test_run_once_on_the_last_node(release: StoredRelease, fleet: Fleet, tmp_path: Path) -> None:
     nodes = fleet(3)
     assert run(nodes, release, hooks=hooks(tmp_path, once="last"), batches="1,2").exit_code == 0  # type: ignore[attr-defined]
     assert [ln for ln in hook_log(tmp_path) if ln.startswith("run_once")] == [f"run_once n3 {OLD} {NEW}"]
 
 
-def test_run_once_an_interrupted_run_missed_runs_on_the_settled_bootstrap_node(release: StoredRelease,
+def test_run_once_an_interrupted_run_missed_runs_on_the_settled_bootstrap_node(release: StoredRelease, fleet: Fleet,
                                                                                tmp_path: Path) -> None:
     nodes = fleet(2)
     for n in nodes:  # committed on NEW by a run killed before its run-once step
-        n.images[NEW] = (release.manifest.image.sha256, release.manifest.image.size)
-        n.set_next(NEW, 300, "r-1")
-        n.reboot()
-        n.confirm(NEW)
-        n.commit(NEW, "r-1")
+        settle_on(n, release)
     result = run(nodes, release, hooks=hooks(tmp_path))
     assert [r.outcome for r in result.nodes] == ["skipped", "skipped"]  # type: ignore[attr-defined]
     assert hook_log(tmp_path) == [f"run_once n1 {NEW} {NEW}"]
-    assert nodes[0].run_once and nodes[0].run_once["release"] == NEW
+    run_once = state(nodes[0]).run_once
+    assert run_once and run_once["release"] == NEW
 
 
-def test_failing_before_hook_leaves_the_node_untouched(release: StoredRelease, tmp_path: Path) -> None:
+def test_failing_before_hook_leaves_the_node_untouched(release: StoredRelease, fleet: Fleet, tmp_path: Path) -> None:
     nodes = fleet(2)
     h = Hooks(before_activate=(HookSpec("drain", "echo cannot drain >&2; exit 3"),),
               after_rollback=(HookSpec("undrain", f"echo undrain $IMAGETOOL_NODE >> {tmp_path}/log"),))
@@ -216,41 +227,42 @@ def test_failing_before_hook_leaves_the_node_untouched(release: StoredRelease, t
     canary = result.node("n1")  # type: ignore[attr-defined]
     assert canary.outcome == "rolled-back" and "before_activate hook 'drain'" in canary.error
     assert "exited 3" in canary.error and "cannot drain" in canary.error
-    assert nodes[0].actions("set-next", "reboot") == [] and nodes[0].booted == OLD
+    assert actions(nodes[0], "set-next", "reboot") == [] and state(nodes[0]).booted == OLD
     assert result.node("n2").outcome == "not-started"  # type: ignore[attr-defined]
     assert (tmp_path / "log").read_text() == "undrain n1\n"
 
 
-def test_failing_after_commit_hook_moves_the_node_back(release: StoredRelease, tmp_path: Path) -> None:
+def test_failing_after_commit_hook_moves_the_node_back(release: StoredRelease, fleet: Fleet, tmp_path: Path) -> None:
     nodes = fleet(3)
     result = run(nodes, release, hooks=hooks(tmp_path, fail_after="n1", once=None), batches="1")
     canary = result.node("n1")  # type: ignore[attr-defined]
     assert canary.outcome == "rolled-back" and "after_commit hook 'undrain'" in canary.error
-    n1 = nodes[0]
+    n1 = state(nodes[0])
     assert (n1.booted, n1.default, n1.committed) == (OLD, OLD, OLD)
     assert [r.outcome for r in result.nodes[1:]] == ["not-started", "not-started"]  # type: ignore[attr-defined]
     assert hook_log(tmp_path)[-1] == f"after_rollback n1 {OLD} {NEW}"
 
 
-def test_failing_run_once_fails_its_node(release: StoredRelease, tmp_path: Path) -> None:
+def test_failing_run_once_fails_its_node(release: StoredRelease, fleet: Fleet, tmp_path: Path) -> None:
     nodes = fleet(2)
     h = Hooks(run_once=RunOnceSpec("migrate", "echo schema conflict; exit 1"))
     result = run(nodes, release, hooks=h, batches="1")
     assert result.node("n1").outcome == "rolled-back"  # type: ignore[attr-defined]
     assert "run_once hook 'migrate'" in result.node("n1").error  # type: ignore[attr-defined]
-    assert nodes[0].booted == OLD and nodes[0].run_once is None
+    st = state(nodes[0])
+    assert st.booted == OLD and st.run_once is None
 
 
-def test_node_hooks_run_over_ssh_with_the_environment(release: StoredRelease, tmp_path: Path) -> None:
+def test_node_hooks_run_over_ssh_with_the_environment(release: StoredRelease, fleet: Fleet, tmp_path: Path) -> None:
     nodes = fleet(1)
     h = Hooks(before_activate=(HookSpec("drain", "systemctl stop webapp", where="node", timeout=7),))
     assert run(nodes, release, hooks=h).exit_code == 0  # type: ignore[attr-defined]
-    [(_, command)] = nodes[0].actions("run-shell")
+    [(_, command)] = actions(nodes[0], "run-shell")
     assert "IMAGETOOL_NODE=n1" in command and "IMAGETOOL_HOOK=before_activate" in command
     assert command.endswith("timeout 7 /bin/sh -c 'systemctl stop webapp'")
 
 
-def test_journal_file_is_json_lines(release: StoredRelease, tmp_path: Path) -> None:
+def test_journal_file_is_json_lines(release: StoredRelease, fleet: Fleet, tmp_path: Path) -> None:
     run(fleet(1), release, tmp_path, rollout_id="r-json")
     lines = (tmp_path / "rollouts" / "r-json.jsonl").read_text().splitlines()
     docs = [json.loads(line) for line in lines]
@@ -259,28 +271,23 @@ def test_journal_file_is_json_lines(release: StoredRelease, tmp_path: Path) -> N
     assert all({"node", "step", "outcome", "detail"} <= d.keys() for d in docs if d["event"] == "step")
 
 
-def test_disk_filling_up_during_staging_gives_the_space_back(release: StoredRelease) -> None:
-    from imagetool.errors import NodeError
-
+def test_disk_filling_up_during_staging_gives_the_space_back(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(2)
-    nodes[1].fail_on["put"] = NodeError("node n2: `cat > x` stopped reading after 4096 bytes (exit status 1): "
-                                        "cat: write error: No space left on device")
+    machine(nodes[1]).disk_fills_after = 100  # something else fills /var while the image travels
     result = run(nodes, release)
     r = result.node("n2")  # type: ignore[attr-defined]
     assert r.outcome == "failed" and "/var filled up while staging" in r.error
     assert "partial transfer was removed" in r.error and "running image is untouched" in r.error
-    assert nodes[1].actions("stage-abort") == [("stage-abort", NEW)]
-    assert all(n.actions("reboot") == [] for n in nodes) and nodes[1].booted == OLD
+    assert actions(nodes[1], "stage-abort") == [("stage-abort", NEW)]
+    assert all(actions(n, "reboot") == [] for n in nodes) and state(nodes[1]).booted == OLD
 
 
-def test_staging_outside_a_rollout_takes_and_releases_each_node_lock(release: StoredRelease) -> None:
-    from rollout.stage import stage_all
-
+def test_staging_outside_a_rollout_takes_and_releases_each_node_lock(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(2)
-    nodes[1].lock_held = {"rollout": "r-busy", "owner": "ops@other", "command": "imagetool rollout", "time": 0}
+    hold_lock(nodes[1], rollout="r-busy", owner="ops@other", command="imagetool rollout", time=0)
     report = stage_all(nodes, release, lock_as=("stage-1", ME, "imagetool stage"))
-    assert report.results["n1"].ok and nodes[0].lock_held is None
-    assert nodes[0].actions("lock", "unlock") == [("lock", "stage-1"), ("unlock", "stage-1")]
+    assert report.results["n1"].ok and state(nodes[0]).lock is None
+    assert actions(nodes[0], "lock", "unlock") == [("lock", "stage-1"), ("unlock", "stage-1")]
     failed = report.results["n2"]
     assert not failed.ok and "locked by rollout r-busy" in (failed.error or "")
-    assert nodes[1].actions("put") == [] and nodes[1].lock_held["rollout"] == "r-busy"
+    assert actions(nodes[1], "put") == [] and (state(nodes[1]).lock or {})["rollout"] == "r-busy"
