@@ -27,8 +27,8 @@ from imagetool.errors import ImagetoolError, InputError
 from imagetool.schema import Where
 
 if TYPE_CHECKING:
-    from rollout.inventory import NodeSpec
     from rollout.node import Node
+    from rollout.nodespec import NodeSpec
 
 CHECK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Only these placeholders are substituted in check targets; any other brace (a shell `${x}` or an

@@ -21,8 +21,8 @@ from tenacity import RetryError, Retrying, retry_if_result, stop_after_attempt, 
 
 from imagetool.errors import ImagetoolError, NodeError
 from rollout.checks import OUTPUT_LIMIT, CheckResult, CheckSpec, attempt
-from rollout.inventory import NodeSpec
 from rollout.node import Node
+from rollout.nodespec import NodeSpec
 
 # How long one helper `health` call may wait inside for systemd to settle before answering.
 HELPER_WAIT = 10.0

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Literal
 from imagetool.errors import ImagetoolError, NodeError
 
 if TYPE_CHECKING:
-    from rollout.inventory import NodeSpec
     from rollout.node import Node
+    from rollout.nodespec import NodeSpec
 
 HOOK_POINTS: tuple[str, ...] = ("before_activate", "after_commit", "after_rollback")
 Where = Literal["controller", "node"]

@@ -23,14 +23,12 @@ from imagetool.schema import Where
 from imagetool.yamlfile import load_yaml
 from rollout.checks import CHECK_NAME_RE, CheckSpec, parse_checks
 from rollout.hooks import HOOK_POINTS, Hooks, HookSpec, RunOnceSpec
+from rollout.nodespec import DEFAULT_KNOWN_HOSTS, DEFAULT_PORT, DEFAULT_USER, NodeSpec
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Groups are matched against --limit values alongside node names, so they share the alphabet.
 GROUP_NAME_RE = NODE_NAME_RE
 
-DEFAULT_USER = "root"
-DEFAULT_PORT = 22
-DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 DEFAULT_SSH_CONFIG = "~/.ssh/config"
 SSH_CONFIG_ENV = "IMAGETOOL_SSH_CONFIG"
 
@@ -41,45 +39,6 @@ HOOK_KEYS = ("name", "run", "where", "timeout")
 RUN_ONCE_KEYS = (*HOOK_KEYS, "node")
 DEFAULT_KEYS = ("user", "port", "key", "known_hosts", "proxy_jump", "vars", "reset_command")
 NODE_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "groups", "vars", "reset_command")
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    """How to reach one node. `host` is what is connected to; `name` is what operators call it."""
-
-    name: str
-    host: str
-    port: int = DEFAULT_PORT
-    user: str = DEFAULT_USER
-    key: Path | None = None
-    groups: tuple[str, ...] = ()
-    vars: dict[str, Any] = field(default_factory=dict)
-    proxy_jump: str | None = None
-    known_hosts: Path = field(default_factory=lambda: Path(DEFAULT_KNOWN_HOSTS).expanduser())
-    # Out-of-band power control run on the controller ({name} and {host} filled in), for a node
-    # that stopped answering SSH: an IPMI, hypervisor or lab reset. None: wait for the node's own
-    # dead-man switch instead.
-    reset_command: str | None = None
-
-    def __hash__(self) -> int:  # vars is a dict; a node's identity is its name
-        return hash(self.name)
-
-    @property
-    def address(self) -> str:
-        """host:port as operators read it in messages."""
-        return f"{self.host}:{self.port}"
-
-    def reset_argv(self) -> list[str] | None:
-        """The reset command as an argv for subprocess.run, or None when the node has none.
-
-        Only {name} and {host} are substituted (other braces are left alone), each as one
-        shell-quoted word, so the command splits the same whatever the values contain.
-        """
-        if not self.reset_command:
-            return None
-        values = {"name": self.name, "host": self.host}
-        command = re.sub(r"\{(name|host)\}", lambda m: shlex.quote(values[m.group(1)]), self.reset_command)
-        return shlex.split(command)
 
 
 @dataclass

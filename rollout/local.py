@@ -57,8 +57,8 @@ from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from imagetool.errors import InputError, NodeError, UnreachableError
 from imagetool.layout import NODE_VAR, RELEASE_JSON, NodeVar
-from rollout.inventory import NodeSpec
 from rollout.node import HelperNode
+from rollout.nodespec import NodeSpec
 from rollout.transport import CommandResult, CommandTimeoutError, ProgressFn
 
 HELPER_FILE = Path(__file__).resolve().parent.parent / "elements/imagetool-node/static/usr/lib/imagetool/imagetool-node"

@@ -25,7 +25,7 @@ from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay,
 
 from imagetool.errors import HostKeyError, ImagetoolError, LockedError, NodeError, UnreachableError
 from imagetool.layout import NODE_INCOMING, image_paths
-from rollout.inventory import NodeSpec
+from rollout.nodespec import NodeSpec
 from rollout.transport import CommandResult, ProgressFn, SSHTransport, Transport
 
 HELPER = "imagetool-node"

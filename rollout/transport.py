@@ -32,7 +32,7 @@ from tenacity import (
 )
 
 from imagetool.errors import HostKeyError, InputError, NodeError, UnreachableError
-from rollout.inventory import NodeSpec
+from rollout.nodespec import NodeSpec
 
 # paramiko's transport thread logs a traceback for every failed handshake, and a rebooting node
 # (a VM behind a port forward, say) resets many; the transport raises its own clear error.

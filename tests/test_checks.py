@@ -10,7 +10,17 @@ import pytest
 
 from imagetool.errors import InputError
 from imagetool.schema import Where
-from rollout.checks import KINDS, CheckKind, CheckResult, CheckSpec, attempt, check_keys, cli_checks, parse_checks, register
+from rollout.checks import (
+    KINDS,
+    CheckKind,
+    CheckResult,
+    CheckSpec,
+    attempt,
+    check_keys,
+    cli_checks,
+    parse_checks,
+    register,
+)
 
 
 def test_kinds_are_registered_by_their_yaml_key() -> None:

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from tests.samples import sample_manifest
 from imagetool.diff import diff_releases
 from imagetool.manifest import ImageInfo, Manifest
 from imagetool.versions import debian_version_cmp, version_key
+from tests.samples import sample_manifest
 
 
 def make_manifest(version: str, packages: dict[str, str], services=(), checks=(), size: int = 1000) -> Manifest:  # type: ignore[no-untyped-def]

@@ -13,18 +13,7 @@ from imagetool.store import StoredRelease
 from rollout.local import LocalMachine, LocalTransport
 from rollout.node import BootTimeoutError, HelperNode
 from rollout.stage import stage
-from tests.local_fleet import (  # noqa: F401 - fixtures
-    NEW,
-    OLD,
-    Fleet,
-    actions,
-    boot_into,
-    fast_boot_polls,
-    fleet,
-    machine,
-    release,
-    state,
-)
+from tests.local_fleet import NEW, OLD, Fleet, actions, boot_into, fast_boot_polls, fleet, machine, release, state  # noqa: F401 - fixtures
 
 
 def test_boots_the_committed_image_with_its_release_and_a_fresh_boot_id(fleet: Fleet) -> None:

@@ -14,8 +14,8 @@ from rollout.inventory import NodeSpec, load_inventory
 from rollout.node import (
     BootTimeoutError,
     HelperError,
-    NodeStatus,
     HelperNode,
+    NodeStatus,
     helper_argv,
     incoming_paths,
     parse_answer,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.samples import sample_manifest
 from imagetool.errors import AlreadyExistsError, InputError, VerificationError
 from imagetool.manifest import ImageInfo, Manifest, sha256_file
 from imagetool.signing import generate_keypair, sign_file, verify_release
+from tests.samples import sample_manifest
 
 
 def make_manifest(image: ImageInfo) -> Manifest:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.samples import sample_manifest
 from imagetool.errors import AlreadyExistsError, InputError, NotFoundError
 from imagetool.manifest import ImageInfo, Manifest, sha256_file
 from imagetool.store import Store, default_store_path, resolve_release
+from tests.samples import sample_manifest
 
 
 def make_manifest(name: str, version: str, image: ImageInfo) -> Manifest:

@@ -1,0 +1,56 @@
+"""How to reach one node: the inventory's answer, which the transports and hooks read.
+
+Kept apart from the inventory file's loader so that what reaches nodes (transport, node client,
+checks, hooks) depends on this small record, not on how inventories are parsed.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_USER = "root"
+DEFAULT_PORT = 22
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """How to reach one node. `host` is what is connected to; `name` is what operators call it."""
+
+    name: str
+    host: str
+    port: int = DEFAULT_PORT
+    user: str = DEFAULT_USER
+    key: Path | None = None
+    groups: tuple[str, ...] = ()
+    vars: dict[str, Any] = field(default_factory=dict)
+    proxy_jump: str | None = None
+    known_hosts: Path = field(default_factory=lambda: Path(DEFAULT_KNOWN_HOSTS).expanduser())
+    # Out-of-band power control run on the controller ({name} and {host} filled in), for a node
+    # that stopped answering SSH: an IPMI, hypervisor or lab reset. None: wait for the node's own
+    # dead-man switch instead.
+    reset_command: str | None = None
+
+    def __hash__(self) -> int:  # vars is a dict; a node's identity is its name
+        return hash(self.name)
+
+    @property
+    def address(self) -> str:
+        """host:port as operators read it in messages."""
+        return f"{self.host}:{self.port}"
+
+    def reset_argv(self) -> list[str] | None:
+        """The reset command as an argv for subprocess.run, or None when the node has none.
+
+        Only {name} and {host} are substituted (other braces are left alone), each as one
+        shell-quoted word, so the command splits the same whatever the values contain.
+        """
+        if not self.reset_command:
+            return None
+        values = {"name": self.name, "host": self.host}
+        command = re.sub(r"\{(name|host)\}", lambda m: shlex.quote(values[m.group(1)]), self.reset_command)
+        return shlex.split(command)
