@@ -6,7 +6,7 @@ boot falls back to the default on the next one), loop-mounts that image read-onl
 systemd-nspawn. When the container reboots (nspawn exits 133) it boots again the same way; a
 power-off ends the node. Signals from `imagetool lab`: SIGUSR1 = hard reset, SIGTERM = power cut.
 
-Run as `python -m imagetool.firmware LAB_DIR NODE`.
+Run as `python -m imagetool.lab.firmware LAB_DIR NODE`.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def container_inits(nspawn_pid: int) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        print("usage: python -m imagetool.firmware LAB_DIR NODE", file=sys.stderr)
+        print("usage: python -m imagetool.lab.firmware LAB_DIR NODE", file=sys.stderr)
         return 2
     return Firmware(Path(args[0]), args[1]).run()
 
