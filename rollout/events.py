@@ -21,7 +21,6 @@ class Step(str, Enum):
     CONNECT = "connect"
     LOCK = "lock"
     STAGE = "stage"
-    PLAN = "plan"
     WAIT = "wait"          # pausing between batches (node "*")
     BATCH = "batch"        # a node's batch starts: detail "i/n", "(canary)" on the first
     ACTIVATE = "activate"

@@ -20,16 +20,7 @@ from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
 import paramiko
-from tenacity import (
-    RetryError,
-    Retrying,
-    retry_if_exception,
-    retry_if_result,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential,
-    wait_fixed,
-)
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
 from imagetool.errors import HostKeyError, InputError, NodeError, UnreachableError
 from rollout.nodespec import NodeSpec
@@ -281,24 +272,6 @@ class SSHTransport:
         with self._lock:
             self._close_locked()
             self._connect_retrying(stop=stop_after_delay(timeout), deadline=time.monotonic() + timeout)
-
-    def wait_until_down(self, timeout: float) -> None:
-        """Wait until the current connection dies (the node is rebooting), then drop it.
-
-        Watches the open connection rather than probing for a new one: a lab node is back within
-        seconds, so a fresh connection could succeed again before we ever saw it go.
-        """
-        t = self._client.get_transport() if self._client else None
-        if t is not None:
-            try:
-                Retrying(
-                    retry=retry_if_result(bool),
-                    stop=stop_after_delay(timeout),
-                    wait=wait_fixed(0.2),
-                )(_still_up, t)
-            except RetryError:
-                raise NodeError(f"node {self.label}: still up {timeout:g}s after it should have gone down") from None
-        self.close()
 
     def _connect_retrying(self, *, stop, deadline: float) -> None:  # type: ignore[no-untyped-def]
         try:
@@ -609,15 +582,6 @@ class SSHTransport:
         return sent
 
 
-def _still_up(t: paramiko.Transport) -> bool:
-    if not t.is_active():
-        return False
-    try:
-        # Writing to a peer that went away surfaces the reset (or closes the transport).
-        t.send_ignore()
-    except (OSError, EOFError, paramiko.SSHException):
-        return False
-    return t.is_active()
 
 
 def _fast_transport(sock: socket.socket | paramiko.Channel, **kwargs: object) -> paramiko.Transport:

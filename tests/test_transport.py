@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from imagetool.errors import HostKeyError, InputError, NodeError, UnreachableError
 from rollout.inventory import load_inventory
@@ -246,7 +247,7 @@ def test_wrong_key_is_not_retried(sshd_node, tmp_path: Path) -> None:  # type: i
         SSHTransport(dataclasses.replace(node, key=tmp_path / "absent")).connect()
 
 
-def test_reconnect_and_wait_until_down(sshd_server: SshdServer) -> None:
+def test_reconnect_after_the_connection_died(sshd_server: SshdServer) -> None:
     t = SSHTransport(sshd_server.node)
     t.connect()
     # Kill the sshd process serving this connection (the parent of our commands), as a reboot
@@ -254,7 +255,7 @@ def test_reconnect_and_wait_until_down(sshd_server: SshdServer) -> None:
     session_sshd = t.run(["sh", "-c", "echo $PPID"]).stdout.strip()
     assert session_sshd != str(sshd_server.process.pid)
     subprocess.run(["kill", session_sshd], check=True)
-    t.wait_until_down(timeout=10)
+    Retrying(stop=stop_after_delay(10), wait=wait_fixed(0.2), retry=retry_if_result(bool))(lambda: t.connected)
     assert not t.connected
     t.reconnect(timeout=10)
     assert t.run(["echo", "back"]).stdout == "back\n"

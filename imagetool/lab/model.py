@@ -25,10 +25,8 @@ from imagetool.systools import pid_alive, run_tool
 LAB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
 
 
-NODE_NAME_RE = re.compile(r"^node[0-9]{1,3}$")
 
 
-LAB_NET = ipaddress.ip_network("10.250.0.0/16")
 
 
 FIRST_HOST = 10
