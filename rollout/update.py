@@ -214,11 +214,12 @@ class Rollout:
             plan = [plan_rollout(statuses[name], release.id, image.sha256, image.size) for name in self.nodes]
             bootstrap = self._bootstrap(plan)
             self._journal_plan(plan)
-            results = self._settle(plan, bootstrap)
+            before = self._settle(plan, bootstrap)
             sent: dict[str, int] = {}
             if not self.options.dry_run:
-                plan, sent = self._stage(release, plan, results)
-            return self._activate_all("rollout", release.id, plan, results, start, sent, bootstrap)
+                plan, unstaged, sent = self._stage(release, plan)
+                before = {**before, **unstaged}
+            return self._activate_all("rollout", release.id, plan, before, start, sent, bootstrap)
         finally:
             self._unlock_all()
 
@@ -232,8 +233,8 @@ class Rollout:
         try:
             self._lock_all(statuses)
             self._journal_plan(plan)
-            results = self._settle(plan, None)
-            return self._activate_all("rollback", to, plan, results, start, {}, None)
+            before = self._settle(plan, None)
+            return self._activate_all("rollback", to, plan, before, start, {}, None)
         finally:
             self._unlock_all()
 
@@ -352,41 +353,45 @@ class Rollout:
         got = self._for_each(list(settled), check, self.options.parallel)
         return {name: _result(settled[name], r) for name, r in got.items()}
 
-    def _stage(self, release: StoredRelease, plan: list[NodePlan],
-               results: dict[str, NodeResult]) -> tuple[list[NodePlan], dict[str, int]]:
-        """Stage on the nodes that will activate; a node that cannot be staged has failed (its
-        result is recorded and its plan becomes FAIL). Returns the plan and bytes sent per node."""
+    def _stage(self, release: StoredRelease,
+               plan: list[NodePlan]) -> tuple[list[NodePlan], dict[str, NodeResult], dict[str, int]]:
+        """Stage on the nodes that will activate. A node that cannot be staged has failed: its
+        plan becomes FAIL and it has a result. Returns the plan, those results, and the bytes
+        sent per node."""
         todo = [p.node for p in plan if p.action is Action.ACTIVATE]
         if not todo:
-            return plan, {}
+            return plan, {}, {}
         for name in todo:
             self.events.step(name, Step.STAGE, release.id)
         report = stage_all([self.nodes[n] for n in todo], release, self.options.parallel, self._progress)
         staged: list[NodePlan] = []
+        failed: dict[str, NodeResult] = {}
         for p in plan:
             r = report.results.get(p.node)
             if r is not None and not r.ok:
                 self.events.step(p.node, Step.FAILED, f"staging: {r.error}")
-                results[p.node] = NodeResult(p.node, "failed", p.from_id, p.to_id, r.seconds,
-                                             f"staging: {r.error}", r.bytes_sent)
+                failed[p.node] = NodeResult(p.node, "failed", p.from_id, p.to_id, r.seconds,
+                                            f"staging: {r.error}", r.bytes_sent)
                 p = p.failed(f"staging: {r.error}")
             elif r is not None:
                 self.events.step(p.node, Step.STAGE, f"{r.outcome}, {r.bytes_sent} bytes")
             staged.append(p)
-        return staged, {name: r.bytes_sent for name, r in report.results.items()}
+        return staged, failed, {name: r.bytes_sent for name, r in report.results.items()}
 
     # --- batches -----------------------------------------------------------------------------
 
     def _activate_all(self, kind: Literal["rollout", "rollback"], target: str | None, plan: list[NodePlan],
-                      results: dict[str, NodeResult], start: float, sent: dict[str, int],
+                      before: dict[str, NodeResult], start: float, sent: dict[str, int],
                       bootstrap: str | None) -> RolloutResult:
         """The batch runner: each batch activates together, then the policy decides over the
-        results so far whether to go on, stop, or move every node this run moved back."""
+        results so far whether to go on, stop, or move every node this run moved back. `before`:
+        the results of the nodes settled or failed before any batch."""
         o = self.options
+        results = dict(before)
         total = len(self.nodes)
         max_failures = parse_threshold(o.max_failures, total)
         batches = plan_batches(plan, o.batch_spec)
-        done_batches = [BatchOutcome(index=0, results=dict(results))]
+        done_batches = [BatchOutcome(index=0, results=dict(before))]
         stopped, reason = False, None
 
         if o.dry_run:
@@ -433,7 +438,7 @@ class Rollout:
                                              error="the rollout stopped before this node's batch",
                                              bytes_sent=sent.get(p.node, 0))
         if stopped and decision == "rollback-all":
-            self._rollback_moved(plan, results, batches)
+            results.update(self._rollback_moved(plan, results, batches))
             reason = f"{reason}; every node this run moved was rolled back (--on-failure rollback-all)"
         failed_nodes = [r.node for r in results.values() if r.failed]
         if reason is None and failed_nodes:
@@ -457,34 +462,34 @@ class Rollout:
         return BatchOutcome(index=index, results={name: _result(plans[name], r) for name, r in got.items()})
 
     def _rollback_moved(self, plan: list[NodePlan], results: dict[str, NodeResult],
-                        batches: list[list[NodePlan]]) -> None:
+                        batches: list[list[NodePlan]]) -> dict[str, NodeResult]:
         """--on-failure rollback-all: every node this run moved goes back where it was, in
-        batches of the same sizes."""
+        batches of the same sizes. Returns the moved nodes' results as they now stand."""
         moved = [p for p in plan if p.node in results and results[p.node].outcome == "done"]
         if not moved:
-            return
+            return {}
+        now: dict[str, NodeResult] = {}
         sizes = cover([len(b) for b in batches] or [1], len(moved))
         for batch in split(moved, sizes):
+            back = {p.node: p for p in batch}
             for p in batch:
                 self.events.step(p.node, Step.ROLLBACK, f"rollback-all: back to {p.from_id}")
 
             def one(node: Node) -> NodeResult:
-                p = next(x for x in batch if x.node == node.name)
+                p = back[node.name]
                 return self.activator.activate(node, p.from_id or "", p.to_id)
 
-            got = self._for_each([p.node for p in batch], one, len(batch))
-            for p in batch:
-                r = got[p.node]
-                orig = results[p.node]
-                if isinstance(r, NodeResult) and r.outcome == "done":
-                    orig.outcome, orig.undone = "rolled-back", True
-                    orig.error = "moved back by --on-failure rollback-all"
+            for name, got in self._for_each(list(back), one, len(batch)).items():
+                p, orig = back[name], results[name]
+                r = _result(p, got)
+                seconds = orig.seconds + r.seconds
+                if r.outcome == "done":
+                    now[name] = replace(orig, outcome="rolled-back", undone=True, seconds=seconds,
+                                        error="moved back by --on-failure rollback-all")
                 else:
-                    orig.outcome = "failed"
-                    error = r.error if isinstance(r, NodeResult) else str(r)
-                    orig.error = f"rollback-all could not move it back to {p.from_id}: {error}"
-                if isinstance(r, NodeResult):
-                    orig.seconds += r.seconds
+                    now[name] = replace(orig, outcome="failed", seconds=seconds,
+                                        error=f"rollback-all could not move it back to {p.from_id}: {r.error}")
+        return now
 
     def _result(self, kind: Literal["rollout", "rollback"], target: str | None, plan: list[NodePlan],
                 results: dict[str, NodeResult], batches: list[list[NodePlan]], stopped: bool,
