@@ -59,7 +59,7 @@ from imagetool.errors import InputError, NodeError, UnreachableError
 from imagetool.layout import NODE_VAR, RELEASE_JSON, NodeVar
 from rollout.node import HelperNode
 from rollout.nodespec import NodeSpec
-from rollout.transport import CommandResult, CommandTimeoutError, ProgressFn
+from rollout.transport import CommandResult, CommandTimeoutError, ProgressFn, upload_command
 
 HELPER_FILE = Path(__file__).resolve().parent.parent / "elements/imagetool-node/static/usr/lib/imagetool/imagetool-node"
 DEFAULT_VAR_SIZE = 10**12
@@ -589,13 +589,7 @@ class LocalTransport:
         """Append local[offset:] to `remote` on the node (offset 0 truncates), as SSHTransport
         does with `cat`: same errors, same count of bytes sent, /var's free space respected."""
         local = Path(local)
-        try:
-            size = local.stat().st_size
-        except OSError as e:
-            raise InputError(f"{local}: cannot read: {e.strerror or e}") from None
-        if offset < 0 or offset > size:
-            raise InputError(f"{local}: offset {offset} is outside the file (size {size})")
-        command = f"cat {'>>' if offset else '>'} {shlex.quote(remote)}"
+        size, command = upload_command(local, remote, offset)
         m = self.machine
         with m.lock:
             self._open()

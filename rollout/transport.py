@@ -511,13 +511,7 @@ class SSHTransport:
         trips, and sshd just copies the stream into the file.
         """
         local = Path(local)
-        try:
-            size = local.stat().st_size
-        except OSError as e:
-            raise InputError(f"{local}: cannot read: {e.strerror or e}") from None
-        if offset < 0 or offset > size:
-            raise InputError(f"{local}: offset {offset} is outside the file (size {size})")
-        command = f"cat {'>>' if offset else '>'} {shlex.quote(remote)}"
+        size, command = upload_command(local, remote, offset)
         deadline = time.monotonic() + timeout
         chan = self._session(min(timeout, self.connect_timeout))
         sent = 0
@@ -598,3 +592,15 @@ def _fast_transport(sock: socket.socket | paramiko.Channel, **kwargs: object) ->
         c for c in supported if c not in PREFERRED_CIPHERS
     ]
     return t
+
+
+def upload_command(local: Path, remote: str, offset: int) -> tuple[int, str]:
+    """The size of `local` and the node command that appends what follows `offset` to `remote`
+    (offset 0 truncates it): `cat`, whose stdin is the bytes. Every transport writes files so."""
+    try:
+        size = local.stat().st_size
+    except OSError as e:
+        raise InputError(f"{local}: cannot read: {e.strerror or e}") from None
+    if offset < 0 or offset > size:
+        raise InputError(f"{local}: offset {offset} is outside the file (size {size})")
+    return size, f"cat {'>>' if offset else '>'} {shlex.quote(remote)}"
