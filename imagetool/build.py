@@ -27,9 +27,9 @@ from typing import Callable, Iterator
 
 from imagetool.errors import AlreadyExistsError, BuildError, HostSetupError, NotFoundError
 from imagetool.layout import image_file_names
-from imagetool.manifest import BuilderInfo, ImageInfo, Manifest, Package, parse_dpkg_manifest, sha256_file
+from imagetool.manifest import BuilderInfo, ImageInfo, KeyInfo, Manifest, Package, parse_dpkg_manifest, sha256_file
 from imagetool.release import Release, effective_mirrors
-from imagetool.signing import sign_file
+from imagetool.signing import load_trusted_keys, sign_file
 from imagetool.store import Store, StoredRelease
 from imagetool.systools import disk_image_create, require, require_root
 
@@ -95,6 +95,10 @@ def dib_environment(release: Release, elements: Path) -> dict[str, str]:
         "IMAGETOOL_SERVICES": " ".join(release.services),
         "IMAGETOOL_HEALTH_CHECKS": json.dumps(
             [{"name": h.name, "command": h.command, "timeout": h.timeout} for h in release.health_checks]
+        ),
+        # The keys' contents, not their paths: the element's install.d runs inside the chroot.
+        "IMAGETOOL_TRUSTED_KEYS": json.dumps(
+            {name: path.read_text() for name, path in release.trusted_keys.items()}, sort_keys=True
         ),
     }
     if release.base.distribution == "debian" and mirrors.security:
@@ -210,6 +214,8 @@ def build(release: Release, store: Store, options: BuildOptions | None = None,
         raise AlreadyExistsError(f"release {release.id} already in store {store.path}; use --force to rebuild it")
     if options.sign_key is not None and not Path(options.sign_key).exists():
         raise NotFoundError(f"--sign-key {options.sign_key}: no such file")
+    # Each an Ed25519 public key, now rather than in an image nodes then trust.
+    load_trusted_keys(list(release.trusted_keys.values()))
     elements = elements_dir()
     env = {**os.environ, **dib_environment(release, elements)}
     epoch = source_date_epoch(release)
@@ -323,6 +329,8 @@ def make_manifest(release: Release, squashfs: Path, packages: list[Package], epo
         health_checks=release.health_checks,
         image=ImageInfo(file=image_file_names(release.id)["squashfs"],
                         size=squashfs.stat().st_size, sha256=sha256_file(squashfs)),
+        trusted_keys=tuple(KeyInfo(name=name, sha256=sha256_file(path))
+                           for name, path in sorted(release.trusted_keys.items())),
     )
 
 

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Callable
 
 from imagetool.errors import HostSetupError, ImagetoolError, InputError
-from imagetool.layout import NodeVar
+from imagetool.layout import NodeVar, trusted_key_names
 from imagetool.release import GRUB_COMPRESSIONS
+from imagetool.signing import load_trusted_keys, signed_by
 from imagetool.store import StoredRelease
 from imagetool.systools import require, run_tool
 
@@ -173,6 +174,18 @@ def min_size(release: StoredRelease) -> int:
     return VAR_START + 2 * image + VAR_HEADROOM + GPT_BACKUP
 
 
+def check_trusted_keys(release: StoredRelease, keys: list[Path]) -> None:
+    """--trusted-key: each an Ed25519 public key with a name of its own, and the release installed
+    signed by one of them, since the node will hold every later release to the same rule."""
+    try:
+        trusted_key_names(keys)
+    except ValueError as e:
+        raise InputError(f"--trusted-key: {e}") from None
+    sig = release.sig.read_bytes() if release.sig is not None else None
+    signed_by(release.manifest_path.read_bytes(), sig, load_trusted_keys(keys),
+              f"release {release.id} ({release.manifest_path})", str(release.sig))
+
+
 def make_disk(release: StoredRelease, options: DiskOptions, progress: Progress | None = None) -> DiskResult:
     """Write a bootable disk for `release` to options.output; nothing is left behind on failure."""
     progress = progress or (lambda step, detail: None)
@@ -186,6 +199,8 @@ def make_disk(release: StoredRelease, options: DiskOptions, progress: Progress |
     for key in [*options.authorized_keys, *options.trusted_keys]:
         if not Path(key).is_file():
             raise InputError(f"{key}: no such file")
+    if options.trusted_keys:
+        check_trusted_keys(release, options.trusted_keys)
     needed = min_size(release)
     if options.size < needed:
         raise InputError(f"--size {options.size // MiB} MiB is too small for {release.id}: its image is "
@@ -258,11 +273,7 @@ def _var_tree(root: Path, release: StoredRelease, options: DiskOptions) -> None:
     node_var.write_grub_control()
     node_var.write_state(committed=release.id)
     if options.trusted_keys:
-        keys = node_var.state_dir / "trusted-keys"
-        keys.mkdir()
-        for key in options.trusted_keys:
-            name = Path(key).name if Path(key).name.endswith(".pem") else Path(key).stem + ".pem"
-            shutil.copyfile(key, keys / name)
+        node_var.install_trusted_keys(options.trusted_keys)
     ssh = root / "lib/ssh/authorized_keys"
     ssh.mkdir(parents=True)
     if options.authorized_keys:

@@ -12,7 +12,9 @@ same way.
     /var/lib/imagetool/boot/loader         "grub" or "lab" (absent: lab)
     /var/lib/imagetool/boot/grubenv        GRUB's environment block (grub nodes)
     /var/lib/imagetool/state.json          {"committed": ID, "previous": ID|null, ...}
+    /var/lib/imagetool/trusted-keys/*.pem  release signing keys the node trusts
     /etc/imagetool/release.json            inside the image: name, version, services
+    /etc/imagetool/trusted-keys/*.pem      inside the image: the keys the release brought
 
 Standard library only: the lab firmware runs it as a separate process.
 """
@@ -42,6 +44,24 @@ NODE_IMAGES = posixpath.join(NODE_STATE, "images")
 NODE_INCOMING = posixpath.join(NODE_IMAGES, ".incoming")
 # In the image (the read-only root).
 RELEASE_JSON = "etc/imagetool/release.json"
+IMAGE_TRUSTED_KEYS = "etc/imagetool/trusted-keys"
+# The helper trusts only files with this suffix in either trusted-keys directory.
+KEY_SUFFIX = ".pem"
+
+
+def trusted_key_names(paths: list[Path]) -> dict[str, Path]:
+    """The file name each key gets in a trusted-keys directory (`x.pub` becomes `x.pem`: the node
+    reads only *.pem). Two keys that would get one name are refused rather than one lost."""
+    names: dict[str, Path] = {}
+    for p in paths:
+        p = Path(p)
+        name = p.name if p.name.endswith(KEY_SUFFIX) else p.stem + KEY_SUFFIX
+        if name.startswith(".") or name == KEY_SUFFIX:
+            raise ValueError(f"{p}: a trusted key needs a file name (it is installed under it)")
+        if name in names and names[name] != p:
+            raise ValueError(f"{p} and {names[name]} would both be installed as {name}; rename one")
+        names[name] = p
+    return names
 
 
 def image_file_names(image_id: str) -> dict[str, str]:
@@ -112,6 +132,20 @@ class NodeVar:
     @property
     def state(self) -> Path:
         return self.state_dir / "state.json"
+
+    @property
+    def trusted_keys(self) -> Path:
+        return self.state_dir / "trusted-keys"
+
+    def install_trusted_keys(self, keys: list[Path]) -> list[str]:
+        """Put release signing keys among those the node trusts; returns their names there."""
+        names = trusted_key_names(keys)
+        self.trusted_keys.mkdir(parents=True, exist_ok=True)
+        for name, key in names.items():
+            target = self.trusted_keys / name
+            shutil.copyfile(key, target)
+            target.chmod(0o644)
+        return sorted(names)
 
     def image_file(self, image_id: str, kind: str = "squashfs") -> Path:
         return self.images / image_file_names(image_id)[kind]

@@ -47,6 +47,14 @@ class ImageInfo:
 
 
 @dataclass(frozen=True)
+class KeyInfo:
+    """A release signing key built into the image (/etc/imagetool/trusted-keys/<name>)."""
+
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: str
@@ -65,6 +73,8 @@ class Manifest:
     health_checks: tuple[HealthCheck, ...]
     image: ImageInfo
     format: int = FORMAT
+    # The keys nodes running this image trust: a change of keys is a change of release.
+    trusted_keys: tuple[KeyInfo, ...] = ()
 
     @property
     def id(self) -> str:
@@ -104,6 +114,7 @@ class Manifest:
                 {"name": h.name, "command": h.command, "timeout": h.timeout} for h in self.health_checks
             ],
             "image": {"file": self.image.file, "size": self.image.size, "sha256": self.image.sha256},
+            "trusted_keys": [{"name": k.name, "sha256": k.sha256} for k in self.trusted_keys],
         }
 
     def to_json(self) -> bytes:
@@ -177,6 +188,12 @@ class Manifest:
             size=_get(im, wim, "size", _size),
             sha256=_get(im, wim, "sha256", _sha256),
         )
+        keys = []
+        # Optional: manifests from before trusted keys were built into images have none.
+        for i, k in enumerate(schema.sequence(doc.get("trusted_keys"), w / "trusted_keys")):
+            wk = (w / "trusted_keys")[i]
+            schema.mapping(k, wk, optional=False)
+            keys.append(KeyInfo(name=_get(k, wk, "name", schema.string), sha256=_get(k, wk, "sha256", _sha256)))
         # The file name travels to nodes; it must be the one the id implies, nothing else.
         if image.file != f"{mid}.squashfs":
             raise (wim / "file").error(f"expected {mid + '.squashfs'!r}, got {image.file!r}")
@@ -198,6 +215,7 @@ class Manifest:
             services=services,
             health_checks=tuple(checks),
             image=image,
+            trusted_keys=tuple(keys),
         )
 
 

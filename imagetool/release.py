@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from imagetool import schema
 from imagetool.errors import InputError
+from imagetool.layout import trusted_key_names
 from imagetool.names import check_name, check_version, release_id
 from imagetool.schema import Where
 from imagetool.yamlfile import load_yaml
@@ -59,6 +60,7 @@ TOP_KEYS = (
     "environment",
     "squashfs",
     "source_date_epoch",
+    "trusted_keys",
 )
 BASE_KEYS = ("distribution", "release")
 MIRROR_KEYS = ("distribution", "security")
@@ -116,6 +118,9 @@ class Release:
     environment: dict[str, str] = field(default_factory=dict)
     squashfs: SquashfsOptions = field(default_factory=SquashfsOptions)
     source_date_epoch: int | None = None
+    # Release signing keys (public, PEM) built into the image at /etc/imagetool/trusted-keys/:
+    # nodes running it accept only releases signed by one of them. Name there -> file here.
+    trusted_keys: dict[str, Path] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -178,6 +183,7 @@ def _parse_release(doc: Any, path: Path, w: Where) -> Release:
     sde = doc.get("source_date_epoch")
     if sde is not None:
         sde = schema.integer(sde, w / "source_date_epoch", minimum=0)
+    trusted_keys = _parse_trusted_keys(doc.get("trusted_keys"), w / "trusted_keys", here)
 
     return Release(
         path=path.absolute(),
@@ -195,7 +201,37 @@ def _parse_release(doc: Any, path: Path, w: Where) -> Release:
         environment=environment,
         squashfs=squashfs,
         source_date_epoch=sde,
+        trusted_keys=trusted_keys,
     )
+
+
+PEM_PUBLIC_KEY = "-----BEGIN PUBLIC KEY-----"
+# As the imagetool-node element checks it: the name becomes a file in the image.
+KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.pem$")
+MAX_KEY_BYTES = 16 * 1024
+
+
+def _parse_trusted_keys(value: Any, w: Where, here: Path) -> dict[str, Path]:
+    """Public key files, relative to the release file. Checked here only to be small PEM public
+    keys with names of their own; the build checks each is an Ed25519 key (imagetool.signing)."""
+    given = schema.string_list(value, w, re.compile(r"^.+$"), "path")
+    keys: dict[str, Path] = {}
+    try:
+        names = trusted_key_names([here / p for p in given])
+    except ValueError as e:
+        raise w.error(str(e)) from None
+    for i, (name, full) in enumerate(names.items()):
+        wi = w[i]
+        if not KEY_NAME_RE.match(name):
+            raise wi.error(f"{given[i]!r}: installed as {name!r}, which is not a key file name "
+                           f"(letters, digits and '_.-')")
+        if not full.is_file():
+            raise wi.error(f"{given[i]!r} is not a file (looked for {full})")
+        if full.stat().st_size > MAX_KEY_BYTES or PEM_PUBLIC_KEY not in full.read_text(errors="replace"):
+            raise wi.error(f"{given[i]!r} is not a PEM public key (expected {PEM_PUBLIC_KEY!r}, as written by "
+                           f"`imagetool keygen`)")
+        keys[name] = full
+    return keys
 
 
 def _parse_base(value: Any, w: Where) -> Base:

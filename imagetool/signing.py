@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -111,6 +114,58 @@ def verify_signature(data: bytes, signature: bytes, public_key_path: Path, what:
         key.verify(raw, data)
     except InvalidSignature:
         raise VerificationError(f"signature of {what} does not match key {public_key_path}") from None
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    """A public key trusted to sign releases, and where it came from (shown in messages)."""
+
+    name: str
+    key: Ed25519PublicKey
+    sha256: str
+
+    @classmethod
+    def from_file(cls, path: Path) -> TrustedKey:
+        path = Path(path)
+        return cls(name=str(path), key=load_public_key(path),
+                   sha256=hashlib.sha256(_read_key_file(path, "public key")).hexdigest())
+
+    @classmethod
+    def from_pem(cls, name: str, pem: bytes) -> TrustedKey:
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"{name}: not a PEM public key ({e})") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise InputError(f"{name}: expected an Ed25519 public key, got {type(key).__name__}")
+        return cls(name=name, key=key, sha256=hashlib.sha256(pem).hexdigest())
+
+
+def load_trusted_keys(paths: Sequence[Path]) -> list[TrustedKey]:
+    """The keys at `paths`, each checked to be an Ed25519 public key (InputError otherwise)."""
+    return [TrustedKey.from_file(p) for p in dict.fromkeys(Path(p) for p in paths)]
+
+
+def signed_by(data: bytes, signature: bytes | None, keys: Sequence[TrustedKey], what: str,
+              sig_where: str) -> TrustedKey:
+    """The key in `keys` whose signature `signature` over `data` is; VerificationError naming
+    `what` and the key set when there is none: unsigned, not a signature, or no key matches."""
+    names = ", ".join(k.name for k in keys)
+    if signature is None:
+        raise VerificationError(f"{what} is not signed, and only releases signed by a trusted key are accepted "
+                                f"(trusted keys: {names})")
+    try:
+        raw = base64.b64decode(signature.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise VerificationError(f"{sig_where}: not a valid signature file (expected base64)") from None
+    for key in keys:
+        try:
+            key.key.verify(raw, data)
+            return key
+        except InvalidSignature:
+            continue
+    raise VerificationError(f"signature of {what} matches none of the trusted keys ({names}): the manifest "
+                            f"was changed after signing, or it was signed with a key that is not trusted")
 
 
 def verify_release(

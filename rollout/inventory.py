@@ -20,6 +20,7 @@ import paramiko
 from imagetool import schema
 from imagetool.errors import InputError
 from imagetool.schema import Where
+from imagetool.signing import load_public_key
 from imagetool.yamlfile import load_yaml
 from rollout.checks import CHECK_NAME_RE, CheckSpec, parse_checks
 from rollout.hooks import HOOK_POINTS, Hooks, HookSpec, RunOnceSpec
@@ -32,7 +33,7 @@ GROUP_NAME_RE = NODE_NAME_RE
 DEFAULT_SSH_CONFIG = "~/.ssh/config"
 SSH_CONFIG_ENV = "IMAGETOOL_SSH_CONFIG"
 
-TOP_KEYS = ("defaults", "nodes", "health_checks", "hooks", "run_once")
+TOP_KEYS = ("defaults", "nodes", "health_checks", "hooks", "run_once", "trusted_keys")
 HOOKS_KEYS = HOOK_POINTS
 # Not "on": YAML 1.1 reads an unquoted `on` key as the boolean true.
 HOOK_KEYS = ("name", "run", "where", "timeout")
@@ -48,6 +49,9 @@ class Inventory:
     health_checks: list[CheckSpec]
     known_hosts: Path
     hooks: Hooks = field(default_factory=Hooks)
+    # Release signing keys (public, PEM) the controller trusts: a release not signed by one of
+    # them is refused before any node is contacted.
+    trusted_keys: list[Path] = field(default_factory=list)
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -254,7 +258,27 @@ def load_inventory(
 
     checks = parse_checks(data.get("health_checks"), root / "health_checks")
     hooks = _hooks(data.get("hooks"), data.get("run_once"), root)
-    return Inventory(path=path, nodes=nodes, health_checks=checks, known_hosts=known_hosts, hooks=hooks)
+    keys = _trusted_keys(data.get("trusted_keys"), root / "trusted_keys", base)
+    return Inventory(path=path, nodes=nodes, health_checks=checks, known_hosts=known_hosts, hooks=hooks,
+                     trusted_keys=keys)
+
+
+def _trusted_keys(value: Any, where: Where, base: Path) -> list[Path]:
+    """Public key files, relative to the inventory; each must be an Ed25519 public key now,
+    not when a rollout is half-way."""
+    if isinstance(value, str):
+        value = [value]
+    keys: list[Path] = []
+    for i, item in enumerate(schema.sequence(value, where)):
+        path = _path(item, where / i, base)
+        if path in keys:
+            raise (where / i).error(f"{item!r} is listed twice")
+        try:
+            load_public_key(path)
+        except InputError as e:
+            raise (where / i).error(str(e)) from None
+        keys.append(path)
+    return keys
 
 
 def _hook(raw: Any, where: Where, allowed: tuple[str, ...], default_name: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_fixed
 
-from imagetool.errors import HostKeyError, ImagetoolError, LockedError, NodeError, UnreachableError
+from imagetool.errors import HostKeyError, ImagetoolError, LockedError, NodeError, UnreachableError, VerificationError
 from imagetool.layout import NODE_INCOMING, image_paths
 from rollout.nodespec import NodeSpec
 from rollout.transport import CommandResult, ProgressFn, SSHTransport, Transport
@@ -51,6 +51,12 @@ class HelperError(NodeError):
         self.error = error
 
 
+class HelperVerificationError(HelperError, VerificationError):
+    """The node refused an image, manifest or signature that does not check out (exit code 5)."""
+
+    exit_code = VerificationError.exit_code
+
+
 class BootTimeoutError(NodeError):
     """A node did not come back with a new boot within the time allowed."""
 
@@ -65,8 +71,41 @@ class NodeImage:
     id: str
     size: int
     sha256: str | None
+    # Helpers of protocol 3 on: the manifest's signature verifies with a key the node trusts now
+    # (`signed_by` names it). Older helpers said True for "a .sig file exists": see from_answer.
     signed: bool = False
     mtime: int = 0
+    signed_by: str | None = None
+    # "verified", "unsigned", "invalid", "unchecked" (the node trusts no key); None: not told.
+    signature: str | None = None
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    """A release signing key a node trusts: from its image (/etc) or its /var."""
+
+    name: str
+    where: str
+    sha256: str
+    pem: str | None = None  # stage-info hands out the public key itself
+
+    @classmethod
+    def from_answer(cls, doc: Any) -> TrustedKey | None:
+        if not isinstance(doc, dict) or not all(isinstance(doc.get(k), str) for k in ("name", "where", "sha256")):
+            return None
+        pem = doc.get("pem")
+        return cls(name=doc["name"], where=doc["where"], sha256=doc["sha256"],
+                   pem=pem if isinstance(pem, str) else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "where": self.where, "sha256": self.sha256}
+
+
+def _trusted_keys(value: Any) -> tuple[TrustedKey, ...] | None:
+    """A helper's trusted key list; None when the helper does not tell (protocol < 3)."""
+    if not isinstance(value, list):
+        return None
+    return tuple(k for k in (TrustedKey.from_answer(d) for d in value) if k is not None)
 
 
 @dataclass(frozen=True)
@@ -91,12 +130,18 @@ class NodeStatus:
     # it last ran: {"release", "rollout", "time"}.
     time: float | None = None
     run_once: dict[str, Any] | None = None
+    # The release signing keys the node trusts; None: its helper does not say (protocol < 3).
+    trusted_keys: tuple[TrustedKey, ...] | None = None
 
     @classmethod
     def from_answer(cls, name: str, doc: dict[str, Any]) -> NodeStatus:
+        # Before protocol 3 `signed` meant only that a .sig file existed; it is not shown as verified.
+        verifies = int(doc.get("protocol") or 1) >= 3
         images = tuple(
             NodeImage(id=i["id"], size=int(i.get("size") or 0), sha256=i.get("sha256"),
-                      signed=bool(i.get("signed")), mtime=int(i.get("mtime") or 0))
+                      signed=verifies and i.get("signed") is True, mtime=int(i.get("mtime") or 0),
+                      signed_by=i.get("signed_by") if verifies and isinstance(i.get("signed_by"), str) else None,
+                      signature=i.get("signature") if verifies and isinstance(i.get("signature"), str) else None)
             for i in doc.get("images") or [] if isinstance(i, dict) and i.get("id")
         )
         return cls(
@@ -116,6 +161,7 @@ class NodeStatus:
             hostname=doc.get("hostname"),
             time=float(doc["time"]) if isinstance(doc.get("time"), (int, float)) else None,
             run_once=doc.get("run_once") if isinstance(doc.get("run_once"), dict) else None,
+            trusted_keys=_trusted_keys(doc.get("trusted_keys")),
         )
 
     def image(self, image_id: str) -> NodeImage | None:
@@ -135,6 +181,7 @@ class NodeStatus:
             "images": [i.__dict__ for i in self.images], "free_bytes": self.free_bytes,
             "lock": self.lock, "system_state": self.system_state, "trial": self.trial,
             "last_rollout": self.last_rollout, "hostname": self.hostname, "run_once": self.run_once,
+            "trusted_keys": None if self.trusted_keys is None else [k.to_dict() for k in self.trusted_keys],
         }
 
 
@@ -147,12 +194,15 @@ class StageInfo:
     partial_bytes: int
     free_bytes: int
     incoming: str
+    # The keys the node trusts, with their public PEM; None: its helper does not say (protocol < 3).
+    trusted_keys: tuple[TrustedKey, ...] | None = None
 
     @classmethod
     def from_answer(cls, doc: dict[str, Any]) -> StageInfo:
         return cls(present=bool(doc.get("present")), sha256=doc.get("sha256"),
                    partial_bytes=int(doc.get("partial_bytes") or 0), free_bytes=int(doc.get("free_bytes") or 0),
-                   incoming=str(doc.get("incoming") or NODE_INCOMING))
+                   incoming=str(doc.get("incoming") or NODE_INCOMING),
+                   trusted_keys=_trusted_keys(doc.get("trusted_keys")))
 
 
 # --- command builders (pure; tested against exact lists) -------------------------------------
@@ -207,7 +257,9 @@ def parse_answer(node: str, command: str, result: CommandResult) -> dict[str, An
         raise NodeError(f"node {node}: {HELPER} {command} gave no answer (exit status {result.exit_status})"
                         + (f":\n{tail}" if tail else ""))
     if not doc.get("ok"):
-        raise HelperError(node, command, str(doc.get("error") or f"failed with exit status {result.exit_status}"))
+        error = str(doc.get("error") or f"failed with exit status {result.exit_status}")
+        cls = HelperVerificationError if doc.get("kind") == "verification" else HelperError
+        raise cls(node, command, error)
     return doc
 
 

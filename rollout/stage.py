@@ -4,6 +4,12 @@ Files travel into the helper's `.incoming/` and `stage-commit` verifies them (sh
 if the node trusts keys) and moves them into place, manifest last. A node that already has the
 image is skipped (0 bytes); a transfer cut short resumes where it stopped; a node without room
 is refused before anything is written.
+
+Signatures are checked twice before a byte leaves: against the keys the operator trusts (the
+inventory's `trusted_keys`, `--trusted-key`), once for the whole run; and against the keys each
+node says it trusts (stage-info), so a node that would refuse the release is not sent 250 MB
+first. The node's own check at stage-commit is the one that counts: it holds whatever the
+controller was told.
 """
 
 from __future__ import annotations
@@ -11,11 +17,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from imagetool.errors import ImagetoolError, NodeError, VerificationError
+from imagetool.signing import TrustedKey, load_trusted_keys, signed_by
 from imagetool.store import StoredRelease
-from rollout.node import Node, for_each, incoming_paths, under_lock
+from rollout.node import Node, StageInfo, for_each, incoming_paths, under_lock
 
 StageOutcome = Literal["present", "staged", "resumed", "failed"]
 
@@ -107,6 +115,7 @@ def stage(node: Node, release: StoredRelease, progress: StageProgress | None = N
     start = time.monotonic()
     image = release.manifest.image
     info = node.stage_info(release.id)
+    check_for_node(node.name, release, info)
     if info.present and info.sha256 == image.sha256:
         result = StageResult(node.name, release.id, "present", 0, time.monotonic() - start)
         progress.stage_end(node.name, result)
@@ -161,24 +170,57 @@ def stage(node: Node, release: StoredRelease, progress: StageProgress | None = N
     return result
 
 
-def check_release_files(release: StoredRelease) -> None:
-    """Refuse before touching any node if the release in the store is not what it claims."""
+def check_release_files(release: StoredRelease, trusted_keys: Sequence[Path] = ()) -> TrustedKey | None:
+    """Refuse before touching any node if the release in the store is not what it claims: its
+    image's size, and its signature when the operator trusts keys. Returns the key that signed it."""
     size = release.squashfs_path.stat().st_size if release.squashfs_path.exists() else None
     if size != release.manifest.image.size:
         raise VerificationError(
             f"{release.squashfs_path}: {'missing' if size is None else f'{size} bytes'}, "
             f"manifest says {release.manifest.image.size}"
         )
+    if not trusted_keys:
+        return None
+    return _signed_by(release, load_trusted_keys(trusted_keys), f"release {release.id} ({release.manifest_path})")
+
+
+def _signed_by(release: StoredRelease, keys: Sequence[TrustedKey], what: str) -> TrustedKey:
+    try:
+        # The bytes that are sent: the manifest file itself, not its parsed form.
+        data = release.manifest_path.read_bytes()
+        sig = release.sig_path.read_bytes() if release.sig_path is not None else None
+    except OSError as e:
+        raise VerificationError(f"release {release.id}: cannot read {e.filename}: {e.strerror or e}") from None
+    return signed_by(data, sig, keys, what, str(release.sig_path))
+
+
+def check_for_node(node: str, release: StoredRelease, info: StageInfo) -> None:
+    """Refuse, before sending anything, a release this node would refuse for its signature."""
+    if not info.trusted_keys:
+        return  # the node trusts no key (or its helper does not say): it checks sha256 only
+    keys, unusable = [], []
+    for k in info.trusted_keys:
+        name = f"{k.name} ({'image' if k.where == 'image' else '/var'})"
+        try:
+            keys.append(TrustedKey.from_pem(name, (k.pem or "").encode()))
+        except ImagetoolError:
+            unusable.append(name)  # the node's openssl cannot use it either
+    if not keys and unusable:
+        raise VerificationError(f"node {node}: none of the keys it trusts is an Ed25519 public key "
+                                f"({', '.join(unusable)}): it would refuse every release")
+    if keys:
+        _signed_by(release, keys, f"release {release.id} (for node {node})")
 
 
 def stage_all(nodes: Sequence[Node], release: StoredRelease, parallel: int = 4,
               progress: StageProgress | None = None, *,
-              lock_as: tuple[str, str, str] | None = None) -> StageReport:
+              lock_as: tuple[str, str, str] | None = None, trusted_keys: Sequence[Path] = ()) -> StageReport:
     """Stage on every node, `parallel` at a time; each node's result (or failure) is data.
 
     `lock_as` (lock id, owner, command): take each node's rollout lock while staging it, for
-    staging outside a rollout (a rollout stages under its own locks)."""
-    check_release_files(release)
+    staging outside a rollout (a rollout stages under its own locks). `trusted_keys`: the
+    release must be signed by one of them, or nothing is sent to any node."""
+    check_release_files(release, trusted_keys)
     progress = progress or NoProgress()
     report = StageReport(release.id)
 

@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from imagetool.errors import ImagetoolError, InputError, LockedError, NodeError, UnreachableError
@@ -52,7 +53,7 @@ from rollout.node import GroupResult, Node, NodeStatus, for_each
 from rollout.plan import Action, NodePlan, bootstrap_node, plan_rollback, plan_rollout
 from rollout.plan import batches as plan_batches
 from rollout.policy import BatchOutcome, NodeResult, OnFailure, decide, exit_code
-from rollout.stage import StageProgress, stage_all
+from rollout.stage import StageProgress, check_release_files, stage_all
 
 __all__ = [
     "EventFn", "Interrupted", "Rollout", "RolloutOptions", "RolloutResult", "Step", "default_owner",
@@ -87,6 +88,9 @@ class RolloutOptions:
     lock_max_age: float = 3600.0
     # Where the journal goes (default: rollout.journal.state_dir()).
     state_dir: str | None = None
+    # Release signing keys (public, PEM) the operator trusts, beside the inventory's: a release
+    # not signed by one of them is refused before any node is contacted.
+    trusted_keys: list[Path] = field(default_factory=list)
     # `batches`, parsed once.
     batch_spec: BatchSpec = field(init=False, repr=False, compare=False)
 
@@ -156,6 +160,7 @@ class Rollout:
         events: EventFn | None = None,
         progress: StageProgress | None = None,
         journal: Journal | None = None,
+        trusted_keys: Sequence[Path] = (),
     ) -> None:
         names = [n.name for n in nodes]
         if len(set(names)) != len(names):
@@ -169,6 +174,7 @@ class Rollout:
         self._cancel = threading.Event()
         self._locked: list[Node] = []
         o = self.options
+        self.trusted_keys = [*trusted_keys, *o.trusted_keys]
         self.activator = Activator(
             rollout_id=self.rollout_id, hooks=self.hooks, events=self.events, cancel=self._cancel,
             gate=HealthGate(checks=tuple(checks) + tuple(o.checks), timeout=o.health_timeout,
@@ -180,6 +186,13 @@ class Rollout:
     def run(self, release: StoredRelease) -> RolloutResult:
         """Roll `release` out to every node."""
         return self._journaled("rollout", release.id, lambda: self._run(release))
+
+    def check_release(self, release: StoredRelease) -> None:
+        """Refuse a release that is not what it claims (size; signature where keys are trusted)
+        before any node is contacted, so a refused release changes nothing anywhere."""
+        key = check_release_files(release, self.trusted_keys)
+        if key is not None:
+            self.events.record("signature", release=release.id, key=key.name, key_sha256=key.sha256)
 
     def rollback(self, to: str | None = None) -> RolloutResult:
         """Every node back to its previous image (or to `to`, which must be staged there)."""
@@ -208,6 +221,7 @@ class Rollout:
     def _run(self, release: StoredRelease) -> RolloutResult:
         start = time.monotonic()
         image = release.manifest.image
+        self.check_release(release)
         statuses = self._connect()
         try:
             self._lock_all(statuses)
@@ -526,7 +540,7 @@ def _on_inventory(inventory: Inventory, options: RolloutOptions | None, act: Cal
         journal = Journal(state_dir(options.state_dir), options.rollout_id)
         try:
             return act(Rollout(nodes, options, checks=inventory.health_checks, hooks=inventory.hooks, events=events,
-                               progress=progress, journal=journal))
+                               progress=progress, journal=journal, trusted_keys=inventory.trusted_keys))
         finally:
             journal.close()
 

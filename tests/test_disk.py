@@ -18,6 +18,7 @@ from imagetool import disk
 from imagetool.disk import DiskOptions, grub_cfg, grubenv_block, make_disk
 from imagetool.errors import InputError
 from imagetool.manifest import ImageInfo, sha256_file
+from imagetool.signing import generate_keypair, sign_file
 from imagetool.store import Store
 from tests.samples import sample_manifest
 
@@ -55,10 +56,13 @@ def test_grub_cfg_is_valid_grub_script(tmp_path):
 def test_disk_boots_the_release_as_committed_default(release1, tmp_path, fmt):
     key = tmp_path / "id.pub"
     key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGk8m0UwbTq3oE0X4lR0Jw0q3yq7kR8n0p2X9aZcW1bN op@example\n")
+    # The node will trust this key, so the release it is installed with must be signed by it.
     trusted = tmp_path / "release.pub"
-    trusted.write_text("-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n")
+    generate_keypair(tmp_path / "release.key", trusted)
+    sig = tmp_path / f"{release1.id}.sig"
+    sig.write_bytes(sign_file(release1.manifest_path, tmp_path / "release.key"))
     out = tmp_path / f"node.{fmt}"
-    result = make_disk(release1, DiskOptions(output=out, format=fmt, size=2 * 1024**3, authorized_keys=[key],
+    result = make_disk(dataclasses.replace(release1, sig_path=sig), DiskOptions(output=out, format=fmt, size=2 * 1024**3, authorized_keys=[key],
                                              trusted_keys=[trusted]))
     assert result.path == out and out.exists()
     assert not list(tmp_path.glob(".imagetool-disk-*")), "scratch space left behind"
@@ -209,3 +213,22 @@ def test_disk_boots_into_its_image_under_bios_and_uefi(release1, tmp_path, firmw
     finally:
         qemu.kill()
         qemu.wait()
+
+
+def test_disk_trusted_keys_must_vouch_for_the_release(tmp_path):
+    """A node installed to trust a key would refuse its own next release otherwise; and the
+    release it starts on is held to the rule it will hold every later one to."""
+    from imagetool.errors import VerificationError
+    from tests.samples import make_release
+
+    release = make_release(tmp_path / "store", "web", "1.0")
+    generate_keypair(tmp_path / "release.key", tmp_path / "release.pub")
+    with pytest.raises(VerificationError, match="release web-1.0 .* is not signed.*release.pub"):
+        disk.check_trusted_keys(release, [tmp_path / "release.pub"])
+    with pytest.raises(InputError, match="would both be installed as release.pem"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other/release.pem").write_bytes((tmp_path / "release.pub").read_bytes())
+        disk.check_trusted_keys(release, [tmp_path / "release.pub", tmp_path / "other/release.pem"])
+    sig = tmp_path / "web-1.0.sig"
+    sig.write_bytes(sign_file(release.manifest_path, tmp_path / "release.key"))
+    disk.check_trusted_keys(dataclasses.replace(release, sig_path=sig), [tmp_path / "release.pub"])

@@ -113,7 +113,7 @@ def test_select_by_name_and_group(tmp_path: Path, no_ssh_config: Path) -> None:
         ("nodes:\n  a: {host: 10.250.0.1, hots: x}\n",
          r"inventory.yaml: nodes.a: unknown key 'hots' \(allowed: host, port, user, key, known_hosts, proxy_jump, groups, vars, reset_command\)"),
         ("nodes:\n  a: {host: 10.250.0.1}\nnode: {}\n",
-         r"inventory.yaml: unknown key 'node' \(allowed: defaults, nodes, health_checks, hooks, run_once\)"),
+         r"inventory.yaml: unknown key 'node' \(allowed: defaults, nodes, health_checks, hooks, run_once, trusted_keys\)"),
         ("defaults: {usr: root}\nnodes:\n  a: {host: 10.250.0.1}\n",
          r"inventory.yaml: defaults: unknown key 'usr' \(allowed: user, port, key, known_hosts, proxy_jump, vars, reset_command\)"),
         ("nodes:\n  a: {port: 22}\n", r"inventory.yaml: nodes.a: missing 'host'"),

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from imagetool.errors import LockedError, NodeError, UnreachableError
+from imagetool.errors import LockedError, NodeError, UnreachableError, VerificationError
 from rollout.inventory import NodeSpec, load_inventory
 from rollout.node import (
     BootTimeoutError,
@@ -96,7 +96,25 @@ def test_node_status_from_answer() -> None:
     assert st.has_image("web-0.9") and not st.has_image("web-1.1")
     assert st.image("web-1.0").sha256 == "b" * 64  # type: ignore[union-attr]
     assert st.settled_on("web-1.0") and not st.settled_on("web-0.9")
-    assert st.to_dict()["images"][1]["signed"] is True
+    # A helper before protocol 3 said "signed" for "a .sig file exists": not shown as verified.
+    assert st.to_dict()["images"][1]["signed"] is False and st.trusted_keys is None
+
+
+def test_node_status_signed_means_verified_from_protocol_3() -> None:
+    doc = {**STATUS, "protocol": 3,
+           "images": [{**STATUS["images"][1], "signed_by": "release.pem", "signature": "verified"}],
+           "trusted_keys": [{"name": "release.pem", "where": "var", "sha256": "c" * 64}]}
+    st = NodeStatus.from_answer("n1", doc)
+    img = st.image("web-1.0")
+    assert img is not None and (img.signed, img.signed_by, img.signature) == (True, "release.pem", "verified")
+    assert st.to_dict()["trusted_keys"] == [{"name": "release.pem", "where": "var", "sha256": "c" * 64}]
+
+
+def test_a_verification_refusal_is_a_verification_error() -> None:
+    answer = result('{"ok": false, "error": "web-1.1: signature refused", "kind": "verification"}', 1)
+    with pytest.raises(VerificationError, match="node n1: imagetool-node verify: web-1.1: signature refused") as e:
+        parse_answer("n1", "verify", answer)
+    assert e.value.exit_code == 5
 
 
 class ScriptedTransport:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -21,6 +22,10 @@ limit_option = click.option(
 parallel_option = click.option(
     "--parallel", type=click.IntRange(min=1), default=4, show_default=True,
     help="Nodes staged or contacted at once.")
+trusted_key_option = click.option(
+    "--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="PEM",
+    help="Release signing public key to require (repeatable; beside the inventory's trusted_keys): "
+         "a release not signed by one is refused before any node is contacted.")
 
 
 def check_options() -> list[Callable[..., Any]]:
@@ -80,6 +85,7 @@ def _make_options(kw: dict[str, Any], command: str, **fixed: Any) -> Any:
 
     given = {k: v for k, v in kw.items() if v is not None and not k.startswith("check_")}
     given["limit"] = list(kw.get("limit") or ()) or None
+    given["trusted_keys"] = [Path(k) for k in kw.get("trusted_keys") or ()]
     given["checks"] = cli_checks(**{k.removeprefix("check_"): v for k, v in kw.items() if k.startswith("check_")})
     return RolloutOptions(command=command, **given, **fixed)
 
@@ -94,28 +100,32 @@ def _command_line() -> str:
 @click.argument("release")
 @inventory_option
 @store_option
+@trusted_key_option
 @limit_option
 @parallel_option
 @host_keys_option
 @json_option
 @handle_errors
-def stage(release: str, inventory: str, store: str | None, limit: tuple[str, ...], parallel: int,
-          accept_new_host_keys: bool, as_json: bool) -> None:
+def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[str, ...], limit: tuple[str, ...],
+          parallel: int, accept_new_host_keys: bool, as_json: bool) -> None:
     """Copy RELEASE to the nodes without disturbing them (skips nodes that have it, resumes partial copies)."""
-    from imagetool.errors import LockedError, NodeError, UnreachableError
+    from imagetool.errors import LockedError, NodeError, UnreachableError, VerificationError
     from imagetool.store import Store, default_store_path, resolve_release
     from rollout.fleet import open_nodes
     from rollout.inventory import load_inventory
     from rollout.locks import default_owner, new_rollout_id
-    from rollout.stage import stage_all
+    from rollout.stage import check_release_files, stage_all
 
     stored = resolve_release(Store(default_store_path(store)), release)
     inv = load_inventory(inventory)
+    keys = [*inv.trusted_keys, *(Path(k) for k in trusted_keys)]
+    # Before connecting: a refused release changes nothing anywhere.
+    check_release_files(stored, keys)
     # Under each node's rollout lock, so a rollout or a gc cannot pull the transfer away.
     lock_as = ("stage-" + new_rollout_id(), default_owner(), _command_line())
     with open_nodes(inv, list(limit), accept_new_host_keys=accept_new_host_keys) as nodes:
         with LiveView([n.name for n in nodes], f"staging {stored.id}", stage_events=True) as view:
-            report = stage_all(nodes, stored, parallel=parallel, progress=view, lock_as=lock_as)
+            report = stage_all(nodes, stored, parallel=parallel, progress=view, lock_as=lock_as, trusted_keys=keys)
     if as_json:
         print_json(report.to_dict())
     else:
@@ -129,7 +139,8 @@ def stage(release: str, inventory: str, store: str | None, limit: tuple[str, ...
     if failed:
         errors = [r.exception for r in failed.values()]
         cls = (UnreachableError if all(isinstance(e, UnreachableError) for e in errors)
-               else LockedError if any(isinstance(e, LockedError) for e in errors) else NodeError)
+               else LockedError if any(isinstance(e, LockedError) for e in errors)
+               else VerificationError if any(isinstance(e, VerificationError) for e in errors) else NodeError)
         raise cls(f"{len(failed)} of {len(report.results)} nodes not staged: " + ", ".join(failed))
 
 
@@ -137,6 +148,7 @@ def stage(release: str, inventory: str, store: str | None, limit: tuple[str, ...
 @click.argument("release")
 @inventory_option
 @store_option
+@trusted_key_option
 @rollout_options
 @handle_errors
 def rollout(release: str, inventory: str, store: str | None, as_json: bool, **kw: Any) -> None:
@@ -177,6 +189,7 @@ def rollback(inventory: str, to: str | None, as_json: bool, **kw: Any) -> None:
 @inventory_option
 @store_option
 @click.option("--batch", "batches", default=None, help="Batch sizes as for rollout (default: rollout's).")
+@trusted_key_option
 @with_options(check_options())
 @limit_option
 @parallel_option
