@@ -219,7 +219,7 @@ def _strings(value: Any, w: Where) -> tuple[str, ...]:
 
 
 def _seconds(value: Any, w: Where) -> float:
-    return schema.number(value, w, minimum=0, exclusive=True)
+    return schema.number(value, w, minimum=0, exclusive=True, maximum=schema.MAX_SECONDS)
 
 
 def _size(value: Any, w: Where) -> int:

@@ -197,7 +197,7 @@ def _parse_release(doc: Any, path: Path, w: Where) -> Release:
 
     sde = doc.get("source_date_epoch")
     if sde is not None:
-        sde = schema.integer(sde, w / "source_date_epoch", minimum=0)
+        sde = schema.integer(sde, w / "source_date_epoch", minimum=0, maximum=253402300799)  # year 9999
 
     return Release(
         path=path.absolute(),
@@ -253,7 +253,8 @@ def _parse_health_checks(value: Any, w: Where) -> tuple[HealthCheck, ...]:
         if any(c.name == name for c in checks):
             raise (wi / "name").error(f"health check {name!r} is defined twice")
         command = schema.string(item["command"], wi / "command", non_empty=True)
-        timeout = schema.number(item.get("timeout", DEFAULT_HEALTH_TIMEOUT), wi / "timeout", minimum=0, exclusive=True)
+        timeout = schema.number(item.get("timeout", DEFAULT_HEALTH_TIMEOUT), wi / "timeout", minimum=0, exclusive=True,
+                                maximum=schema.MAX_SECONDS)
         checks.append(HealthCheck(name=name, command=command, timeout=timeout))
     return tuple(checks)
 

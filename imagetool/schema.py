@@ -176,12 +176,21 @@ def integer(value: Any, where: Where, *, minimum: int | None = None, maximum: in
     return value
 
 
-def number(value: Any, where: Where, *, minimum: float, exclusive: bool = False) -> float:
-    """A finite number (int or float, not a boolean) >= minimum (> if exclusive)."""
+def number(value: Any, where: Where, *, minimum: float, exclusive: bool = False,
+           maximum: float | None = None) -> float:
+    """A finite number (int or float, not a boolean) >= minimum (> if exclusive), <= maximum.
+    `.nan` and `.inf` are YAML floats: refused here, or a timeout would never run out."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (exclusive and value == minimum):
-        raise where.got(f"a number {'>' if exclusive else '>='} {minimum:g}", value)
+    if (not ok or value < minimum or (exclusive and value == minimum)
+            or (maximum is not None and value > maximum)):
+        expected = f"a number {'>' if exclusive else '>='} {minimum:g}"
+        raise where.got(expected + (f" and <= {maximum:g}" if maximum is not None else ""), value)
     return value
+
+
+# The longest timeout or interval a file may ask for: a day. Longer is a typo, and large enough
+# values overflow the system's timers.
+MAX_SECONDS = 86400.0
 
 
 def port(value: Any, where: Where) -> int:

@@ -293,9 +293,11 @@ def parse_checks(value: Any, where: Where) -> list[CheckSpec]:
                 name=name,
                 kind=kind.key,
                 target=target,
-                timeout=schema.number(spec.get("timeout", 5), w / "timeout", minimum=0.001),
-                retries=schema.integer(spec.get("retries", 3), w / "retries", minimum=1),
-                interval=float(schema.number(spec.get("interval", 1.0), w / "interval", minimum=0)),
+                timeout=schema.number(spec.get("timeout", 5), w / "timeout", minimum=0.001,
+                                      maximum=schema.MAX_SECONDS),
+                retries=schema.integer(spec.get("retries", 3), w / "retries", minimum=1, maximum=1000),
+                interval=float(schema.number(spec.get("interval", 1.0), w / "interval", minimum=0,
+                                             maximum=schema.MAX_SECONDS)),
                 **options,
             )
         )

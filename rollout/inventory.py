@@ -268,7 +268,8 @@ def _hook(raw: Any, where: Where, allowed: tuple[str, ...], default_name: str) -
     if runs_on not in ("controller", "node"):
         raise (where / "where").error(f"expected 'controller' or 'node', got {runs_on!r}")
     return {"name": name, "run": _str(spec["run"], where / "run"), "where": runs_on,
-            "timeout": float(schema.number(spec.get("timeout", 300), where / "timeout", minimum=1))}
+            "timeout": float(schema.number(spec.get("timeout", 300), where / "timeout", minimum=1,
+                                           maximum=schema.MAX_SECONDS))}
 
 
 def _hooks(value: Any, run_once: Any, root: Where) -> Hooks:

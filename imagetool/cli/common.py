@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from typing import Any, Callable
@@ -79,6 +80,29 @@ def parse_size(text: str) -> int:
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     num, unit = (t[:-1], units[t[-1]]) if t and t[-1] in units else (t, 1)
     try:
-        return int(float(num) * unit)
-    except ValueError:
+        size = int(float(num) * unit)  # nan: ValueError; inf: OverflowError
+    except (ValueError, OverflowError):
         raise click.BadParameter(f"{text!r} is not a size (e.g. 4G, 512M)") from None
+    if size <= 0:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 4G, 512M)")
+    return size
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds in [minimum, maximum]. click's FloatRange lets `nan` through
+    (it compares false with both bounds) and `inf` too when there is no maximum: either would
+    turn a timeout off rather than set it."""
+
+    name = "seconds"
+
+    def __init__(self, minimum: float = 0, maximum: float = 86400) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(number) or not self.minimum <= number <= self.maximum:
+            self.fail(f"{value!r} is not a number of seconds from {self.minimum:g} to {self.maximum:g}", param, ctx)
+        return number

@@ -9,7 +9,17 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from imagetool.cli.common import console, handle_errors, human_bytes, json_option, main, out, print_json, store_option
+from imagetool.cli.common import (
+    Seconds,
+    console,
+    handle_errors,
+    human_bytes,
+    json_option,
+    main,
+    out,
+    print_json,
+    store_option,
+)
 from imagetool.cli.view import LiveView, first_line, show_result
 
 inventory_option = click.option(
@@ -19,7 +29,7 @@ host_keys_option = click.option(
 limit_option = click.option(
     "--limit", multiple=True, metavar="NAME|GROUP", help="Only these nodes or groups (repeatable).")
 parallel_option = click.option(
-    "--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+    "--parallel", type=click.IntRange(1, 1024), default=4, show_default=True,
     help="Nodes staged or contacted at once.")
 
 
@@ -47,22 +57,22 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--batch", "batches", default=DEFAULT_BATCHES, show_default=True,
                      help="Batch sizes, Ansible serial style: '1,2,25%' (the last repeats; percentages of the nodes that "
                           "move). The first batch is the canary."),
-        click.option("--pause", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds between batches."),
+        click.option("--pause", type=Seconds(0), default=0, show_default=True, help="Seconds between batches."),
         click.option("--max-failures", default="0", show_default=True, metavar="N|P%",
                      help="Failed nodes tolerated (over the whole run) before stopping."),
         click.option("--on-failure", type=click.Choice(["rollback-node", "rollback-all"]), default="rollback-node",
                      show_default=True, help="When stopping: leave moved nodes, or move every one back too."),
-        click.option("--confirm-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
+        click.option("--confirm-timeout", type=Seconds(1), default=300, show_default=True,
                      help="Seconds a node waits for confirmation of a new boot before it reboots back by itself."),
-        click.option("--boot-timeout", type=click.FloatRange(min=1), default=180, show_default=True,
+        click.option("--boot-timeout", type=Seconds(1), default=180, show_default=True,
                      help="Seconds to wait for a node to come back after a reboot."),
-        click.option("--health-timeout", type=click.FloatRange(min=0), default=120, show_default=True,
+        click.option("--health-timeout", type=Seconds(0), default=120, show_default=True,
                      help="Seconds a freshly booted node may take to become healthy."),
         *check_options(),
         click.option("--rollout-id", default=None, help="Take over an interrupted run's locks by its id and carry on."),
         click.option("--break-lock", is_flag=True,
                      help="Take over node locks of other runs older than --lock-max-age (says whose it broke)."),
-        click.option("--lock-max-age", type=click.FloatRange(min=0), default=3600, show_default=True, metavar="S",
+        click.option("--lock-max-age", type=Seconds(0, 10 * 365 * 86400), default=3600, show_default=True, metavar="S",
                      help="Age in seconds after which --break-lock may take a lock over."),
         click.option("--dry-run", is_flag=True, help="Connect, plan and show; change nothing."),
         limit_option,
@@ -292,7 +302,7 @@ def history(rollout_id: str | None, count: int, as_json: bool) -> None:
 @inventory_option
 @limit_option
 @click.option("--no-health", is_flag=True, help="Skip the health checks; status only.")
-@click.option("--parallel", type=click.IntRange(min=1), default=8, show_default=True, help="Nodes contacted at once.")
+@click.option("--parallel", type=click.IntRange(1, 1024), default=8, show_default=True, help="Nodes contacted at once.")
 @host_keys_option
 @json_option
 @handle_errors
