@@ -42,6 +42,7 @@ from imagetool.names import check_release_id
 from imagetool.store import StoredRelease
 from rollout.activation import Activator, Interrupted
 from rollout.batch import DEFAULT_BATCHES, BatchSpec, cover, parse_threshold, split
+from rollout.checks import KINDS
 from rollout.events import EventFn, Events, Step
 from rollout.fleet import open_nodes
 from rollout.health import HealthGate, check_node
@@ -339,7 +340,10 @@ class Rollout:
         dry = self.options.dry_run
         gate = self.activator.gate
         if dry:
-            gate = HealthGate(checks=gate.checks, timeout=0, interval=0)
+            # A dry run changes nothing, and a command check is a program run on the node that
+            # could change anything: only the helper's read-only health and the controller's own
+            # probes (tcp, http) are asked.
+            gate = HealthGate(checks=tuple(c for c in gate.checks if not KINDS[c.kind].shell), timeout=0, interval=0)
 
         def check(node: Node) -> NodeResult:
             p = settled[node.name]
