@@ -555,4 +555,6 @@ def run_rollout(release: StoredRelease, inventory: Inventory, options: RolloutOp
 def run_rollback(inventory: Inventory, options: RolloutOptions | None = None, *, to: str | None = None,
                  events: EventFn | None = None) -> RolloutResult:
     """Roll the inventory's nodes back to their previous image (or to `to`), journaled."""
+    if to is not None:
+        check_release_id(to, where="--to")  # before anything, journal included, exists
     return _on_inventory(inventory, options, lambda r: r.rollback(to), events)

@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -29,6 +30,18 @@ console = Console(stderr=True, soft_wrap=True, width=_width(sys.stderr))
 out = Console(soft_wrap=True, width=_width(sys.stdout))
 
 
+# Terminal control characters (ESC starts colour changes, window titles and OSC 8 links): shown
+# as \xNN, never sent to the terminal. Newlines and tabs stay.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe(text: object) -> str:
+    """Text that is not the tool's own (from nodes, manifests, journals, files, errors quoting
+    them), ready to go into rich markup: markup escaped (`[/x]` would crash the print, `[link=...]`
+    would show a link of the sender's choice) and control characters made visible."""
+    return escape(_CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text)))
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The one place where core errors become messages and exit codes."""
 
@@ -37,7 +50,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ImagetoolError as e:
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            console.print(f"[bold red]error:[/] {safe(e)}", highlight=False)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
