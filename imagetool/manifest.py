@@ -19,6 +19,7 @@ from imagetool.errors import InputError, NotFoundError, VerificationError
 from imagetool.names import check_name, check_version, release_id
 from imagetool.release import Base, HealthCheck, Mirrors, SquashfsOptions
 from imagetool.schema import Where
+from imagetool.yamlfile import read_limited
 
 FORMAT = 1
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -237,7 +238,7 @@ def _strings(value: Any, w: Where) -> tuple[str, ...]:
 
 
 def _seconds(value: Any, w: Where) -> float:
-    return schema.number(value, w, minimum=0, exclusive=True)
+    return schema.number(value, w, minimum=0, exclusive=True, maximum=schema.MAX_SECONDS)
 
 
 def _size(value: Any, w: Where) -> int:
@@ -248,14 +249,13 @@ def _sha256(value: Any, w: Where) -> str:
     return schema.string(value, w, SHA256_RE, "sha256 hex digest")
 
 
+# A manifest lists every package of an image: a few hundred KiB. A larger file is not one.
+MAX_MANIFEST_BYTES = 16 << 20
+
+
 def load_manifest(path: str | Path) -> Manifest:
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{path}: manifest does not exist") from None
-    except OSError as e:
-        raise VerificationError(f"{path}: cannot read manifest: {e.strerror or e}") from None
+    data = read_limited(path, "manifest", MAX_MANIFEST_BYTES, kind="JSON", error=VerificationError)
     return Manifest.from_json(data, str(path))
 
 

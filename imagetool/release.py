@@ -45,6 +45,17 @@ PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
 SERVICE_RE = re.compile(r"^[A-Za-z0-9@_:][A-Za-z0-9@_.:-]*\.(service|socket|timer|target)$")
 HEALTH_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 ENV_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+# `environment:` reaches the root-run build (diskimage-builder and every element's scripts). It
+# is for the elements' own options, never for what the tool sets itself (build.dib_environment)
+# nor for what changes which programs run or how: a release file must not be able to run code
+# of its choice as root outside its elements.
+RESERVED_ENV = frozenset({
+    "DIB_RELEASE", "DIB_DISTRIBUTION_MIRROR", "DIB_DEBIAN_SECURITY_MIRROR", "ELEMENTS_PATH",
+    "SOURCE_DATE_EPOCH", "PATH", "HOME", "SHELL", "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS",
+    "PS4", "CDPATH", "GLOBIGNORE", "TMPDIR", "PERL5LIB", "PERL5OPT", "RUBYOPT", "GCONV_PATH",
+    "DIB_PYTHON_EXEC",
+})
+RESERVED_ENV_PREFIXES = ("IMAGETOOL_", "LD_", "PYTHON", "BASH_FUNC_")
 
 TOP_KEYS = (
     "name",
@@ -160,12 +171,21 @@ def _parse_release(doc: Any, path: Path, w: Where) -> Release:
         raise (w / "elements")[i].error(f"{base.element!r} comes from base.distribution; do not list it")
 
     given = schema.string_list(doc.get("element_paths"), w / "element_paths", re.compile(r"^.+$"), "path")
-    here = path.absolute().parent
+    # Element paths must stay inside the release file's own directory tree, symlinks resolved:
+    # the release (and its sha256 in the manifest) then describes everything the root-run build
+    # executes, and a release file received from elsewhere cannot reach into /home or /etc.
+    here = path.absolute().parent.resolve()
     element_paths = []
     for i, p in enumerate(given):
+        wi = (w / "element_paths")[i]
+        if ":" in p:
+            raise wi.error(f"{schema.short(p)}: ':' separates entries of ELEMENTS_PATH; rename the directory")
         full = (here / p).resolve()
+        if full != here and here not in full.parents:
+            raise wi.error(f"{schema.short(p)} resolves to {full}, outside {here}: element paths must lie "
+                           "in the release file's directory tree (symlinks resolved)")
         if not full.is_dir():
-            raise (w / "element_paths")[i].error(f"{p!r} is not a directory (looked for {full})")
+            raise wi.error(f"{schema.short(p)} is not a directory (looked for {full})")
         element_paths.append(full)
 
     packages = schema.string_list(
@@ -182,7 +202,7 @@ def _parse_release(doc: Any, path: Path, w: Where) -> Release:
 
     sde = doc.get("source_date_epoch")
     if sde is not None:
-        sde = schema.integer(sde, w / "source_date_epoch", minimum=0)
+        sde = schema.integer(sde, w / "source_date_epoch", minimum=0, maximum=253402300799)  # year 9999
     trusted_keys = _parse_trusted_keys(doc.get("trusted_keys"), w / "trusted_keys", here)
 
     return Release(
@@ -269,7 +289,8 @@ def _parse_health_checks(value: Any, w: Where) -> tuple[HealthCheck, ...]:
         if any(c.name == name for c in checks):
             raise (wi / "name").error(f"health check {name!r} is defined twice")
         command = schema.string(item["command"], wi / "command", non_empty=True)
-        timeout = schema.number(item.get("timeout", DEFAULT_HEALTH_TIMEOUT), wi / "timeout", minimum=0, exclusive=True)
+        timeout = schema.number(item.get("timeout", DEFAULT_HEALTH_TIMEOUT), wi / "timeout", minimum=0, exclusive=True,
+                                maximum=schema.MAX_SECONDS)
         checks.append(HealthCheck(name=name, command=command, timeout=timeout))
     return tuple(checks)
 
@@ -278,7 +299,15 @@ def _parse_environment(value: Any, w: Where) -> dict[str, str]:
     env: dict[str, str] = {}
     for k, v in schema.mapping(value, w).items():
         if not ENV_KEY_RE.match(k):
-            raise (w / k).error(f"{k!r} is not a valid variable name (must match {ENV_KEY_RE.pattern})")
+            raise (w / k).error(f"{schema.short(k)} is not a valid variable name (must match {ENV_KEY_RE.pattern})")
+        if k in RESERVED_ENV or k.startswith(RESERVED_ENV_PREFIXES):
+            hint = {"SOURCE_DATE_EPOCH": "; use the release's source_date_epoch key",
+                    "ELEMENTS_PATH": "; use the release's element_paths key",
+                    "DIB_RELEASE": "; use base.release",
+                    "DIB_DISTRIBUTION_MIRROR": "; use mirrors.distribution",
+                    "DIB_DEBIAN_SECURITY_MIRROR": "; use mirrors.security"}.get(k, "")
+            raise (w / k).error(f"{k} is set by imagetool or changes how the build runs; a release may not "
+                                f"set it{hint}")
         # DIB's own switches are 1/0 (e.g. DIB_AVOID_PACKAGES_UPDATE=1), so YAML booleans map there.
         if isinstance(v, bool):
             env[k] = "1" if v else "0"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -33,6 +34,16 @@ def type_name(value: Any) -> str:
         list: "a list",
         dict: "a mapping",
     }.get(type(value), type(value).__name__)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 80, 80
+
+
+def short(value: Any) -> str:
+    """repr(value), cut short: an error message quotes what it refuses, never all of it (a value
+    may be megabytes long, or a tree shared a million times over by YAML aliases)."""
+    return _REPR.repr(value)
 
 
 class Where:
@@ -78,7 +89,7 @@ class Where:
         return self.error_class(f"{self}: {problem}")
 
     def got(self, expected: str, value: Any) -> ImagetoolError:
-        return self.error(f"expected {expected}, got {value!r} ({type_name(value)})")
+        return self.error(f"expected {expected}, got {short(value)} ({type_name(value)})")
 
     def missing(self, key: str, hint: str = "") -> ImagetoolError:
         """`key` is required in the mapping here and absent."""
@@ -125,7 +136,7 @@ def string(value: Any, where: Where, pattern: re.Pattern[str] | None = None, wha
     if not isinstance(value, str) or (non_empty and not value.strip()):
         raise where.got("a non-empty string" if non_empty else "a string", value)
     if pattern is not None and not pattern.match(value):
-        raise where.error(f"{value!r} is not a valid {what}")
+        raise where.error(f"{short(value)} is not a valid {what}")
     return value
 
 
@@ -165,12 +176,21 @@ def integer(value: Any, where: Where, *, minimum: int | None = None, maximum: in
     return value
 
 
-def number(value: Any, where: Where, *, minimum: float, exclusive: bool = False) -> float:
-    """A finite number (int or float, not a boolean) >= minimum (> if exclusive)."""
+def number(value: Any, where: Where, *, minimum: float, exclusive: bool = False,
+           maximum: float | None = None) -> float:
+    """A finite number (int or float, not a boolean) >= minimum (> if exclusive), <= maximum.
+    `.nan` and `.inf` are YAML floats: refused here, or a timeout would never run out."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (exclusive and value == minimum):
-        raise where.got(f"a number {'>' if exclusive else '>='} {minimum:g}", value)
+    if (not ok or value < minimum or (exclusive and value == minimum)
+            or (maximum is not None and value > maximum)):
+        expected = f"a number {'>' if exclusive else '>='} {minimum:g}"
+        raise where.got(expected + (f" and <= {maximum:g}" if maximum is not None else ""), value)
     return value
+
+
+# The longest timeout or interval a file may ask for: a day. Longer is a typo, and large enough
+# values overflow the system's timers.
+MAX_SECONDS = 86400.0
 
 
 def port(value: Any, where: Where) -> int:
@@ -183,5 +203,5 @@ def port(value: Any, where: Where) -> int:
 def one_of(value: Any, where: Where, choices: Iterable[str], what: str = "") -> str:
     choices = tuple(choices)
     if value not in choices:
-        raise where.error(f"{value!r} is not {what or 'supported'}; choose one of: {', '.join(choices)}")
+        raise where.error(f"{short(value)} is not {what or 'supported'}; choose one of: {', '.join(choices)}")
     return value

@@ -41,8 +41,25 @@ def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
         os.fsync(f.fileno())
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file, however spelt: relative or absolute, through symlinks
+    (followed to their end, existing or not), or as two hard links to one inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def generate_keypair(private_path: Path, public_path: Path, force: bool = False) -> None:
     private_path, public_path = Path(private_path), Path(public_path)
+    # Checked before anything is touched: the public key written second would replace the
+    # private key just written (and, with --force, the one that was there before).
+    if _same_file(private_path, public_path):
+        raise InputError(f"--private {private_path} and --public {public_path} are the same file; "
+                         "give the keys two paths")
     if not force:
         for p in (private_path, public_path):
             if p.exists():

@@ -4,6 +4,10 @@ saying what is wrong with them.
 `yaml.safe_load` semantics, except that a mapping key written twice is an error: plain YAML keeps
 the last one silently, which would make two nodes or two settings with the same name collapse
 into one without a word. Every error names the file, the line and column, and the problem.
+
+Files are read with a size limit (`read_limited`) and a document may expand to at most
+MAX_NODES values with its aliases followed: a few hundred bytes of nested aliases ("billion
+laughs") would otherwise become gigabytes in any code that walks, copies or prints the value.
 """
 
 from __future__ import annotations
@@ -13,11 +17,56 @@ from typing import Any
 
 import yaml
 
-from imagetool.errors import InputError, NotFoundError
+from imagetool.errors import ImagetoolError, InputError, NotFoundError
+
+# Release files and inventories are hand-written: a few KiB. 4 MiB leaves room for a fleet of
+# thousands of nodes and still refuses /dev/zero or a mistyped path to an image at once.
+MAX_YAML_BYTES = 4 << 20
+# Values in a document with every alias expanded; a large inventory has a few tens of thousands.
+MAX_NODES = 200_000
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys."""
+    """SafeLoader that refuses duplicate mapping keys and documents that aliases blow up."""
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose value, aliases expanded, has more than MAX_NODES parts (or refers to
+    itself). Counted without expanding: each node's expanded size is computed once."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to the value that contains it",
+                                              node.start_mark)
+        busy.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children: list[yaml.Node] = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > MAX_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases expand this document to more than {MAX_NODES} values", node.start_mark)
+        busy.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -76,15 +125,25 @@ def parse_yaml(text: str | bytes, where: str) -> Any:
         raise yaml_error(where, e) from None
 
 
-def load_yaml(path: str | Path, what: str) -> Any:
-    """Read and parse the YAML file `path`; `what` names it in errors ("release file")."""
+def read_limited(path: str | Path, what: str, limit: int, *, kind: str = "",
+                 error: type[ImagetoolError] = InputError) -> bytes:
+    """The bytes of the file `path`, at most `limit` of them: a device, a FIFO or a huge file given
+    by mistake is refused with a clear error (`error`) instead of filling memory."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
     except FileNotFoundError:
         raise NotFoundError(f"{path}: {what} does not exist") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, expected a {what} (YAML)") from None
+        raise error(f"{path}: is a directory, expected a {what}{f' ({kind})' if kind else ''}") from None
     except OSError as e:
-        raise InputError(f"{path}: cannot read {what}: {e.strerror or e}") from None
-    return parse_yaml(data, str(path))
+        raise error(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise error(f"{path}: too large for {what} (more than {limit // 1024} KiB)")
+    return data
+
+
+def load_yaml(path: str | Path, what: str) -> Any:
+    """Read and parse the YAML file `path`; `what` names it in errors ("release file")."""
+    return parse_yaml(read_limited(path, what, MAX_YAML_BYTES, kind="YAML"), str(path))

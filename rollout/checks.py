@@ -12,6 +12,7 @@ what one attempt of one check is.
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import socket
@@ -37,6 +38,46 @@ PLACEHOLDER_RE = re.compile(r"\{(host|name|port|user|vars\.[A-Za-z0-9_.-]+)\}")
 OUTPUT_LIMIT = 2000
 
 
+def shell_placeholder_problem(command: str) -> str | None:
+    """Why the placeholders in the shell command `command` could not be made safe, or None.
+
+    A value is substituted as one shell-quoted word, which is safe only where the shell reads a
+    plain word: inside '...' or "..." the quotes of the value would close the operator's and its
+    text would run (`echo "{vars.x}"` with x = `"; reboot; "`), and a here-document's body is
+    expanded without regard to quotes. There, a placeholder is refused: write it unquoted, it is
+    quoted for you."""
+    if not PLACEHOLDER_RE.search(command):
+        return None
+    heredoc = re.search(r"<<(?!<)", command)
+    if heredoc and PLACEHOLDER_RE.search(command, heredoc.start()):
+        return "a placeholder after '<<' (a here-document) cannot be quoted safely; pass the value as an argument"
+    quote: str | None = None
+    i = 0
+    while i < len(command):
+        c = command[i]
+        if quote is None or quote == '"':
+            m = PLACEHOLDER_RE.match(command, i)
+            if m and quote == '"':
+                return (f"placeholder {m.group(0)} inside double quotes: write it unquoted (it is shell-quoted "
+                        "for you), e.g. echo {vars.x} rather than echo \"{vars.x}\"")
+            if c == "\\":
+                i += 2
+                continue
+            if c == '"':
+                quote = None if quote == '"' else '"'
+            elif c == "'" and quote is None:
+                quote = "'"
+        elif c == "'":  # inside '...' nothing but the closing quote counts
+            quote = None
+        elif PLACEHOLDER_RE.match(command, i):
+            m = PLACEHOLDER_RE.match(command, i)
+            assert m is not None
+            return (f"placeholder {m.group(0)} inside single quotes: write it unquoted (it is shell-quoted "
+                    "for you)")
+        i += 1
+    return None
+
+
 @dataclass(frozen=True)
 class CheckSpec:
     """One extra health check; run by the health gate, per node, after `for_node`.
@@ -57,10 +98,15 @@ class CheckSpec:
     def for_node(self, node: NodeSpec) -> CheckSpec:
         """This check with {host}, {name}, {port}, {user} and {vars.X} filled in for `node`.
 
-        Values substituted into a shell command are shell-quoted: the command is a trusted
-        literal, but the values come from per-node data.
+        Values substituted into a shell command are shell-quoted, and the command was checked
+        (shell_placeholder_problem) to hold them only where a quoted word stays one word. In a
+        URL or HOST:PORT a value must not carry spaces or control characters.
         """
         shell = KINDS[self.kind].shell
+        if shell:
+            problem = shell_placeholder_problem(self.target)
+            if problem:
+                raise InputError(f"health check {self.name!r}: {problem}")
 
         def value(match: re.Match[str]) -> str:
             key = match.group(1)
@@ -74,7 +120,12 @@ class CheckSpec:
                 text = str(node.vars[var])
             else:
                 text = str(getattr(node, key))
-            return shlex.quote(text) if shell else text
+            if shell:
+                return shlex.quote(text)
+            if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in text):
+                raise InputError(f"health check {self.name!r}: node {node.name}: {{{key}}} = {text!r} "
+                                 f"has spaces or control characters, which {self.kind} targets cannot hold")
+            return text
 
         return replace(self, target=PLACEHOLDER_RE.sub(value, self.target))
 
@@ -89,8 +140,11 @@ class CheckResult:
 
     @classmethod
     def from_helper(cls, doc: dict[str, Any]) -> CheckResult:
-        return cls(name=str(doc.get("name")), ok=bool(doc.get("ok")), detail=str(doc.get("detail") or ""),
-                   output=str(doc.get("output") or ""), seconds=float(doc.get("seconds") or 0))
+        seconds = doc.get("seconds")
+        # The node's word: a number that is not one is shown as 0, not a crash of the gate.
+        ok_number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
+        return cls(name=str(doc.get("name")), ok=doc.get("ok") is True, detail=str(doc.get("detail") or ""),
+                   output=str(doc.get("output") or "")[-OUTPUT_LIMIT:], seconds=float(seconds) if ok_number else 0.0)
 
 
 def _tail(text: str) -> str:
@@ -149,9 +203,16 @@ class CommandCheck(CheckKind):
     flag_help = "Extra check command run on the node (repeatable)."
 
     @classmethod
+    def check_target(cls, target: str) -> str | None:
+        return shell_placeholder_problem(target)
+
+    @classmethod
     def from_flag(cls, arg: str, index: int) -> CheckSpec:
         if not arg.strip():
             raise InputError("--check-command: the command is empty")
+        problem = cls.check_target(arg)
+        if problem:
+            raise InputError(f"--check-command {arg!r}: {problem}")
         return CheckSpec(name=f"cli-command-{index + 1}", kind=cls.key, target=arg)
 
     @classmethod
@@ -293,9 +354,11 @@ def parse_checks(value: Any, where: Where) -> list[CheckSpec]:
                 name=name,
                 kind=kind.key,
                 target=target,
-                timeout=schema.number(spec.get("timeout", 5), w / "timeout", minimum=0.001),
-                retries=schema.integer(spec.get("retries", 3), w / "retries", minimum=1),
-                interval=float(schema.number(spec.get("interval", 1.0), w / "interval", minimum=0)),
+                timeout=schema.number(spec.get("timeout", 5), w / "timeout", minimum=0.001,
+                                      maximum=schema.MAX_SECONDS),
+                retries=schema.integer(spec.get("retries", 3), w / "retries", minimum=1, maximum=1000),
+                interval=float(schema.number(spec.get("interval", 1.0), w / "interval", minimum=0,
+                                             maximum=schema.MAX_SECONDS)),
                 **options,
             )
         )

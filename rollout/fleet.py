@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from imagetool.errors import ImagetoolError
+from imagetool.errors import ImagetoolError, UnreachableError
 from rollout.health import HealthGate, HealthReport, check_node
 from rollout.inventory import CheckSpec, Inventory, select
 from rollout.node import Node, NodeStatus, for_each, ssh_nodes
@@ -40,12 +40,19 @@ class NodeReport:
     health: HealthReport | None = None
     health_error: str | None = None
     error: str | None = None
+    # Why the status is unknown, as an exception: an unreachable node and one that answered with
+    # a damaged state file are different news (and exit codes).
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def unreachable(self) -> bool:
+        return self.status is None and isinstance(self.exception, UnreachableError)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status.to_dict() if self.status else None,
                 "healthy": (self.health is not None) if self.status else None,
                 "health": self.health.to_dict() if self.health else None,
-                "health_error": self.health_error, "error": self.error}
+                "health_error": self.health_error, "error": self.error, "unreachable": self.unreachable}
 
 
 def fleet_status(nodes: Sequence[Node], *, checks: Sequence[CheckSpec] = (), health: bool = True,
@@ -58,7 +65,7 @@ def fleet_status(nodes: Sequence[Node], *, checks: Sequence[CheckSpec] = (), hea
         try:
             rep.status = n.status()
         except ImagetoolError as e:
-            rep.error = str(e)
+            rep.error, rep.exception = str(e), e
             return rep
         if health:
             try:
@@ -68,7 +75,8 @@ def fleet_status(nodes: Sequence[Node], *, checks: Sequence[CheckSpec] = (), hea
         return rep
 
     got = for_each(list(nodes), one, parallel)
-    return [v if isinstance(v, NodeReport) else NodeReport(k, error=str(v)) for k, v in got.items()]
+    return [v if isinstance(v, NodeReport) else NodeReport(k, error=f"{type(v).__name__}: {v}", exception=v)
+            for k, v in got.items()]
 
 
 def inventory_status(inventory: Inventory, *, limit: list[str] | None = None, accept_new_host_keys: bool = False,

@@ -8,6 +8,7 @@ already work with ``ssh NAME`` work here too.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -24,7 +25,7 @@ from imagetool.signing import load_public_key
 from imagetool.yamlfile import load_yaml
 from rollout.checks import CHECK_NAME_RE, CheckSpec, parse_checks
 from rollout.hooks import HOOK_POINTS, Hooks, HookSpec, RunOnceSpec
-from rollout.nodespec import DEFAULT_KNOWN_HOSTS, DEFAULT_PORT, DEFAULT_USER, NodeSpec
+from rollout.nodespec import DEFAULT_KNOWN_HOSTS, DEFAULT_PORT, DEFAULT_USER, NodeSpec, host_problem, user_problem
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Groups are matched against --limit values alongside node names, so they share the alphabet.
@@ -76,8 +77,38 @@ def _path(value: Any, where: Where, base: Path) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
+VAR_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
 def _vars(value: Any, where: Where) -> dict[str, Any]:
-    return dict(schema.mapping(value, where))
+    """Node vars: names as placeholders know them ({vars.NAME}), values that are one string,
+    number or boolean (they become check arguments and hooks' environment variables, where a
+    list has no meaning and a NUL cannot be passed)."""
+    out = dict(schema.mapping(value, where))
+    for k, v in out.items():
+        if not VAR_NAME_RE.match(k):
+            raise (where / k).error(f"{schema.short(k)} is not a valid var name (letters, digits and '_.-')")
+        if not isinstance(v, (str, int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+            raise (where / k).got("a string, number or boolean", v)
+        if isinstance(v, str) and "\0" in v:
+            raise (where / k).error("must not contain a NUL character")
+    return out
+
+
+def _host(value: Any, where: Where) -> str:
+    host = _str(value, where).strip()
+    problem = host_problem(host)
+    if problem:
+        raise where.error(problem)
+    return host
+
+
+def _user(value: Any, where: Where) -> str:
+    user = _str(value, where)
+    problem = user_problem(user)
+    if problem:
+        raise where.error(problem)
+    return user
 
 
 def _groups(value: Any, where: Where) -> tuple[str, ...]:
@@ -99,6 +130,8 @@ def _proxy_jump(value: Any, where: Where) -> str | None:
         return None
     if "," in text:
         raise where.error(f"{text!r}: only one jump host is supported")
+    if text.startswith("-") or any(c.isspace() or ord(c) < 32 for c in text):
+        raise where.error(f"{schema.short(text)}: expected [user@]host[:port], without spaces or a leading '-'")
     return text
 
 
@@ -155,7 +188,7 @@ def load_inventory(
 
     defaults = schema.mapping(data.get("defaults"), root / "defaults", DEFAULT_KEYS)
     d = root / "defaults"
-    default_user = _str(defaults["user"], d / "user") if "user" in defaults else None
+    default_user = _user(defaults["user"], d / "user") if "user" in defaults else None
     default_port = schema.port(defaults["port"], d / "port") if "port" in defaults else None
     default_key = _path(defaults["key"], d / "key", base) if "key" in defaults else None
     known_hosts = (
@@ -185,14 +218,14 @@ def load_inventory(
 
         # `ssh ALIAS` semantics: the alias looked up is what one would type, the host if the
         # inventory gives one, else the node name. The inventory wins over the ssh config.
-        host = _str(spec["host"], w / "host").strip() if "host" in spec else None
+        host = _host(spec["host"], w / "host") if "host" in spec else None
         opts = _ssh_options(config, host or name)
         if host is None:
             # paramiko echoes the alias back as hostname when no HostName line matched.
             resolved = opts.get("hostname")
             if not resolved or resolved == name:
                 raise w.error("missing 'host' (and no HostName for it in the ssh config)")
-            host = resolved
+            host = _host(resolved, Where("ssh config", (name, "HostName"), style="path"))
 
         if "port" in spec:
             port = schema.port(spec["port"], w / "port")
@@ -203,10 +236,14 @@ def load_inventory(
         else:
             port = DEFAULT_PORT
 
-        user = (
-            _str(spec["user"], w / "user") if "user" in spec
-            else default_user or opts.get("user") or DEFAULT_USER
-        )
+        if "user" in spec:
+            user = _user(spec["user"], w / "user")
+        elif default_user:
+            user = default_user
+        elif opts.get("user"):
+            user = _user(opts["user"], Where("ssh config", (host, "User"), style="path"))
+        else:
+            user = DEFAULT_USER
 
         if "key" in spec:
             key: Path | None = _path(spec["key"], w / "key", base)
@@ -292,7 +329,8 @@ def _hook(raw: Any, where: Where, allowed: tuple[str, ...], default_name: str) -
     if runs_on not in ("controller", "node"):
         raise (where / "where").error(f"expected 'controller' or 'node', got {runs_on!r}")
     return {"name": name, "run": _str(spec["run"], where / "run"), "where": runs_on,
-            "timeout": float(schema.number(spec.get("timeout", 300), where / "timeout", minimum=1))}
+            "timeout": float(schema.number(spec.get("timeout", 300), where / "timeout", minimum=1,
+                                           maximum=schema.MAX_SECONDS))}
 
 
 def _hooks(value: Any, run_once: Any, root: Where) -> Hooks:

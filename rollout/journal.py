@@ -65,17 +65,25 @@ class Journal:
         self.path = Path(directory) / "rollouts" / f"{rollout_id}.jsonl"
         self.rollout_id = rollout_id
         self._lock = threading.Lock()
+        # The file is made by the first event: a run refused before it began (a bad --to, nodes
+        # named twice) leaves no empty journal behind for `history` to list.
+        self._fd: int | None = None
+        self._closed = False
+
+    def _open(self) -> int:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as e:
             raise InputError(f"journal {self.path}: cannot write: {e.strerror}") from None
 
     def write(self, event: str, **fields: Any) -> None:
         line = json.dumps({"time": _now(), "event": event, **fields}, default=str, sort_keys=True) + "\n"
         with self._lock:
-            if self._fd < 0:
+            if self._closed:
                 return
+            if self._fd is None:
+                self._fd = self._open()
             os.write(self._fd, line.encode())
 
     def step(self, node: str, step: str, detail: str = "") -> None:
@@ -84,9 +92,10 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
-            if self._fd >= 0:
+            if self._fd is not None:
                 os.close(self._fd)
-                self._fd = -1
+                self._fd = None
+            self._closed = True
 
 
 @dataclass
@@ -113,9 +122,10 @@ class RolloutRecord:
     def state(self) -> str:
         if self.ended is None:
             return "interrupted"
-        if self.dry_run:
-            return "dry-run"
-        return "ok" if self.exit_code == 0 else f"exit {self.exit_code}"
+        if self.exit_code != 0:
+            # A plan that failed (unreachable nodes, a node it cannot move) failed: say so.
+            return f"exit {self.exit_code}" + (" (dry run)" if self.dry_run else "")
+        return "dry-run" if self.dry_run else "ok"
 
     def to_dict(self, events: bool = False) -> dict[str, Any]:
         d = {"id": self.id, "kind": self.kind, "target": self.target, "command": self.command,
@@ -127,12 +137,37 @@ class RolloutRecord:
         return d
 
 
+# A journal line is one event: a few hundred bytes, a few KiB with a long error. Longer is not a
+# line this tool wrote; a journal this long is not one rollout's either.
+MAX_LINE_BYTES = 1 << 20
+MAX_JOURNAL_LINES = 1_000_000
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
 def read_record(path: Path) -> RolloutRecord:
+    """The rollout a journal tells; lines that are not events (torn by a power loss, damaged,
+    too long) are skipped, and a journal that cannot be read at all is an InputError."""
     rec = RolloutRecord(id=path.name.removesuffix(".jsonl"), path=path)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+    try:
+        f = open(path, "rb")
+    except IsADirectoryError:
+        raise InputError(f"journal {path}: is a directory, not a journal file") from None
+    except OSError as e:
+        raise InputError(f"journal {path}: cannot read: {e.strerror or e}") from None
+    with f:
+        for _ in range(MAX_JOURNAL_LINES):
+            line = f.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                break
+            if len(line) > MAX_LINE_BYTES:
+                while line and not line.endswith(b"\n"):  # skip the rest of the overlong line
+                    line = f.readline(MAX_LINE_BYTES)
+                continue
             try:
-                ev = json.loads(line)
+                ev = json.loads(line.decode("utf-8", errors="replace"))
             except ValueError:
                 continue  # a torn last line (power loss): skip it, keep the rest
             if not isinstance(ev, dict):
@@ -140,16 +175,20 @@ def read_record(path: Path) -> RolloutRecord:
             rec.events.append(ev)
             kind = ev.get("event")
             if kind == "begin":
-                rec.kind, rec.target = ev.get("kind", "?"), ev.get("target")
-                rec.command, rec.owner = ev.get("command"), ev.get("owner")
-                rec.nodes, rec.started = list(ev.get("nodes") or []), ev.get("time")
+                rec.kind, rec.target = str(ev.get("kind", "?")), _text(ev.get("target"))
+                rec.command, rec.owner = _text(ev.get("command")), _text(ev.get("owner"))
+                nodes = ev.get("nodes")
+                rec.nodes = [str(n) for n in nodes] if isinstance(nodes, list) else []
+                rec.started = _text(ev.get("time"))
                 rec.dry_run = bool(ev.get("dry_run"))
             elif kind == "step" and ev.get("outcome") in FINAL_STEPS:
                 rec.outcomes[str(ev.get("node"))] = ev["outcome"]
             elif kind == "takeover" and ev.get("rollout"):
                 rec.resumes.append(str(ev["rollout"]))
             elif kind == "end":
-                rec.ended, rec.exit_code, rec.reason = ev.get("time"), ev.get("exit_code"), ev.get("reason")
+                code = ev.get("exit_code")
+                rec.ended, rec.reason = _text(ev.get("time")) or "?", _text(ev.get("reason"))
+                rec.exit_code = code if isinstance(code, int) and not isinstance(code, bool) else 1
     return rec
 
 
@@ -158,7 +197,9 @@ def list_records(directory: Path) -> list[RolloutRecord]:
     root = Path(directory) / "rollouts"
     if not root.is_dir():
         return []
-    return [read_record(p) for p in sorted(root.glob("*.jsonl"))]
+    # A directory or unreadable file among the journals is skipped here (history of the rest still
+    # shows) and named when asked for by id.
+    return [read_record(p) for p in sorted(root.glob("*.jsonl")) if p.is_file()]
 
 
 def find_record(directory: Path, rollout_id: str) -> RolloutRecord:
@@ -166,7 +207,7 @@ def find_record(directory: Path, rollout_id: str) -> RolloutRecord:
     check_rollout_id(rollout_id)
     root = Path(directory) / "rollouts"
     exact = root / f"{rollout_id}.jsonl"
-    if exact.is_file():
+    if exact.exists():
         return read_record(exact)
     matches = sorted(root.glob(f"{rollout_id}*.jsonl")) if root.is_dir() else []
     if len(matches) == 1:

@@ -23,8 +23,11 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_fixed
 
+from imagetool import schema
 from imagetool.errors import HostKeyError, ImagetoolError, LockedError, NodeError, UnreachableError, VerificationError
 from imagetool.layout import NODE_INCOMING, image_paths
+from imagetool.names import RELEASE_ID_RE
+from imagetool.schema import Where
 from rollout.nodespec import NodeSpec
 from rollout.transport import CommandResult, ProgressFn, SSHTransport, Transport
 
@@ -51,10 +54,21 @@ class HelperError(NodeError):
         self.error = error
 
 
-class HelperVerificationError(HelperError, VerificationError):
-    """The node refused an image, manifest or signature that does not check out (exit code 5)."""
+class NodeVerificationError(HelperError, VerificationError):
+    """The node found an image, manifest or signature that does not check out (sha256 mismatch,
+    bad or missing signature where it trusts keys): a verification failure (exit code 5),
+    whichever side noticed it."""
 
     exit_code = VerificationError.exit_code
+
+
+class CorruptNodeError(HelperError):
+    """A file the node helper keeps (state, trial, boot control, release) is damaged: the node
+    answered, so it is reachable, and what it needs is repair, not a retry."""
+
+
+# The `kind` of a helper's refusal -> the error it stands for here.
+HELPER_ERRORS: dict[str, type[HelperError]] = {"verification": NodeVerificationError, "corrupt": CorruptNodeError}
 
 
 class BootTimeoutError(NodeError):
@@ -135,32 +149,42 @@ class NodeStatus:
 
     @classmethod
     def from_answer(cls, name: str, doc: dict[str, Any]) -> NodeStatus:
+        """The status answer, checked: its ids, numbers and records come from files on the node,
+        and a damaged one is reported as a NodeError naming the node and the field, never a crash
+        (nor a `nan` free space or clock that would make every comparison false)."""
+        w = Where(f"node {name}: imagetool-node status", style="path", error=NodeError)
         # Before protocol 3 `signed` meant only that a .sig file existed; it is not shown as verified.
         verifies = int(doc.get("protocol") or 1) >= 3
-        images = tuple(
-            NodeImage(id=i["id"], size=int(i.get("size") or 0), sha256=i.get("sha256"),
-                      signed=verifies and i.get("signed") is True, mtime=int(i.get("mtime") or 0),
-                      signed_by=i.get("signed_by") if verifies and isinstance(i.get("signed_by"), str) else None,
-                      signature=i.get("signature") if verifies and isinstance(i.get("signature"), str) else None)
-            for i in doc.get("images") or [] if isinstance(i, dict) and i.get("id")
-        )
+        images = []
+        for i, item in enumerate(_opt(doc, w, "images", schema.sequence) or []):
+            wi = w / "images" / i
+            schema.mapping(item, wi, optional=False)
+            images.append(NodeImage(
+                id=_release_id(item.get("id"), wi / "id"),
+                size=_count(item.get("size") or 0, wi / "size"),
+                sha256=_opt(item, wi, "sha256", _text),
+                signed=verifies and item.get("signed") is True,
+                mtime=int(_seconds(item.get("mtime") or 0, wi / "mtime")),
+                signed_by=_opt(item, wi, "signed_by", _text) if verifies else None,
+                signature=_opt(item, wi, "signature", _text) if verifies else None))
+        t = _opt(doc, w, "time", _seconds)
         return cls(
             name=name,
-            booted=doc.get("booted"),
-            default=doc.get("default"),
-            next=doc.get("next"),
-            committed=doc.get("committed"),
-            previous=doc.get("previous"),
-            boot_id=str(doc.get("boot_id") or ""),
-            images=images,
-            free_bytes=int(doc.get("free_bytes") or 0),
-            lock=doc.get("lock"),
-            system_state=str(doc.get("system_state") or "unknown"),
-            trial=doc.get("trial"),
-            last_rollout=doc.get("last_rollout"),
-            hostname=doc.get("hostname"),
-            time=float(doc["time"]) if isinstance(doc.get("time"), (int, float)) else None,
-            run_once=doc.get("run_once") if isinstance(doc.get("run_once"), dict) else None,
+            booted=_opt(doc, w, "booted", _release_id),
+            default=_opt(doc, w, "default", _release_id),
+            next=_opt(doc, w, "next", _release_id),
+            committed=_opt(doc, w, "committed", _release_id),
+            previous=_opt(doc, w, "previous", _release_id),
+            boot_id=_opt(doc, w, "boot_id", _text) or "",
+            images=tuple(images),
+            free_bytes=_count(doc.get("free_bytes") or 0, w / "free_bytes"),
+            lock=_opt(doc, w, "lock", schema.mapping),
+            system_state=_opt(doc, w, "system_state", _text) or "unknown",
+            trial=_opt(doc, w, "trial", schema.mapping),
+            last_rollout=_opt(doc, w, "last_rollout", _text),
+            hostname=_opt(doc, w, "hostname", _text),
+            time=None if t is None else float(t),
+            run_once=_opt(doc, w, "run_once", schema.mapping),
             trusted_keys=_trusted_keys(doc.get("trusted_keys")),
         )
 
@@ -198,11 +222,39 @@ class StageInfo:
     trusted_keys: tuple[TrustedKey, ...] | None = None
 
     @classmethod
-    def from_answer(cls, doc: dict[str, Any]) -> StageInfo:
-        return cls(present=bool(doc.get("present")), sha256=doc.get("sha256"),
-                   partial_bytes=int(doc.get("partial_bytes") or 0), free_bytes=int(doc.get("free_bytes") or 0),
-                   incoming=str(doc.get("incoming") or NODE_INCOMING),
+    def from_answer(cls, doc: dict[str, Any], name: str = "?") -> StageInfo:
+        w = Where(f"node {name}: imagetool-node stage-info", style="path", error=NodeError)
+        return cls(present=bool(doc.get("present")), sha256=_opt(doc, w, "sha256", _text),
+                   partial_bytes=_count(doc.get("partial_bytes") or 0, w / "partial_bytes"),
+                   free_bytes=_count(doc.get("free_bytes") or 0, w / "free_bytes"),
+                   incoming=_opt(doc, w, "incoming", _text) or NODE_INCOMING,
                    trusted_keys=_trusted_keys(doc.get("trusted_keys")))
+
+
+def _opt(doc: dict[str, Any], w: Where, key: str, check: Callable[[Any, Where], T]) -> T | None:
+    """doc[key] checked by `check`, or None when absent or null."""
+    value = doc.get(key)
+    return None if value is None else check(value, w / key)
+
+
+def _release_id(value: Any, w: Where) -> str:
+    return schema.string(value, w, RELEASE_ID_RE, "release id")
+
+
+def _text(value: Any, w: Where) -> str:
+    text = schema.string(value, w)
+    if len(text) > 1000:
+        raise w.error(f"{len(text)} characters long; expected a short text")
+    return text
+
+
+def _count(value: Any, w: Where) -> int:
+    return schema.integer(value, w, minimum=0, what="a byte count")
+
+
+def _seconds(value: Any, w: Where) -> float:
+    # A clock or an mtime: finite and not before 1970.
+    return schema.number(value, w, minimum=0)
 
 
 # --- command builders (pure; tested against exact lists) -------------------------------------
@@ -257,9 +309,8 @@ def parse_answer(node: str, command: str, result: CommandResult) -> dict[str, An
         raise NodeError(f"node {node}: {HELPER} {command} gave no answer (exit status {result.exit_status})"
                         + (f":\n{tail}" if tail else ""))
     if not doc.get("ok"):
-        error = str(doc.get("error") or f"failed with exit status {result.exit_status}")
-        cls = HelperVerificationError if doc.get("kind") == "verification" else HelperError
-        raise cls(node, command, error)
+        error_class = HELPER_ERRORS.get(str(doc.get("kind")), HelperError)
+        raise error_class(node, command, str(doc.get("error") or f"failed with exit status {result.exit_status}"))
     return doc
 
 
@@ -367,13 +418,14 @@ class HelperNode:
 
     def status(self, timeout: float = QUICK_TIMEOUT) -> NodeStatus:
         doc = self._call("status", timeout=timeout)
-        self._protocol = int(doc.get("protocol") or 1)
+        self._protocol = schema.integer(doc.get("protocol") or 1, Where(f"node {self.name}: imagetool-node status",
+                                                                        ("protocol",), style="path", error=NodeError))
         return NodeStatus.from_answer(self.name, doc)
 
     # --- staging -----------------------------------------------------------------------------
 
     def stage_info(self, image_id: str) -> StageInfo:
-        return StageInfo.from_answer(self._call("stage-info", image_id))
+        return StageInfo.from_answer(self._call("stage-info", image_id), self.name)
 
     def put(self, local: Path, remote: str, offset: int = 0, progress: ProgressFn | None = None) -> int:
         return self.transport.put_file(Path(local), remote, offset=offset, progress=progress, timeout=TRANSFER_TIMEOUT)
@@ -395,7 +447,9 @@ class HelperNode:
     def reboot(self) -> str:
         """Ask the node to reboot (a second later, so the answer gets out); returns the boot id
         it is leaving, which `wait_for_boot` waits to see replaced."""
-        return str(self._call("reboot")["boot_id"])
+        doc = self._call("reboot")
+        return _text(doc.get("boot_id"), Where(f"node {self.name}: imagetool-node reboot", ("boot_id",),
+                                               style="path", error=NodeError))
 
     def wait_for_boot(self, old_boot_id: str | None, timeout: float,
                       cancel: threading.Event | None = None) -> NodeStatus:
@@ -547,6 +601,6 @@ def for_each(nodes: Sequence[N], fn: Callable[[N], T], parallel: int = 8, *,
 
 
 __all__ = [
-    "BootTimeoutError", "GroupResult", "HelperError", "HelperNode", "Node", "NodeImage", "NodeStatus",
+    "BootTimeoutError", "CorruptNodeError", "GroupResult", "HelperError", "NodeVerificationError", "HelperNode", "Node", "NodeImage", "NodeStatus",
     "StageInfo", "for_each", "helper_argv", "incoming_paths", "parse_answer", "ssh_nodes",
 ]

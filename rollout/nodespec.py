@@ -12,9 +12,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagetool.errors import InputError
+
 DEFAULT_USER = "root"
 DEFAULT_PORT = 22
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+
+# What a host and a user may be. They reach SSH (and, in hooks and checks, shell commands and
+# environments): a leading '-' would read as an option, a space or newline would split a
+# command line or a known_hosts line, an '@' would change who logs in where. A host is a name,
+# an IPv4 or IPv6 address (with a %zone); a user is a POSIX login name.
+HOST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:%-]{0,252}$")
+USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
+HOST_HINT = "a host name or address: letters, digits and '_.:%-', not starting with '-'"
+USER_HINT = "a user name: letters, digits and '_.-', not starting with '-', at most 32"
+
+
+def host_problem(host: object) -> str | None:
+    """What is wrong with `host` as a node's address, or None."""
+    if not isinstance(host, str) or not HOST_RE.match(host):
+        return f"{host!r} is not {HOST_HINT}"
+    return None
+
+
+def user_problem(user: object) -> str | None:
+    if not isinstance(user, str) or not USER_RE.match(user):
+        return f"{user!r} is not {USER_HINT}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -34,6 +58,12 @@ class NodeSpec:
     # that stopped answering SSH: an IPMI, hypervisor or lab reset. None: wait for the node's own
     # dead-man switch instead.
     reset_command: str | None = None
+
+    def __post_init__(self) -> None:
+        # The inventory says which key is wrong; this holds for every NodeSpec, whoever made it.
+        problem = host_problem(self.host) or user_problem(self.user)
+        if problem:
+            raise InputError(f"node {self.name}: {problem}")
 
     def __hash__(self) -> int:  # vars is a dict; a node's identity is its name
         return hash(self.name)

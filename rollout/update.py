@@ -29,6 +29,7 @@ rollout.policy to each batch's results (data, as fabric's GroupResult) to decide
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -42,6 +43,7 @@ from imagetool.names import check_release_id
 from imagetool.store import StoredRelease
 from rollout.activation import Activator, Interrupted
 from rollout.batch import DEFAULT_BATCHES, BatchSpec, cover, parse_threshold, split
+from rollout.checks import KINDS
 from rollout.events import EventFn, Events, Step
 from rollout.fleet import open_nodes
 from rollout.health import HealthGate, check_node
@@ -59,6 +61,12 @@ __all__ = [
     "EventFn", "Interrupted", "Rollout", "RolloutOptions", "RolloutResult", "Step", "default_owner",
     "new_rollout_id", "run_rollback", "run_rollout",
 ]
+
+
+# The largest value each option in seconds may take: a day for waits (a node that has not booted
+# or settled in a day will not), ten years for lock ages (an old lock is still a lock).
+LIMITS = {"pause": 86400.0, "confirm_timeout": 86400.0, "boot_timeout": 86400.0, "health_timeout": 86400.0,
+          "health_interval": 3600.0, "lock_max_age": 10 * 365 * 86400.0}
 
 
 @dataclass
@@ -97,11 +105,15 @@ class RolloutOptions:
     def __post_init__(self) -> None:
         if self.on_failure not in ("rollback-node", "rollback-all"):
             raise InputError(f"--on-failure {self.on_failure!r}: expected rollback-node or rollback-all")
-        for name in ("pause", "confirm_timeout", "boot_timeout", "health_timeout", "health_interval", "lock_max_age"):
-            if getattr(self, name) < 0:
-                raise InputError(f"--{name.replace('_', '-')}: must not be negative")
-        if self.parallel < 1:
-            raise InputError("--parallel: must be at least 1")
+        for name, maximum in LIMITS.items():
+            value = getattr(self, name)
+            # nan compares false with everything and inf never runs out: either would switch the
+            # dead-man switch or a wait off instead of setting it.
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not 0 <= value <= maximum):
+                raise InputError(f"--{name.replace('_', '-')} {value!r}: expected seconds from 0 to {maximum:g}")
+        if isinstance(self.parallel, bool) or not isinstance(self.parallel, int) or not 1 <= self.parallel <= 1024:
+            raise InputError(f"--parallel {self.parallel!r}: expected 1 to 1024")
         # A node that confirms after its own dead-man switch fired has already gone back: the
         # switch must outlast booting plus the health gate.
         if self.confirm_timeout < self.health_timeout:
@@ -342,7 +354,10 @@ class Rollout:
         dry = self.options.dry_run
         gate = self.activator.gate
         if dry:
-            gate = HealthGate(checks=gate.checks, timeout=0, interval=0)
+            # A dry run changes nothing, and a command check is a program run on the node that
+            # could change anything: only the helper's read-only health and the controller's own
+            # probes (tcp, http) are asked.
+            gate = HealthGate(checks=tuple(c for c in gate.checks if not KINDS[c.kind].shell), timeout=0, interval=0)
 
         def check(node: Node) -> NodeResult:
             p = settled[node.name]
@@ -554,4 +569,6 @@ def run_rollout(release: StoredRelease, inventory: Inventory, options: RolloutOp
 def run_rollback(inventory: Inventory, options: RolloutOptions | None = None, *, to: str | None = None,
                  events: EventFn | None = None) -> RolloutResult:
     """Roll the inventory's nodes back to their previous image (or to `to`), journaled."""
+    if to is not None:
+        check_release_id(to, where="--to")  # before anything, journal included, exists
     return _on_inventory(inventory, options, lambda r: r.rollback(to), events)

@@ -134,3 +134,48 @@ def test_a_new_kind_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     assert check == CheckSpec("f", "file", "/var/lib/{name}", retries=1)
     assert cli_checks(file=["/x"]) == [CheckSpec("cli-file-1", "file", "/x")]
     assert attempt(_Node(), check).detail == "/var/lib/{name} exists"  # type: ignore[arg-type]
+
+
+# --- placeholders in shell commands: one quoted word, or refused -------------------------------
+
+
+@pytest.mark.parametrize("command", ['echo "{vars.x}"', "echo '{vars.x}'", 'test "a{host}b" = x',
+                                     "sh <<EOF\necho {vars.x}\nEOF", "cat <<-X\n{name}\nX"])
+def test_placeholders_where_quoting_cannot_hold_are_refused(command: str) -> None:
+    with pytest.raises(InputError, match=r"health_checks.x.command: .*(quotes|here-document)"):
+        parse_checks([{"name": "x", "command": command}], Where("i.yaml", ("health_checks",), style="path"))
+    with pytest.raises(InputError, match="--check-command"):
+        cli_checks(command=[command])
+
+
+@pytest.mark.parametrize("command", ["echo {vars.x}", "printf '%s\\n' {vars.x} | grep -q .",
+                                     "awk '{print $1}' /etc/hostname", 'test "$(hostname)" = {name}',
+                                     "echo \\\"{vars.x}"])
+def test_unquoted_placeholders_are_accepted(command: str) -> None:
+    parse_checks([{"name": "x", "command": command}], Where("i.yaml", ("health_checks",), style="path"))
+
+
+@pytest.mark.parametrize("value", ['"; touch {p}; "', "'; touch {p}; '", "$(touch {p})", "`touch {p}`",
+                                   "x\ntouch {p}", "a b; touch {p}"])
+def test_a_var_never_runs_as_a_command(tmp_path, value: str) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    from rollout.nodespec import NodeSpec
+
+    pwned = tmp_path / "pwned"
+    node = NodeSpec(name="n1", host="10.0.0.1", vars={"x": value.format(p=pwned)})
+    [check] = parse_checks([{"name": "x", "command": "echo {vars.x} >/dev/null"}],
+                           Where("i.yaml", ("health_checks",), style="path"))
+    target = check.for_node(node).target
+    subprocess.run(["/bin/sh", "-c", target], check=True)
+    assert not pwned.exists(), target
+
+
+def test_values_with_spaces_cannot_reach_urls() -> None:
+    from rollout.nodespec import NodeSpec
+
+    [check] = parse_checks([{"name": "x", "http": "http://{host}/{vars.path}"}],
+                           Where("i.yaml", ("health_checks",), style="path"))
+    with pytest.raises(InputError, match="spaces or control characters"):
+        check.for_node(NodeSpec(name="n1", host="h", vars={"path": "a\r\nHost: evil"}))
+    assert check.for_node(NodeSpec(name="n1", host="h", vars={"path": "health"})).target == "http://h/health"

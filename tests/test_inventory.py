@@ -141,10 +141,18 @@ def test_select_by_name_and_group(tmp_path: Path, no_ssh_config: Path) -> None:
         ("nodes:\n  a: {host: 10.250.0.1}\nhealth_checks:\n  - {name: x, tcp: 'h:1', expect_status: 200}\n",
          r"health_checks.x.expect_status: only http checks"),
         ("nodes:\n  a: {host: 10.250.0.1}\nhealth_checks:\n  - {name: x, command: 'true', retries: 0}\n",
-         r"health_checks.x.retries: expected an integer >= 1, got 0"),
+         r"health_checks.x.retries: expected an integer 1-1000, got 0"),
         ("nodes:\n  a: {host: 10.250.0.1}\nhealth_checks:\n  - {name: x, command: 'true'}\n  - {name: x, command: 'false'}\n",
          r"health_checks.x.name: duplicate health check name 'x'"),
         ("nodes:\n  a: {host: 10.250.0.1, proxy_jump: 'j1,j2'}\n", r"nodes.a.proxy_jump: 'j1,j2': only one jump host"),
+        ("nodes:\n  a: {host: 10.250.0.1}\nhealth_checks:\n  - {name: x, command: 'true', timeout: .nan}\n",
+         r"health_checks.x.timeout: expected a number >= 0.001 and <= 86400, got nan"),
+        ("nodes:\n  a: {host: 10.250.0.1}\nhealth_checks:\n  - {name: x, command: 'true', interval: .inf}\n",
+         r"health_checks.x.interval: expected a number >= 0 and <= 86400, got inf"),
+        ("nodes:\n  a: {host: 10.250.0.1}\nhooks:\n  after_commit:\n    - {run: 'true', timeout: .NaN}\n",
+         r"hooks.after_commit.0.timeout: expected a number >= 1 and <= 86400, got nan"),
+        ("nodes:\n  a: {host: 10.250.0.1}\nhooks:\n  after_commit:\n    - {run: 'true', timeout: 1e+30}\n",
+         r"hooks.after_commit.0.timeout: expected a number >= 1 and <= 86400"),
     ],
 )
 def test_validation_errors(tmp_path: Path, no_ssh_config: Path, text: str, message: str) -> None:
@@ -204,3 +212,30 @@ def test_ssh_config_without_hostname_still_needs_host(tmp_path: Path, monkeypatc
     monkeypatch.setenv("IMAGETOOL_SSH_CONFIG", str(config))
     with pytest.raises(InputError, match=r"nodes.a: missing 'host' \(and no HostName for it in the ssh config\)"):
         load_inventory(write(tmp_path, "nodes: {a: {}}\n"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("nodes:\n  a: {host: '-oProxyCommand=touch x'}\n", r"nodes.a.host: '-oProxyCommand=touch x' is not a host name"),
+    ("nodes:\n  a: {host: 'h1 h2'}\n", r"nodes.a.host: 'h1 h2' is not a host name"),
+    ("nodes:\n  a: {host: \"h1\\nh2\"}\n", r"nodes.a.host: 'h1\\nh2' is not a host name"),
+    ("nodes:\n  a: {host: 'root@h1'}\n", r"nodes.a.host: 'root@h1' is not a host name"),
+    ("nodes:\n  a: {host: h1, user: '-lroot'}\n", r"nodes.a.user: '-lroot' is not a user name"),
+    ("nodes:\n  a: {host: h1, user: 'ro ot'}\n", r"nodes.a.user: 'ro ot' is not a user name"),
+    ("defaults: {user: \"a\\nb\"}\nnodes:\n  a: {host: h1}\n", r"defaults.user: 'a\\nb' is not a user name"),
+    ("nodes:\n  a: {host: h1, proxy_jump: '-J x'}\n", r"nodes.a.proxy_jump: .*without spaces or a leading '-'"),
+    ("nodes:\n  a: {host: h1, vars: {x: [1, 2]}}\n", r"nodes.a.vars.x: expected a string, number or boolean"),
+    ("nodes:\n  a: {host: h1, vars: {'a b': 1}}\n", r"nodes.a.vars.a b: 'a b' is not a valid var name"),
+    ("nodes:\n  a: {host: h1, vars: {x: .nan}}\n", r"nodes.a.vars.x: expected a string, number or boolean"),
+])
+def test_host_user_and_vars_are_validated(tmp_path: Path, no_ssh_config: Path, text: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        load_inventory(write(tmp_path, text))
+
+
+def test_hosts_may_be_names_and_addresses(tmp_path: Path, no_ssh_config: Path) -> None:
+    inv = load_inventory(write(tmp_path, "nodes:\n  a: {host: db-1.example.com}\n  b: {host: 10.0.0.2}\n"
+                                         "  c: {host: 'fe80::1%eth0', user: deploy_1}\n"))
+    assert [(n.host, n.user) for n in inv.nodes] == [("db-1.example.com", "root"), ("10.0.0.2", "root"),
+                                                    ("fe80::1%eth0", "deploy_1")]
+    with pytest.raises(InputError, match="node x: '-h' is not a host name"):
+        NodeSpec(name="x", host="-h")

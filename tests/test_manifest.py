@@ -148,3 +148,15 @@ def test_sha256_file(tmp_path: Path) -> None:
     data = b"x" * 3_000_000
     p.write_bytes(data)
     assert sha256_file(p, chunk=4096) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_manifest_is_read_with_a_size_limit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from imagetool.errors import NotFoundError, VerificationError
+    from imagetool.manifest import load_manifest
+
+    with pytest.raises(VerificationError, match="/dev/zero: too large for manifest"):
+        load_manifest("/dev/zero")
+    with pytest.raises(VerificationError, match="is a directory, expected a manifest"):
+        load_manifest(tmp_path)
+    with pytest.raises(NotFoundError, match="manifest does not exist"):
+        load_manifest(tmp_path / "nope.json")

@@ -328,3 +328,119 @@ def test_status_skips_an_empty_manifest(tmp_path):
     (images / "webapp-9.manifest.json").write_bytes(b"")
     out = node.run("status")
     assert out["ok"] and all(i["id"] != "webapp-9" for i in out["images"])
+
+
+# --- bad input and damaged files: a clear answer, never a traceback ------------------------------
+
+
+def fake_systemctl(tmp_path: Path) -> str:
+    """A PATH whose systemctl only logs: the test must never reboot the machine running it."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'systemctl.log'}\necho running\n")
+    (fake / "systemctl").chmod(0o755)
+    return f"{fake}:{os.environ['PATH']}"
+
+
+def test_a_signature_that_is_not_base64_is_refused_and_the_transfer_dropped(node: NodeRoot) -> None:
+    keys = node.var / "trusted-keys"
+    keys.mkdir()
+    (keys / "release.pem").write_text("-----BEGIN PUBLIC KEY-----\nnot used: decoding fails first\n")
+    data = b"squashfs" * 100
+    incoming = node.images / ".incoming"
+    incoming.mkdir()
+    (incoming / "web-1.squashfs").write_bytes(data)
+    (incoming / "web-1.manifest.json").write_text(json.dumps(
+        {"id": "web-1", "image": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}))
+    (incoming / "web-1.sig").write_text("this is *not* base64!\n")
+    got = node.run("stage-commit", "web-1", ok=False)
+    assert got["kind"] == "verification" and "not a base64 signature" in got["error"], got
+    assert "Traceback" not in got["_stderr"]
+    assert list(incoming.iterdir()) == [], "a transfer that failed verification is not resumed from"
+    assert not (node.images / "web-1.squashfs").exists()
+
+
+@pytest.mark.parametrize("name", ["boot/control.json", "state.json", "boot/trial.json"])
+@pytest.mark.parametrize("content", ["[1, 2]", "\"text\"", "3", "{not json"])
+def test_damaged_node_files_are_reported_as_corrupt(node: NodeRoot, name: str, content: str) -> None:
+    node.stage("web-1")
+    node.boot("web-1", default="web-1")
+    (node.var / name).write_text(content)
+    commands = [["status"], ["commit", "web-1"]] + ([["set-next", "web-1"]] if name == "boot/control.json" else [])
+    for command in commands:
+        got = node.run(*command, ok=False)
+        assert got["kind"] == "corrupt" and name in got["error"], (command, got)
+        assert "Traceback" not in got["_stderr"]
+
+
+def test_release_json_and_manifests_that_are_not_objects(node: NodeRoot) -> None:
+    node.stage("web-1")
+    node.boot("web-1", default="web-1")
+    (node.images / "web-1.manifest.json").write_text("[]")
+    assert node.run("status")["images"] == [], "not an installed image"
+    got = node.run("verify", "web-1", ok=False)
+    assert got["kind"] == "verification" and "manifest missing or invalid" in got["error"]
+    (node.images / "web-1.manifest.json").write_text(json.dumps({"id": "web-1", "image": ["x"]}))
+    assert node.run("stage-info", "web-1")["sha256"] is None
+    assert node.run("verify", "web-1", ok=False)["kind"] == "verification"
+    (node.root / "etc/imagetool/release.json").write_text("[\"web\"]")
+    got = node.run("status", ok=False)
+    assert got["kind"] == "corrupt" and "release.json is not a JSON object" in got["error"]
+
+
+def test_a_sha256_mismatch_is_a_verification_failure(node: NodeRoot) -> None:
+    node.stage("web-1")
+    node.corrupt("web-1")
+    got = node.run("verify", "web-1", ok=False)
+    assert got["kind"] == "verification" and "sha256 mismatch" in got["error"]
+
+
+def test_oversized_files_are_refused(node: NodeRoot) -> None:
+    (node.var / "state.json").symlink_to("/dev/zero")
+    got = node.run("status", ok=False)
+    assert got["kind"] == "corrupt" and "larger than" in got["error"]
+
+
+@pytest.mark.parametrize("args", [
+    ["set-next", "web-1", "--confirm-timeout", "nan"],
+    ["set-next", "web-1", "--confirm-timeout", "inf"],
+    ["set-next", "web-1", "--confirm-timeout", "0"],
+    ["health", "--wait", "NaN"],
+    ["health", "--timeout", "-1"],
+    ["gc", "--keep", "-1"],
+    ["lock", "r-1", "--owner", "me", "--pid", "0"],
+    ["nonsense"],
+])
+def test_numbers_on_the_command_line_are_finite_and_in_range(node: NodeRoot, args: list[str]) -> None:
+    env = {**os.environ, "IMAGETOOL_NODE_ROOT": str(node.root), "IMAGETOOL_NODE_BOOT_ID_FILE": str(node.boot_id)}
+    r = subprocess.run([sys.executable, str(HELPER), *args], capture_output=True, text=True, env=env, timeout=60)
+    answer = json.loads(r.stdout)
+    assert r.returncode == 2 and answer["ok"] is False and answer["kind"] == "usage", (r.stdout, r.stderr)
+
+
+def test_dead_man_switch_ignores_a_timeout_that_is_not_finite(node: NodeRoot, tmp_path: Path) -> None:
+    node.stage("a-1")
+    node.stage("a-2")
+    make_lab_node(node, default="a-1")
+    node.release("a-2")  # booted the one-shot
+    ctl = control_json(node)
+    (node.var / "boot/control.json").write_text(json.dumps({**ctl, "confirm_timeout": float("nan")}))
+    env = {**os.environ, "IMAGETOOL_NODE_ROOT": str(node.root), "IMAGETOOL_NODE_BOOT_ID_FILE": str(node.boot_id),
+           "PATH": fake_systemctl(tmp_path)}
+    proc = subprocess.Popen([sys.executable, str(HELPER), "boot"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        trial_path = node.var / "boot/trial.json"
+        for _ in range(100):
+            if trial_path.exists():
+                break
+            time.sleep(0.1)
+        trial = json.loads(trial_path.read_text())
+        assert trial["deadline"] - trial["started"] == pytest.approx(600, abs=1)
+        # A damaged record does not disarm the switch either.
+        trial_path.write_text("[]")
+        time.sleep(1.5)
+        assert proc.poll() is None, "still watching"
+    finally:
+        proc.kill()
+        proc.wait()

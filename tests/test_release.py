@@ -419,3 +419,39 @@ def test_effective_mirrors_wrong_distribution(tmp_path: Path) -> None:
     r = load_release(write(tmp_path, minimal()))
     with pytest.raises(InputError, match="mirrors.distribution"):
         effective_mirrors(r, d)
+
+
+@pytest.mark.parametrize("key", ["IMAGETOOL_RELEASE_JSON", "IMAGETOOL_ANYTHING", "PATH", "LD_PRELOAD",
+                                 "LD_LIBRARY_PATH", "ELEMENTS_PATH", "PYTHONPATH", "DIB_RELEASE",
+                                 "DIB_DISTRIBUTION_MIRROR", "SOURCE_DATE_EPOCH", "BASH_ENV"])
+def test_environment_may_not_set_the_tools_own_variables(tmp_path: Path, key: str) -> None:
+    expect_error(tmp_path, minimal(f"environment: {{{key}: x}}\n"), f"key 'environment.{key}'",
+                 "a release may not set it")
+
+
+def test_environment_keeps_element_options(tmp_path: Path) -> None:
+    r = load_release(write(tmp_path, minimal("environment: {DIB_DEBUG_TRACE: 1, DIB_DEV_USER_USERNAME: a}\n")))
+    assert r.environment == {"DIB_DEBUG_TRACE": "1", "DIB_DEV_USER_USERNAME": "a"}
+
+
+@pytest.mark.parametrize("version", ["1.10", "1.0", "1.5e+3", ".nan"])
+def test_version_read_as_a_number_must_be_quoted(tmp_path: Path, version: str) -> None:
+    expect_error(tmp_path, f"name: webapp\nversion: {version}\n", "key 'version'", "quote it")
+
+
+def test_whole_number_version_is_kept(tmp_path: Path) -> None:
+    assert load_release(write(tmp_path, "name: webapp\nversion: 3\n")).version == "3"
+
+
+def test_element_paths_must_stay_in_the_release_directory(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    here = tmp_path / "rel"
+    (here / "elements").mkdir(parents=True)
+    (here / "sneaky").symlink_to(outside)
+    expect_error(here, minimal("element_paths: [../outside]\n"), "outside", "directory tree")
+    expect_error(here, minimal("element_paths: [sneaky]\n"), "outside", "symlinks resolved")
+    expect_error(here, minimal(f"element_paths: [{outside}]\n"), "directory tree")
+    expect_error(here, minimal("element_paths: ['elements:/etc']\n"), "ELEMENTS_PATH")
+    assert load_release(write(here, minimal("element_paths: [elements, ./elements/..]\n"))).element_paths == (
+        (here / "elements").resolve(), here.resolve())

@@ -62,11 +62,11 @@ def test_nan_timeouts_are_refused_everywhere(tmp_path) -> None:  # type: ignore[
 
     r = tmp_path / "r.yaml"
     r.write_text('name: w\nversion: "1"\nhealth_checks: [{name: a, command: "true", timeout: .nan}]\n')
-    with pytest.raises(InputError, match=r"key 'health_checks\[0\].timeout': expected a number > 0, got nan"):
+    with pytest.raises(InputError, match=r"key 'health_checks\[0\].timeout': expected a number > 0 and <= 86400, got nan"):
         load_release(r)
     i = tmp_path / "i.yaml"
     i.write_text("nodes: {a: {host: h}}\nhealth_checks: [{name: a, tcp: 'h:1', interval: .inf}]\n")
-    with pytest.raises(InputError, match=r"i.yaml: health_checks.a.interval: expected a number >= 0, got inf"):
+    with pytest.raises(InputError, match=r"i.yaml: health_checks.a.interval: expected a number >= 0 and <= 86400, got inf"):
         load_inventory(i, ssh_config=tmp_path / "none")
     doc = json.loads(sample_manifest().to_json())
     doc["health_checks"] = [{"name": "a", "command": "true", "timeout": math.nan}]

@@ -116,3 +116,32 @@ def test_bad_key_files(release: dict[str, Path], tmp_path: Path) -> None:
     # A private key where a public one belongs is a mistake worth naming, too.
     with pytest.raises(InputError, match="signing.key"):
         verify_release(release["img"], release["man"], release["sig"], release["key"])
+
+
+@pytest.mark.parametrize("spelling", ["same", "relative", "symlink", "hardlink", "dangling-symlink"])
+@pytest.mark.parametrize("force", [False, True])
+def test_keygen_refuses_one_path_for_both_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               spelling: str, force: bool) -> None:
+    from click.testing import CliRunner
+
+    from imagetool.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    key = tmp_path / "release.key"
+    before = b"the operator's only private key\n"
+    if spelling != "dangling-symlink":
+        key.write_bytes(before)
+    public = {"same": str(key), "relative": "./sub/../release.key", "symlink": "link.pub",
+              "hardlink": "hard.pub", "dangling-symlink": "link.pub"}[spelling]
+    (tmp_path / "sub").mkdir()
+    if spelling in ("symlink", "dangling-symlink"):
+        (tmp_path / "link.pub").symlink_to(key)
+    if spelling == "hardlink":
+        os.link(key, tmp_path / "hard.pub")
+    r = CliRunner().invoke(main, ["keygen", "--private", str(key), "--public", public, *(["--force"] * force)])
+    assert r.exit_code == 2 and "are the same file" in r.output, r.output
+    assert "wrote" not in r.output
+    if spelling != "dangling-symlink":
+        assert key.read_bytes() == before, "nothing was touched"
+    else:
+        assert not key.exists()

@@ -339,3 +339,34 @@ def test_cli_rollout_and_rollback(release: StoredRelease, fleet: Fleet, tmp_path
 
     r = CliRunner().invoke(main, ["rollout", "web-1.1", "--store", store, "--batch", "0", *common])
     assert r.exit_code == 2 and "--batch" in r.output
+
+
+@pytest.mark.parametrize("field", ["confirm_timeout", "boot_timeout", "health_timeout", "pause", "lock_max_age",
+                                   "health_interval"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 1e12])
+def test_option_seconds_are_finite_and_in_range(field: str, value: float) -> None:
+    with pytest.raises(InputError, match="--" + field.replace("_", "-") + ".*expected seconds"):
+        RolloutOptions(**{field: value, **({"confirm_timeout": 86400.0} if field == "health_timeout" else {})})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e400", "x"])
+def test_cli_refuses_timeouts_that_are_not_finite(value: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from imagetool.cli import main
+
+    inv = tmp_path / "inv.yaml"
+    inv.write_text("nodes:\n  n1: {host: 10.0.0.1}\n")
+    for option in ("--confirm-timeout", "--boot-timeout", "--health-timeout", "--pause", "--lock-max-age"):
+        r = CliRunner().invoke(main, ["rollback", "-i", str(inv), option, value])
+        assert r.exit_code == 2 and "number of seconds" in r.output, (option, r.output)
+
+
+@pytest.mark.parametrize("size", ["infG", "nan", "0", "-1G"])
+def test_cli_refuses_sizes_that_are_not_sizes(size: str) -> None:
+    import click
+
+    from imagetool.cli.common import parse_size
+
+    with pytest.raises(click.BadParameter):
+        parse_size(size)

@@ -48,3 +48,41 @@ def test_release_and_inventory_refuse_duplicate_keys_alike(tmp_path: Path, monke
     inventory.write_text("nodes:\n  a: {host: h1}\n  a: {host: h2}\n")
     with pytest.raises(InputError, match=r"i.yaml: malformed YAML at line 3, column 3: found duplicate key 'a' \(first at line 2\)"):
         load_inventory(inventory)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+
+
+def test_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path: Path) -> None:
+    assert len(BOMB) < 400
+    with pytest.raises(InputError, match=r"aliases expand this document to more than") as info:
+        parse_yaml(BOMB, "f.yaml")
+    assert len(str(info.value)) < 300
+    p = tmp_path / "bomb.yaml"
+    p.write_text("name: webapp\nversion: '1'\npackages: *i\n".replace("*i", "[]") + "x: " + "[*a]\n")
+    with pytest.raises(InputError):
+        load_release(p)
+
+
+def test_recursive_alias_is_refused() -> None:
+    with pytest.raises(InputError, match="refers to the value that contains it"):
+        parse_yaml("a: &a [*a]\n", "f.yaml")
+
+
+def test_error_messages_quote_values_briefly(tmp_path: Path) -> None:
+    # Shared values (anchors) stay under the expansion limit but are still big: the message
+    # quotes them cut short.
+    p = tmp_path / "r.yaml"
+    p.write_text("name: webapp\nversion: '1'\nbig: &b [" + ", ".join(["'" + "y" * 50 + "'"] * 300) + "]\n"
+                 "packages: {x: *b}\n".replace("big: &b", "description: &b"))
+    with pytest.raises(InputError) as info:
+        load_release(p)
+    assert len(str(info.value)) < 500, str(info.value)
+
+
+def test_files_are_read_with_a_size_limit(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"/dev/zero: too large for release file"):
+        load_release("/dev/zero")
+    with pytest.raises(InputError, match=r"too large for inventory file"):
+        load_inventory("/dev/zero")

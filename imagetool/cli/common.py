@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -28,6 +30,18 @@ console = Console(stderr=True, soft_wrap=True, width=_width(sys.stderr))
 out = Console(soft_wrap=True, width=_width(sys.stdout))
 
 
+# Terminal control characters (ESC starts colour changes, window titles and OSC 8 links): shown
+# as \xNN, never sent to the terminal. Newlines and tabs stay.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe(text: object) -> str:
+    """Text that is not the tool's own (from nodes, manifests, journals, files, errors quoting
+    them), ready to go into rich markup: markup escaped (`[/x]` would crash the print, `[link=...]`
+    would show a link of the sender's choice) and control characters made visible."""
+    return escape(_CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text)))
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The one place where core errors become messages and exit codes."""
 
@@ -36,7 +50,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ImagetoolError as e:
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            console.print(f"[bold red]error:[/] {safe(e)}", highlight=False)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
@@ -79,6 +93,29 @@ def parse_size(text: str) -> int:
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     num, unit = (t[:-1], units[t[-1]]) if t and t[-1] in units else (t, 1)
     try:
-        return int(float(num) * unit)
-    except ValueError:
+        size = int(float(num) * unit)  # nan: ValueError; inf: OverflowError
+    except (ValueError, OverflowError):
         raise click.BadParameter(f"{text!r} is not a size (e.g. 4G, 512M)") from None
+    if size <= 0:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 4G, 512M)")
+    return size
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds in [minimum, maximum]. click's FloatRange lets `nan` through
+    (it compares false with both bounds) and `inf` too when there is no maximum: either would
+    turn a timeout off rather than set it."""
+
+    name = "seconds"
+
+    def __init__(self, minimum: float = 0, maximum: float = 86400) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(number) or not self.minimum <= number <= self.maximum:
+            self.fail(f"{value!r} is not a number of seconds from {self.minimum:g} to {self.maximum:g}", param, ctx)
+        return number

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
 from imagetool.cli.common import (
@@ -19,6 +18,7 @@ from imagetool.cli.common import (
     out,
     parse_size,
     print_json,
+    safe,
     store_option,
 )
 
@@ -47,31 +47,33 @@ def build(release_file: str, store: str | None, force: bool, sign_key: str | Non
     options = BuildOptions(force=force, sign_key=Path(sign_key) if sign_key else None,
                            work_dir=Path(work_dir) if work_dir else None, keep_work=keep_work)
     started = time.monotonic()
-    with console.status(f"building {release.id}") as status:
+    with console.status(f"building {safe(release.id)}") as status:
         def progress(step: str, detail: str) -> None:
-            status.update(f"building {release.id}: [bold]{step}[/] {detail}  ({time.monotonic() - started:.0f}s)")
+            status.update(f"building {safe(release.id)}: [bold]{safe(step)}[/] {safe(detail)}  ({time.monotonic() - started:.0f}s)")
         stored = do_build(release, st, options, progress)
     m = stored.manifest
     if as_json:
         print_json({"id": m.id, "seconds": round(time.monotonic() - started, 1), "manifest": m.to_dict(),
                     "paths": {"squashfs": str(stored.squashfs), "manifest": str(stored.manifest_path)}})
         return
-    console.print(f"built [bold]{m.id}[/] in {time.monotonic() - started:.0f}s")
+    console.print(f"built [bold]{safe(m.id)}[/] in {time.monotonic() - started:.0f}s")
     show_manifest(m, stored)
 
 
 def show_manifest(m: Any, stored: Any) -> None:
+    # Everything here is the manifest's word (a file anyone could have written): shown, not parsed.
     t = Table(show_header=False, box=None)
-    t.add_row("release", m.id)
-    t.add_row("image", f"{stored.squashfs} ({human_bytes(m.image.size)})")
-    t.add_row("sha256", m.image.sha256)
+    t.add_row("release", safe(m.id))
+    t.add_row("image", f"{safe(stored.squashfs)} ({human_bytes(m.image.size)})")
+    t.add_row("sha256", safe(m.image.sha256))
     t.add_row("signed", "yes" if stored.sig else "no")
-    t.add_row("built", f"{m.built_at} with imagetool {m.builder.imagetool}, diskimage-builder {m.builder.diskimage_builder}")
-    t.add_row("base", f"{m.base.distribution} {m.base.release}")
-    t.add_row("elements", " ".join(m.elements))
+    t.add_row("built", safe(f"{m.built_at} with imagetool {m.builder.imagetool}, "
+                            f"diskimage-builder {m.builder.diskimage_builder}"))
+    t.add_row("base", safe(f"{m.base.distribution} {m.base.release}"))
+    t.add_row("elements", safe(" ".join(m.elements)))
     t.add_row("packages", str(len(m.packages)))
-    t.add_row("services", " ".join(m.services) or "-")
-    t.add_row("health checks", " ".join(h.name for h in m.health_checks) or "-")
+    t.add_row("services", safe(" ".join(m.services) or "-"))
+    t.add_row("health checks", safe(" ".join(h.name for h in m.health_checks) or "-"))
     out.print(t)
 
 
@@ -88,7 +90,7 @@ def keygen(private_key: str, public_key: str, force: bool) -> None:
     from imagetool.signing import generate_keypair
 
     generate_keypair(Path(private_key), Path(public_key), force=force)
-    console.print(f"wrote {private_key} (private, mode 0600) and {public_key}")
+    console.print(f"wrote {safe(private_key)} (private, mode 0600) and {safe(public_key)}", highlight=False)
 
 
 @main.command()
@@ -107,7 +109,7 @@ def verify(release: str, store: str | None, key: str | None, as_json: bool) -> N
     if as_json:
         print_json({"id": m.id, "ok": True, "sha256": m.image.sha256, "signature_checked": bool(key)})
     else:
-        console.print(f"{m.id}: sha256 ok" + (", signature ok" if key else " (signature not checked: no --key)"))
+        console.print(f"{safe(m.id)}: sha256 ok" + (", signature ok" if key else " (signature not checked: no --key)"))
 
 
 # ------------------------------------------------------------------------------- store views
@@ -132,12 +134,12 @@ def images_list(store: str | None, as_json: bool) -> None:
         print_json([{"id": r.id, "size": r.manifest.image.size, "sha256": r.manifest.image.sha256,
                      "built_at": r.manifest.built_at, "signed": r.sig is not None} for r in releases])
         return
-    t = Table(title=f"releases in {st.path}")
+    t = Table(title=f"releases in {safe(st.path)}")
     for col in ("release", "size", "built", "signed", "sha256"):
         t.add_column(col)
     for r in releases:
-        t.add_row(r.id, human_bytes(r.manifest.image.size), r.manifest.built_at, "yes" if r.sig else "no",
-                  r.manifest.image.sha256[:16])
+        t.add_row(safe(r.id), human_bytes(r.manifest.image.size), safe(r.manifest.built_at), "yes" if r.sig else "no",
+                  safe(r.manifest.image.sha256[:16]))
     out.print(t)
 
 
@@ -174,24 +176,24 @@ def diff(a: str, b: str, store: str | None, as_json: bool) -> None:
     if as_json:
         print_json(d.to_dict())
         return
-    t = Table(title=f"{ra.id} → {rb.id}")
+    t = Table(title=f"{safe(ra.id)} → {safe(rb.id)}")
     for col in ("change", "package", "from", "to"):
         t.add_column(col)
     for name, version in d.added:
-        t.add_row("[green]added[/]", name, "", version)
+        t.add_row("[green]added[/]", safe(name), "", safe(version))
     for name, version in d.removed:
-        t.add_row("[red]removed[/]", name, version, "")
+        t.add_row("[red]removed[/]", safe(name), safe(version), "")
     for name, old, new in d.upgraded:
-        t.add_row("upgraded", name, old, new)
+        t.add_row("upgraded", safe(name), safe(old), safe(new))
     for name, old, new in d.downgraded:
-        t.add_row("[yellow]downgraded[/]", name, old, new)
+        t.add_row("[yellow]downgraded[/]", safe(name), safe(old), safe(new))
     out.print(t)
     for label, items in (("services added", d.services_added), ("services removed", d.services_removed),
                          ("health checks added", d.health_checks_added),
                          ("health checks removed", d.health_checks_removed),
                          ("health checks changed", d.health_checks_changed)):
         if items:
-            out.print(f"{label}: {', '.join(items)}")
+            out.print(f"{label}: {safe(', '.join(items))}")
     out.print(f"image size: {human_bytes(d.size_before)} → {human_bytes(d.size_after)} "
               f"({'+' if d.size_change >= 0 else '-'}{human_bytes(abs(d.size_change))})")
 
@@ -223,19 +225,19 @@ def disk(release: str, output: str, disk_format: str, size: str, authorized_keys
                           authorized_keys=[Path(k) for k in authorized_keys],
                           trusted_keys=[Path(k) for k in trusted_keys], force=force)
     started = time.monotonic()
-    with console.status(f"disk for {stored.id}") as status:
+    with console.status(f"disk for {safe(stored.id)}") as status:
         def progress(step: str, detail: str) -> None:
-            status.update(f"disk for {escape(stored.id)}: [bold]{step}[/] {escape(detail)}")
+            status.update(f"disk for {safe(stored.id)}: [bold]{step}[/] {safe(detail)}")
         result = make_disk(stored, options, progress)
     seconds = round(time.monotonic() - started, 1)
     if as_json:
         print_json({**result.to_dict(), "seconds": seconds})
         return
-    console.print(f"wrote [bold]{escape(str(result.path))}[/] ({result.format}, {human_bytes(result.size)}) "
+    console.print(f"wrote [bold]{safe(str(result.path))}[/] ({result.format}, {human_bytes(result.size)}) "
                   f"in {seconds:.0f}s")
     t = Table("#", "partition", "size", "holds", box=None)
     holds = {"bios": "GRUB core (BIOS)", "esp": "EFI/BOOT/BOOTX64.EFI, grub/grub.cfg",
-             "var": f"/var: {stored.id} committed, GRUB environment block"}
+             "var": f"/var: {safe(stored.id)} committed, GRUB environment block"}
     for p in result.partitions:
         t.add_row(str(p["number"]), str(p["name"]), human_bytes(int(p["size"])), holds[str(p["name"])])  # type: ignore[call-overload]
     out.print(t)

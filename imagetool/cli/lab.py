@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
 from imagetool.cli.common import (
@@ -19,6 +18,7 @@ from imagetool.cli.common import (
     out,
     parse_size,
     print_json,
+    safe,
     store_option,
 )
 from imagetool.errors import ImagetoolError
@@ -59,9 +59,9 @@ def lab_up(n_nodes: int, release_ref: str, var_size: str, all_vms: bool, vm_node
     n_vms = n_nodes if all_vms else vm_nodes or 0
     release = resolve_release(Store(default_store_path(store)), release_ref)
     started = time.monotonic()
-    with console.status(f"lab {lab_name}: starting") as status:
+    with console.status(f"lab {safe(lab_name)}: starting") as status:
         def progress(step: str, detail: str) -> None:
-            status.update(f"lab {lab_name}: [bold]{step}[/] {escape(detail)}  ({time.monotonic() - started:.0f}s)")
+            status.update(f"lab {safe(lab_name)}: [bold]{safe(step)}[/] {safe(detail)}  ({time.monotonic() - started:.0f}s)")
         the_lab = labmod.up(lab_name, n_nodes, release, root=Path(lab_dir) if lab_dir else None,
                             var_size=parse_size(var_size), vm_nodes=n_vms, accel=accel, progress=progress)
     if as_json:
@@ -70,11 +70,11 @@ def lab_up(n_nodes: int, release_ref: str, var_size: str, all_vms: bool, vm_node
                     "nodes": [{"name": n.name, "address": n.address, "kind": n.kind} for n in the_lab.nodes]})
         return
     vms = f" ({n_vms} of them VMs under {the_lab.accel})" if n_vms else ""
-    console.print(f"lab [bold]{the_lab.name}[/]: {len(the_lab.nodes)} nodes{vms} up on {release.id} "
+    console.print(f"lab [bold]{safe(the_lab.name)}[/]: {len(the_lab.nodes)} nodes{vms} up on {safe(release.id)} "
                   f"in {time.monotonic() - started:.0f}s")
-    out.print(f"inventory:   {the_lab.inventory}\nknown_hosts: {the_lab.known_hosts}")
+    out.print(f"inventory:   {safe(the_lab.inventory)}\nknown_hosts: {safe(the_lab.known_hosts)}")
     n = the_lab.nodes[0]
-    out.print(f"try: ssh -i {the_lab.key} -o UserKnownHostsFile={the_lab.known_hosts} root@{n.address}")
+    out.print(f"try: ssh -i {safe(the_lab.key)} -o UserKnownHostsFile={safe(the_lab.known_hosts)} root@{safe(n.address)}")
 
 
 @lab.command("status")
@@ -92,11 +92,12 @@ def lab_status(lab_name: str, lab_dir: str | None, as_json: bool) -> None:
         print_json({"lab": the_lab.name, "subnet": the_lab.subnet, "inventory": str(the_lab.inventory),
                     "nodes": [s.to_dict() for s in states]})
         return
-    t = Table(title=f"lab {the_lab.name} ({the_lab.subnet})")
+    t = Table(title=f"lab {safe(the_lab.name)} ({safe(the_lab.subnet)})")
     for col in ("node", "kind", "address", "power", "booted", "state", "network"):
         t.add_column(col)
     for s in states:
-        t.add_row(s.name, s.kind, s.address, "on" if s.powered else "off", s.booted or "-", s.system_state, s.network)
+        t.add_row(safe(s.name), safe(s.kind), safe(s.address), "on" if s.powered else "off", safe(s.booted or "-"),
+                  safe(s.system_state), safe(s.network))
     out.print(t)
 
 
@@ -115,7 +116,7 @@ def lab_down(lab_name: str, lab_dir: str | None, as_json: bool) -> None:
     if as_json:
         print_json({"removed": report.to_dict(), "leftovers": left})
     else:
-        console.print(f"lab {lab_name} down: removed {report.processes} processes, {report.mounts} mounts, "
+        console.print(f"lab {safe(lab_name)} down: removed {report.processes} processes, {report.mounts} mounts, "
                       f"{report.loops} loop devices, {report.netns} namespaces, {report.links} links, "
                       f"{report.cgroups} cgroups")
     if left:
@@ -133,7 +134,7 @@ def _lab_node_command(name: str, doc: str, action: Callable[..., Any]) -> None:
 
         the_lab = labmod.load_lab(lab_name, Path(lab_dir) if lab_dir else None)
         action(labmod, the_lab, node)
-        console.print(f"lab {lab_name}: {name} {node}")
+        console.print(f"lab {safe(lab_name)}: {name} {safe(node)}")
 
 
 _lab_node_command("reset", "Hard reset NODE (no clean shutdown); it boots again.", lambda m, l, n: m.reset(l, n))
@@ -156,7 +157,7 @@ def lab_fill(node: str, leave: str, lab_name: str, lab_dir: str | None) -> None:
 
     the_lab = labmod.load_lab(lab_name, Path(lab_dir) if lab_dir else None)
     size = labmod.fill(the_lab, node, parse_size(leave))
-    console.print(f"lab {lab_name}: filled {node}'s /var with {human_bytes(size)}")
+    console.print(f"lab {safe(lab_name)}: filled {safe(node)}'s /var with {human_bytes(size)}")
 
 
 if __name__ == "__main__":

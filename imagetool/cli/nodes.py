@@ -7,10 +7,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
-from imagetool.cli.common import console, handle_errors, human_bytes, json_option, main, out, print_json, store_option
+from imagetool.cli.common import (
+    Seconds,
+    console,
+    handle_errors,
+    human_bytes,
+    json_option,
+    main,
+    out,
+    print_json,
+    safe,
+    store_option,
+)
 from imagetool.cli.view import LiveView, first_line, show_result
 
 inventory_option = click.option(
@@ -20,7 +30,7 @@ host_keys_option = click.option(
 limit_option = click.option(
     "--limit", multiple=True, metavar="NAME|GROUP", help="Only these nodes or groups (repeatable).")
 parallel_option = click.option(
-    "--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+    "--parallel", type=click.IntRange(1, 1024), default=4, show_default=True,
     help="Nodes staged or contacted at once.")
 trusted_key_option = click.option(
     "--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="PEM",
@@ -52,22 +62,22 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--batch", "batches", default=DEFAULT_BATCHES, show_default=True,
                      help="Batch sizes, Ansible serial style: '1,2,25%' (the last repeats; percentages of the nodes that "
                           "move). The first batch is the canary."),
-        click.option("--pause", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds between batches."),
+        click.option("--pause", type=Seconds(0), default=0, show_default=True, help="Seconds between batches."),
         click.option("--max-failures", default="0", show_default=True, metavar="N|P%",
                      help="Failed nodes tolerated (over the whole run) before stopping."),
         click.option("--on-failure", type=click.Choice(["rollback-node", "rollback-all"]), default="rollback-node",
                      show_default=True, help="When stopping: leave moved nodes, or move every one back too."),
-        click.option("--confirm-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
+        click.option("--confirm-timeout", type=Seconds(1), default=300, show_default=True,
                      help="Seconds a node waits for confirmation of a new boot before it reboots back by itself."),
-        click.option("--boot-timeout", type=click.FloatRange(min=1), default=180, show_default=True,
+        click.option("--boot-timeout", type=Seconds(1), default=180, show_default=True,
                      help="Seconds to wait for a node to come back after a reboot."),
-        click.option("--health-timeout", type=click.FloatRange(min=0), default=120, show_default=True,
+        click.option("--health-timeout", type=Seconds(0), default=120, show_default=True,
                      help="Seconds a freshly booted node may take to become healthy."),
         *check_options(),
         click.option("--rollout-id", default=None, help="Take over an interrupted run's locks by its id and carry on."),
         click.option("--break-lock", is_flag=True,
                      help="Take over node locks of other runs older than --lock-max-age (says whose it broke)."),
-        click.option("--lock-max-age", type=click.FloatRange(min=0), default=3600, show_default=True, metavar="S",
+        click.option("--lock-max-age", type=Seconds(0, 10 * 365 * 86400), default=3600, show_default=True, metavar="S",
                      help="Age in seconds after which --break-lock may take a lock over."),
         click.option("--dry-run", is_flag=True, help="Connect, plan and show; change nothing."),
         limit_option,
@@ -129,11 +139,11 @@ def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[s
     if as_json:
         print_json(report.to_dict())
     else:
-        t = Table(title=f"stage {stored.id}")
+        t = Table(title=f"stage {safe(stored.id)}")
         for col in ("node", "outcome", "time", "bytes", "error"):
             t.add_column(col)
         for r in report.results.values():
-            t.add_row(r.node, r.outcome, f"{r.seconds:.0f}s", human_bytes(r.bytes_sent), escape(r.error or ""))
+            t.add_row(safe(r.node), safe(r.outcome), f"{r.seconds:.0f}s", human_bytes(r.bytes_sent), safe(r.error or ""))
         out.print(t)
     failed = report.failed
     if failed:
@@ -238,8 +248,9 @@ def gc(inventory: str, keep: int, incoming: bool, limit: tuple[str, ...], parall
         for col in ("node", "removed", "kept", "freed", "free now", "error"):
             t.add_column(col)
         for r in reports:
-            t.add_row(r.node, " ".join(r.removed) or "-", " ".join(r.kept) or "-", human_bytes(r.freed_bytes),
-                      human_bytes(r.free_bytes) if r.error is None else "-", escape(r.error or ""))
+            t.add_row(safe(r.node), safe(" ".join(map(str, r.removed)) or "-"), safe(" ".join(map(str, r.kept)) or "-"),
+                      human_bytes(r.freed_bytes),
+                      human_bytes(r.free_bytes) if r.error is None else "-", safe(r.error or ""))
         out.print(t)
     failed = [r for r in reports if r.error]
     if failed:
@@ -262,7 +273,7 @@ def history(rollout_id: str | None, count: int, as_json: bool) -> None:
         if as_json:
             print_json([r.to_dict() for r in records])
             return
-        t = Table(title=f"rollouts in {directory}")
+        t = Table(title=f"rollouts in {safe(directory)}")
         for col in ("id", "kind", "target", "started", "state", "nodes", "owner"):
             t.add_column(col)
         for r in records:
@@ -271,33 +282,33 @@ def history(rollout_id: str | None, count: int, as_json: bool) -> None:
                 outcomes[o] = outcomes.get(o, 0) + 1
             summary = ", ".join(f"{v} {k}" for k, v in outcomes.items()) or f"{len(r.nodes)} nodes"
             style = {"ok": "green", "interrupted": "yellow", "dry-run": "cyan"}.get(r.state, "red")
-            t.add_row(r.id, r.kind, r.target or "(previous)", (r.started or "")[:19], f"[{style}]{r.state}[/]",
-                      summary, escape(r.owner or ""))
+            t.add_row(safe(r.id), safe(r.kind), safe(r.target or "(previous)"), safe(str(r.started or "")[:19]),
+                      f"[{style}]{safe(r.state)}[/]", safe(summary), safe(r.owner or ""))
         out.print(t)
         return
     rec = find_record(directory, rollout_id)
     if as_json:
         print_json(rec.to_dict(events=True))
         return
-    out.print(f"[bold]{rec.kind} {rec.id}[/] → {rec.target or '(previous)'}: {rec.state}"
-              + (f" ({escape(rec.reason)})" if rec.reason else ""), highlight=False)
-    out.print(f"command: {escape(rec.command or '')}   owner: {escape(rec.owner or '')}   journal: {rec.path}",
+    out.print(f"[bold]{safe(rec.kind)} {safe(rec.id)}[/] → {safe(rec.target or '(previous)')}: {safe(rec.state)}"
+              + (f" ({safe(rec.reason)})" if rec.reason else ""), highlight=False)
+    out.print(f"command: {safe(rec.command or '')}   owner: {safe(rec.owner or '')}   journal: {safe(rec.path)}",
               highlight=False)
     if rec.resumes:
-        out.print(f"took over the locks of: {', '.join(rec.resumes)}", highlight=False)
+        out.print(f"took over the locks of: {safe(', '.join(rec.resumes))}", highlight=False)
     t = Table()
     for col in ("time", "node", "step", "outcome", "detail"):
         t.add_column(col)
     for ev in rec.events:
         kind = ev.get("event")
         if kind == "step":
-            t.add_row(str(ev.get("time", ""))[11:23], str(ev.get("node")), str(ev.get("step")),
-                      str(ev.get("outcome")), escape(first_line(str(ev.get("detail") or ""), 100)))
+            t.add_row(safe(str(ev.get("time", ""))[11:23]), safe(ev.get("node")), safe(ev.get("step")),
+                      safe(ev.get("outcome")), safe(first_line(str(ev.get("detail") or ""), 100)))
         elif kind in ("plan", "hook", "takeover"):
             detail = {"plan": lambda e: f"{e.get('action')}: {e.get('reason')}",
                       "hook": lambda e: f"{e.get('point')} {e.get('hook')}: exit {e.get('exit_status')}",
                       "takeover": lambda e: f"took over the lock of {e.get('rollout')}: {e.get('why')}"}[kind](ev)
-            t.add_row(str(ev.get("time", ""))[11:23], str(ev.get("node")), kind, "", escape(first_line(detail, 100)))
+            t.add_row(safe(str(ev.get("time", ""))[11:23]), safe(ev.get("node")), kind, "", safe(first_line(detail, 100)))
     out.print(t)
 
 
@@ -305,14 +316,14 @@ def history(rollout_id: str | None, count: int, as_json: bool) -> None:
 @inventory_option
 @limit_option
 @click.option("--no-health", is_flag=True, help="Skip the health checks; status only.")
-@click.option("--parallel", type=click.IntRange(min=1), default=8, show_default=True, help="Nodes contacted at once.")
+@click.option("--parallel", type=click.IntRange(1, 1024), default=8, show_default=True, help="Nodes contacted at once.")
 @host_keys_option
 @json_option
 @handle_errors
 def status(inventory: str, limit: tuple[str, ...], no_health: bool, parallel: int, accept_new_host_keys: bool,
            as_json: bool) -> None:
     """What each node booted, committed and keeps; its health, free space and lock."""
-    from imagetool.errors import UnreachableError
+    from imagetool.errors import NodeError, UnreachableError, VerificationError
     from rollout.fleet import inventory_status
     from rollout.inventory import load_inventory
 
@@ -323,15 +334,16 @@ def status(inventory: str, limit: tuple[str, ...], no_health: bool, parallel: in
     if as_json:
         print_json([r.to_dict() for r in reports])
     else:
-        t = Table(title=f"nodes in {inventory}")
+        t = Table(title=f"nodes in {safe(inventory)}")
         for col in ("node", "booted", "committed", "previous", "staged", "boot id", "health", "free", "lock"):
             t.add_column(col)
         for r in reports:
             s = r.status
             if s is None:
-                t.add_row(r.name, f"[bold red]unreachable[/]: {escape(r.error or '')}", "", "", "", "", "", "", "")
+                what = "unreachable" if r.unreachable else "error"
+                t.add_row(safe(r.name), f"[bold red]{what}[/]: {safe(r.error or '')}", "", "", "", "", "", "", "")
                 continue
-            booted = s.booted or "-"
+            booted = safe(s.booted or "-")
             if s.booted != s.committed:
                 booted = f"[yellow]{booted}[/] (trial)" if s.trial else f"[yellow]{booted}[/]"
             staged = " ".join(i.id for i in s.images if i.id not in (s.committed, s.previous, s.booted)) or "-"
@@ -340,12 +352,17 @@ def status(inventory: str, limit: tuple[str, ...], no_health: bool, parallel: in
             elif r.health is not None:
                 health = "[green]healthy[/]"
             else:
-                health = f"[red]unhealthy[/]: {escape((r.health_error or '')[-120:])}"
+                health = f"[red]unhealthy[/]: {safe((r.health_error or '')[-120:])}"
             lock = f"{s.lock.get('rollout')} ({s.lock.get('owner')})" if s.lock else "-"
-            t.add_row(r.name, booted, s.committed or "-", s.previous or "-", staged, s.boot_id[:8], health,
-                      human_bytes(s.free_bytes), escape(lock))
+            t.add_row(safe(r.name), booted, safe(s.committed or "-"), safe(s.previous or "-"), safe(staged),
+                      safe(s.boot_id[:8]), health, human_bytes(s.free_bytes), safe(lock))
         out.print(t)
-    unreachable = [r for r in reports if r.status is None]
-    if unreachable:
-        raise UnreachableError(f"{len(unreachable)} of {len(reports)} nodes unreachable: "
-                               + ", ".join(r.name for r in unreachable))
+    unknown = [r for r in reports if r.status is None]
+    if unknown:
+        # Unreachable (exit 4) only when that is what happened to every one of them: a node that
+        # answered with a damaged state file or a refusal is reported as that.
+        errors = [r.exception for r in unknown]
+        cls = (UnreachableError if all(r.unreachable for r in unknown)
+               else VerificationError if any(isinstance(e, VerificationError) for e in errors) else NodeError)
+        what = "unreachable" if cls is UnreachableError else "without a status"
+        raise cls(f"{len(unknown)} of {len(reports)} nodes {what}: " + ", ".join(r.name for r in unknown))

@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rich.markup import escape
 from rich.table import Table
 
-from imagetool.cli.common import console, human_bytes, out, print_json
+from imagetool.cli.common import console, human_bytes, out, print_json, safe
 
 
 class LiveView:
@@ -64,8 +63,8 @@ class LiveView:
             for name, row in self.rows.items():
                 style = {"done": "green", "skipped": "green", "failed": "bold red", "rolled-back": "yellow",
                          "rollback": "yellow", "not-started": "dim"}.get(row["step"], "")
-                step = f"[{style}]{row['step']}[/]" if style else row["step"]
-                t.add_row(name, row["batch"], step, escape(row["detail"][-80:]), f"{now - row['since']:.0f}s")
+                step = f"[{style}]{safe(row['step'])}[/]" if style else safe(row["step"])
+                t.add_row(safe(name), safe(row["batch"]), step, safe(row["detail"][-80:]), f"{now - row['since']:.0f}s")
             return Group(self.progress, t) if self.tasks else t
 
     def event(self, node: str, step: str, detail: str) -> None:
@@ -79,7 +78,7 @@ class LiveView:
                     row["since"] = time.monotonic()
                 row["step"], row["detail"] = step, detail
         if not self.interactive:
-            console.print(f"{time.monotonic() - self.started:6.1f}s  {node:<16} {step:<12} {escape(detail)}",
+            console.print(f"{time.monotonic() - self.started:6.1f}s  {safe(f'{node:<16}')} {safe(f'{step:<12}')} {safe(detail)}",
                           highlight=False)
 
     # rollout.stage.StageProgress
@@ -88,7 +87,7 @@ class LiveView:
             if node in self.tasks:
                 self.progress.reset(self.tasks[node], total=total)
             else:
-                self.tasks[node] = self.progress.add_task(node, total=total)
+                self.tasks[node] = self.progress.add_task(safe(node), total=total)
             if self.total_task is None:
                 self.total_task = self.progress.add_task("[bold]total[/]", total=0)
             self.progress.update(self.total_task, total=sum(t.total or 0 for t in self.progress.tasks
@@ -118,7 +117,7 @@ def show_result(result: Any, as_json: bool) -> None:
     if as_json:
         print_json(result.to_dict())
     else:
-        what = f"{result.kind} {result.rollout_id}" + (f" → {result.target}" if result.target else "")
+        what = f"{result.kind} {safe(result.rollout_id)}" + (f" → {safe(result.target)}" if result.target else "")
         t = Table(title=what + (" (dry run: nothing was changed)" if result.dry_run else ""))
         styles = {"done": "green", "skipped": "green", "planned": "cyan", "failed": "bold red",
                   "rolled-back": "yellow", "not-started": "dim"}
@@ -128,21 +127,21 @@ def show_result(result: Any, as_json: bool) -> None:
             t.add_column("why", no_wrap=True, overflow="ellipsis")
             for r in result.nodes:
                 action = {"planned": "activate", "skipped": "skip"}.get(r.outcome, r.outcome)
-                t.add_row(r.node, str(r.batch or ""), r.from_id or "-", r.to_id or "-",
+                t.add_row(safe(r.node), str(r.batch or ""), safe(r.from_id or "-"), safe(r.to_id or "-"),
                           f"[{styles[r.outcome]}]{action}[/]", human_bytes(r.stage_bytes),
-                          escape(first_line(r.error or r.detail, 90)))
+                          safe(first_line(r.error or r.detail, 90)))
         else:
             for col in ("node", "batch", "from", "to", "outcome", "time", "bytes"):
                 t.add_column(col)
             t.add_column("error", no_wrap=True, overflow="ellipsis")
             for r in result.nodes:
-                t.add_row(r.node, str(r.batch or ""), r.from_id or "-", r.to_id or "-",
+                t.add_row(safe(r.node), str(r.batch or ""), safe(r.from_id or "-"), safe(r.to_id or "-"),
                           f"[{styles[r.outcome]}]{r.outcome}[/]", f"{r.seconds:.0f}s", human_bytes(r.bytes_sent),
-                          escape(first_line(r.error)))
+                          safe(first_line(r.error)))
         out.print(t)
         for r in result.nodes:
             if r.error and r.outcome not in ("not-started",):
-                console.print(f"[bold]{r.node}[/]: {escape(r.error)}", highlight=False)
+                console.print(f"[bold]{safe(r.node)}[/]: {safe(r.error)}", highlight=False)
         counts: dict[str, int] = {}
         for r in result.nodes:
             counts[r.outcome] = counts.get(r.outcome, 0) + 1
@@ -151,7 +150,7 @@ def show_result(result: Any, as_json: bool) -> None:
             console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; {human_bytes(to_stage)} to stage")
         else:
             console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" in {result.seconds:.0f}s, "
-                          f"{human_bytes(result.bytes_sent)} sent; journal: imagetool history {result.rollout_id}")
+                          f"{human_bytes(result.bytes_sent)} sent; journal: imagetool history {safe(result.rollout_id)}")
     if result.exit_code:
         from imagetool.errors import RolloutFailedError
 

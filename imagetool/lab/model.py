@@ -13,13 +13,16 @@ import json
 import os
 import re
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from imagetool import schema
 from imagetool.errors import InputError, NotFoundError
+from imagetool.schema import Where
+from imagetool.yamlfile import read_limited
 from imagetool.systools import pid_alive, run_tool
 
 LAB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
@@ -116,7 +119,17 @@ class LabNode:
 
     @staticmethod
     def load(node_dir: Path) -> LabNode:
-        return LabNode(**json.loads((node_dir / "node.json").read_text()))
+        path = node_dir / "node.json"
+        data = _read_record(path, "lab node record")
+        w = Where(path, style="path")
+        known = {f.name: f.type for f in fields(LabNode)}
+        schema.mapping(data, w, tuple(known), required=("name", "index", "address", "netns", "host_veth",
+                                                          "machine_uuid"), optional=False)
+        schema.integer(data["index"], w / "index", minimum=0, maximum=253)
+        for key, value in data.items():
+            if key != "index":
+                schema.string(value, w / key)
+        return LabNode(**data)
 
 
 @dataclass
@@ -161,10 +174,30 @@ def load_lab(name: str, root: Path | None = None) -> Lab:
     state = d / "lab.json"
     if not state.exists():
         raise NotFoundError(f"no lab named {name!r} (looked for {state}); start one with `imagetool lab up`")
-    data = json.loads(state.read_text())
+    data = _read_record(state, "lab record")
+    w = Where(state, style="path")
+    schema.mapping(data, w, ("name", "subnet", "bridge", "gateway", "release", "accel"),
+                   required=("name", "subnet", "bridge", "gateway", "release"), optional=False)
+    for key in ("name", "subnet", "bridge", "gateway", "release"):
+        schema.string(data[key], w / key, non_empty=True)
+    if data.get("accel") is not None:
+        schema.string(data["accel"], w / "accel")
     nodes = [LabNode.load(p.parent) for p in sorted((d / "nodes").glob("*/node.json"), key=_node_order)]
     return Lab(name=data["name"], dir=d, subnet=data["subnet"], bridge=data["bridge"], gateway=data["gateway"],
                release=data["release"], nodes=nodes, accel=data.get("accel"))
+
+
+# The lab's records are a few hundred bytes each.
+MAX_RECORD_BYTES = 1 << 20
+
+
+def _read_record(path: Path, what: str) -> object:
+    """A lab record (JSON) or an InputError saying it is damaged and how to get rid of it."""
+    data = read_limited(path, what, MAX_RECORD_BYTES)
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise InputError(f"{path}: damaged {what} ({e}); `imagetool lab down` removes the lab") from None
 
 
 def _node_order(p: Path) -> int:
