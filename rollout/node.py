@@ -25,6 +25,7 @@ from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay,
 
 from imagetool.errors import HostKeyError, ImagetoolError, LockedError, NodeError, UnreachableError
 from imagetool.layout import NODE_INCOMING, image_paths
+from rollout.locks import LockClaim
 from rollout.nodespec import NodeSpec
 from rollout.transport import CommandResult, ProgressFn, SSHTransport, Transport
 
@@ -252,10 +253,9 @@ class Node(Protocol):
 
     def commit(self, image_id: str, rollout_id: str | None) -> None: ...
 
-    def lock(self, rollout_id: str, owner: str, command: str, *, take_over: str | None = None,
-             pid: int | None = None) -> dict[str, Any]: ...
+    def lock(self, claim: LockClaim, *, take_over: dict[str, Any] | None = None) -> dict[str, Any]: ...
 
-    def unlock(self, rollout_id: str) -> None: ...
+    def unlock(self, claim: LockClaim) -> None: ...
 
     def gc(self, keep: int = 0, incoming: bool = False) -> dict[str, Any]: ...
 
@@ -395,22 +395,33 @@ class HelperNode:
 
     # --- housekeeping -------------------------------------------------------------------------
 
-    def lock(self, rollout_id: str, owner: str, command: str, *, take_over: str | None = None,
-             pid: int | None = None) -> dict[str, Any]:
-        """Take the node's rollout lock; `take_over` breaks it if (only if) that rollout holds it."""
-        if self.protocol >= 2:
-            options: dict[str, Any] = {"take_over": take_over, "pid": pid}
+    def lock(self, claim: LockClaim, *, take_over: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Take the node's rollout lock for `claim`; `take_over` is the held lock (as `status`
+        showed it) to replace, and only that one: if the node holds another by now, nothing
+        changes and LockedError says who holds it."""
+        options: dict[str, Any] = {"owner": claim.owner, "command": claim.command}
+        held = take_over or {}
+        if self.protocol >= 3:
+            holder = claim.holder.to_dict() if claim.holder else None
+            options.update(token=claim.token,
+                           holder=json.dumps(holder, sort_keys=True, separators=(",", ":")) if holder else None,
+                           take_over=held.get("rollout") if take_over else None,
+                           take_over_token=held.get("token") if take_over else None)
+        elif self.protocol == 2:  # compares the rollout id only, and keeps no token
+            options.update(take_over=held.get("rollout") if take_over else None,
+                           pid=claim.holder.pid if claim.holder else os.getpid())
         else:  # an older helper knows only age: break whatever lock it holds
-            options = {"break_older_than": 0 if take_over else None}
+            options.update(break_older_than=0 if take_over else None)
         try:
-            return self._call("lock", rollout_id, owner=owner, command=command, **options)
+            return self._call("lock", claim.rollout, **options)
         except HelperError as e:
             if e.error.startswith("locked"):
                 raise LockedError(f"node {self.name}: {e.error}") from None
             raise
 
-    def unlock(self, rollout_id: str) -> None:
-        self._call("unlock", rollout_id)
+    def unlock(self, claim: LockClaim) -> None:
+        """Release the lock if it is still `claim`'s own acquisition; one taken over since stays."""
+        self._call("unlock", claim.rollout, token=claim.token if self.protocol >= 3 else None)
 
     def gc(self, keep: int = 0, incoming: bool = False) -> dict[str, Any]:
         return self._call("gc", keep=keep, incoming=incoming)
@@ -439,17 +450,18 @@ class HelperNode:
 def under_lock(node: Node, lock_id: str, owner: str, command: str, fn: Callable[[Node], T]) -> T:
     """fn(node) while holding the node's rollout lock: work outside a rollout (stage, gc) must
     not race one. A held lock raises LockedError naming its holder; the lock is released after."""
-    # The pid lets a later run see that this process is gone and take the lock over.
-    node.lock(lock_id, owner, command, pid=os.getpid())
+    # The claim names this process, so a later run here can see it gone and take the lock over.
+    claim = LockClaim(lock_id, owner, command)
+    node.lock(claim)
     try:
         result = fn(node)
     except BaseException:
         try:
-            node.unlock(lock_id)
+            node.unlock(claim)
         except ImagetoolError:
             pass  # the original failure is the news
         raise
-    node.unlock(lock_id)
+    node.unlock(claim)
     return result
 
 
