@@ -70,6 +70,14 @@ class NodeImage:
     mtime: int = 0
 
 
+def _lock_answer(lock: Any) -> dict[str, Any] | None:
+    """The node's lock as a dict: an older helper passes on whatever JSON its lock file holds."""
+    if lock is None or isinstance(lock, dict):
+        return lock
+    return {"rollout": None, "owner": None, "time": 0,
+            "unreadable": f"the node's lock file holds a JSON {type(lock).__name__}, not an object"}
+
+
 @dataclass(frozen=True)
 class NodeStatus:
     """`imagetool-node status`: what the node booted, what it will boot, what it holds."""
@@ -110,7 +118,7 @@ class NodeStatus:
             boot_id=str(doc.get("boot_id") or ""),
             images=images,
             free_bytes=int(doc.get("free_bytes") or 0),
-            lock=doc.get("lock"),
+            lock=_lock_answer(doc.get("lock")),
             system_state=str(doc.get("system_state") or "unknown"),
             trial=doc.get("trial"),
             last_rollout=doc.get("last_rollout"),

@@ -256,3 +256,10 @@ def test_protocol_is_asked_before_it_is_used() -> None:
     assert holder["pid"] == os.getpid() and unlock == ["imagetool-node", "unlock", "stage-1", "--token", token]
     n.lock(CLAIM)
     assert [c[1] for c in t.calls].count("status") == 1  # asked once
+
+
+def test_a_lock_that_is_not_an_object_reads_as_unreadable() -> None:
+    """An older helper reports its lock file's JSON as it is: a list is a broken lock, not a crash."""
+    assert NodeStatus.from_answer("n1", {**STATUS, "lock": [1]}).lock == {
+        "rollout": None, "owner": None, "time": 0, "unreadable": "the node's lock file holds a JSON list, not an object"}
+    assert NodeStatus.from_answer("n1", {**STATUS, "lock": None}).lock is None
