@@ -126,7 +126,8 @@ class NodeVar:
 
     @property
     def lock(self) -> Path:
-        """The rollout lock: {"rollout", "owner", "command", "time", "pid"}."""
+        """The rollout lock: {"rollout", "owner", "command", "time", "token", "holder"} (older
+        helpers: "pid", no token or holder)."""
         return self.state_dir / "lock"
 
     @property

@@ -28,6 +28,7 @@ from imagetool.errors import HostKeyError, ImagetoolError, LockedError, NodeErro
 from imagetool.layout import NODE_INCOMING, image_paths
 from imagetool.names import RELEASE_ID_RE
 from imagetool.schema import Where
+from rollout.locks import LockClaim
 from rollout.nodespec import NodeSpec
 from rollout.transport import CommandResult, ProgressFn, SSHTransport, Transport
 
@@ -122,6 +123,14 @@ def _trusted_keys(value: Any) -> tuple[TrustedKey, ...] | None:
     return tuple(k for k in (TrustedKey.from_answer(d) for d in value) if k is not None)
 
 
+def _lock_answer(lock: Any) -> dict[str, Any] | None:
+    """The node's lock as a dict: an older helper passes on whatever JSON its lock file holds."""
+    if lock is None or isinstance(lock, dict):
+        return lock
+    return {"rollout": None, "owner": None, "time": 0,
+            "unreadable": f"the node's lock file holds a JSON {type(lock).__name__}, not an object"}
+
+
 @dataclass(frozen=True)
 class NodeStatus:
     """`imagetool-node status`: what the node booted, what it will boot, what it holds."""
@@ -178,7 +187,7 @@ class NodeStatus:
             boot_id=_opt(doc, w, "boot_id", _text) or "",
             images=tuple(images),
             free_bytes=_count(doc.get("free_bytes") or 0, w / "free_bytes"),
-            lock=_opt(doc, w, "lock", schema.mapping),
+            lock=_lock_answer(doc.get("lock")),
             system_state=_opt(doc, w, "system_state", _text) or "unknown",
             trial=_opt(doc, w, "trial", schema.mapping),
             last_rollout=_opt(doc, w, "last_rollout", _text),
@@ -355,10 +364,9 @@ class Node(Protocol):
 
     def commit(self, image_id: str, rollout_id: str | None) -> None: ...
 
-    def lock(self, rollout_id: str, owner: str, command: str, *, take_over: str | None = None,
-             pid: int | None = None) -> dict[str, Any]: ...
+    def lock(self, claim: LockClaim, *, take_over: dict[str, Any] | None = None) -> dict[str, Any]: ...
 
-    def unlock(self, rollout_id: str) -> None: ...
+    def unlock(self, claim: LockClaim) -> None: ...
 
     def gc(self, keep: int = 0, incoming: bool = False) -> dict[str, Any]: ...
 
@@ -501,22 +509,33 @@ class HelperNode:
 
     # --- housekeeping -------------------------------------------------------------------------
 
-    def lock(self, rollout_id: str, owner: str, command: str, *, take_over: str | None = None,
-             pid: int | None = None) -> dict[str, Any]:
-        """Take the node's rollout lock; `take_over` breaks it if (only if) that rollout holds it."""
-        if self.protocol >= 2:
-            options: dict[str, Any] = {"take_over": take_over, "pid": pid}
+    def lock(self, claim: LockClaim, *, take_over: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Take the node's rollout lock for `claim`; `take_over` is the held lock (as `status`
+        showed it) to replace, and only that one: if the node holds another by now, nothing
+        changes and LockedError says who holds it."""
+        options: dict[str, Any] = {"owner": claim.owner, "command": claim.command}
+        held = take_over or {}
+        if self.protocol >= 3:
+            holder = claim.holder.to_dict() if claim.holder else None
+            options.update(token=claim.token,
+                           holder=json.dumps(holder, sort_keys=True, separators=(",", ":")) if holder else None,
+                           take_over=held.get("rollout") if take_over else None,
+                           take_over_token=held.get("token") if take_over else None)
+        elif self.protocol == 2:  # compares the rollout id only, and keeps no token
+            options.update(take_over=held.get("rollout") if take_over else None,
+                           pid=claim.holder.pid if claim.holder else os.getpid())
         else:  # an older helper knows only age: break whatever lock it holds
-            options = {"break_older_than": 0 if take_over else None}
+            options.update(break_older_than=0 if take_over else None)
         try:
-            return self._call("lock", rollout_id, owner=owner, command=command, **options)
+            return self._call("lock", claim.rollout, **options)
         except HelperError as e:
             if e.error.startswith("locked"):
                 raise LockedError(f"node {self.name}: {e.error}") from None
             raise
 
-    def unlock(self, rollout_id: str) -> None:
-        self._call("unlock", rollout_id)
+    def unlock(self, claim: LockClaim) -> None:
+        """Release the lock if it is still `claim`'s own acquisition; one taken over since stays."""
+        self._call("unlock", claim.rollout, token=claim.token if self.protocol >= 3 else None)
 
     def gc(self, keep: int = 0, incoming: bool = False) -> dict[str, Any]:
         return self._call("gc", keep=keep, incoming=incoming)
@@ -545,17 +564,18 @@ class HelperNode:
 def under_lock(node: Node, lock_id: str, owner: str, command: str, fn: Callable[[Node], T]) -> T:
     """fn(node) while holding the node's rollout lock: work outside a rollout (stage, gc) must
     not race one. A held lock raises LockedError naming its holder; the lock is released after."""
-    # The pid lets a later run see that this process is gone and take the lock over.
-    node.lock(lock_id, owner, command, pid=os.getpid())
+    # The claim names this process, so a later run here can see it gone and take the lock over.
+    claim = LockClaim(lock_id, owner, command)
+    node.lock(claim)
     try:
         result = fn(node)
     except BaseException:
         try:
-            node.unlock(lock_id)
+            node.unlock(claim)
         except ImagetoolError:
             pass  # the original failure is the news
         raise
-    node.unlock(lock_id)
+    node.unlock(claim)
     return result
 
 

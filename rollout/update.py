@@ -4,7 +4,8 @@ Phases, in order (colmena's Goal, for a rollout):
   connect   open SSH to every selected node and read its status; any node unreachable stops here,
             before anything changed
   lock      take each node's rollout lock (released on every way out, Ctrl-C included); a lock
-            left by a controller process that is gone is taken over, others need --break-lock
+            left by a controller process provably gone (it ran in this very process table) is
+            taken over, others need --break-lock; the node swaps only the lock judged here
   reconcile read each node's real state (booted, committed, one-shot pending, trial) and plan
             from it: skip nodes already on the image (committed and healthy), resume ones an
             interrupted run left booted on it, clear one-shot entries it left pending
@@ -50,7 +51,7 @@ from rollout.health import HealthGate, check_node
 from rollout.hooks import Hooks
 from rollout.inventory import CheckSpec, Inventory
 from rollout.journal import Journal, check_rollout_id, state_dir
-from rollout.locks import default_owner, describe_lock, may_take_over, new_rollout_id
+from rollout.locks import LockClaim, default_owner, describe_lock, may_take_over, new_rollout_id
 from rollout.node import GroupResult, Node, NodeStatus, for_each
 from rollout.plan import Action, NodePlan, bootstrap_node, plan_rollback, plan_rollout
 from rollout.plan import batches as plan_batches
@@ -84,14 +85,16 @@ class RolloutOptions:
     parallel: int = 4
     dry_run: bool = False
     accept_new_host_keys: bool = False
-    # Pass the id of an interrupted rollout to take over its locks and carry on.
+    # The id of an interrupted rollout, to carry it on under that id. Its locks are still another
+    # run's: taken over when that controller process is provably gone, else with --break-lock.
     rollout_id: str | None = None
     checks: list[CheckSpec] = field(default_factory=list)
     limit: list[str] | None = None
     owner: str = field(default_factory=default_owner)
     command: str = "imagetool rollout"
     # Take over locks of other runs once they are older than lock_max_age seconds. A lock left by
-    # a controller process on this machine that no longer exists is taken over without asking.
+    # a controller process that provably no longer exists (it ran in this very process table)
+    # is taken over without asking.
     break_lock: bool = False
     lock_max_age: float = 3600.0
     # Where the journal goes (default: rollout.journal.state_dir()).
@@ -187,6 +190,9 @@ class Rollout:
         self._locked: list[Node] = []
         o = self.options
         self.trusted_keys = [*trusted_keys, *o.trusted_keys]
+        # One acquisition of every node's lock: a second controller run with the same rollout id
+        # has its own token, and takes these locks over only by the take-over rule.
+        self._claim = LockClaim(self.rollout_id, o.owner, o.command)
         self.activator = Activator(
             rollout_id=self.rollout_id, hooks=self.hooks, events=self.events, cancel=self._cancel,
             gate=HealthGate(checks=tuple(checks) + tuple(o.checks), timeout=o.health_timeout,
@@ -300,17 +306,21 @@ class Rollout:
             return
         o = self.options
 
+        claim = self._claim
+
         def lock(n: Node) -> None:
             st = statuses[n.name]
             held = st.lock
             take_over, why = None, ""
-            if held and held.get("rollout") != self.rollout_id:
-                take_over, why = may_take_over(held, owner=o.owner, node_time=st.time, break_lock=o.break_lock,
-                                               lock_max_age=o.lock_max_age)
-                if take_over is None:
+            if held and not claim.holds(held):
+                ok, why = may_take_over(held, rollout_id=self.rollout_id, here=claim.holder, node_time=st.time,
+                                        break_lock=o.break_lock, lock_max_age=o.lock_max_age)
+                if not ok:
                     raise LockedError(f"node {n.name}: locked by {describe_lock(held)}; {why}")
+                take_over = held
             self.events.step(n.name, Step.LOCK, self.rollout_id)
-            got = n.lock(self.rollout_id, o.owner, o.command, take_over=take_over, pid=os.getpid())
+            # The node swaps only the very lock judged here: one taken meanwhile is refused there.
+            got = n.lock(claim, take_over=take_over)
             broken = got.get("broken")
             if broken:
                 self.events.step(n.name, Step.WARNING, f"broke the lock of {describe_lock(broken)}: {why}")
@@ -327,7 +337,7 @@ class Rollout:
         locked, self._locked = self._locked, []
 
         def unlock(n: Node) -> None:
-            n.unlock(self.rollout_id)
+            n.unlock(self._claim)
 
         for name, e in for_each(locked, unlock, self.options.parallel).failed.items():
             self.events.step(name, Step.WARNING, f"could not release the lock: {e}")

@@ -11,6 +11,7 @@ import pytest
 
 from imagetool.errors import LockedError, NodeError, UnreachableError, VerificationError
 from rollout.inventory import NodeSpec, load_inventory
+from rollout.locks import Holder, LockClaim
 from rollout.node import (
     BootTimeoutError,
     HelperError,
@@ -46,7 +47,12 @@ from rollout.transport import CommandResult
          ["imagetool-node", "lock", "r-1", "--owner", "ops@ctl", "--command", "imagetool rollout web-1.1"]),
         (("lock", "r-1"), {"owner": "o", "command": "--x", "break_older_than": 3600},
          ["imagetool-node", "lock", "r-1", "--owner", "o", "--command=--x", "--break-older-than", "3600"]),
+        (("lock", "r-2"), {"owner": "o", "command": "c", "token": "t1234567", "holder": '{"pid":7}',
+                           "take_over": "r-1", "take_over_token": "sha256-ab"},
+         ["imagetool-node", "lock", "r-2", "--owner", "o", "--command", "c", "--token", "t1234567",
+          "--holder", '{"pid":7}', "--take-over", "r-1", "--take-over-token", "sha256-ab"]),
         (("unlock", "r-1"), {}, ["imagetool-node", "unlock", "r-1"]),
+        (("unlock", "r-1"), {"token": "t1234567"}, ["imagetool-node", "unlock", "r-1", "--token", "t1234567"]),
         (("gc",), {"keep": 1, "incoming": True}, ["imagetool-node", "gc", "--keep", "1", "--incoming"]),
         (("gc",), {"keep": 0, "incoming": False}, ["imagetool-node", "gc", "--keep", "0"]),
     ],
@@ -166,10 +172,15 @@ def test_helper_node_sends_exact_commands() -> None:
     ]
 
 
+CLAIM = LockClaim("r-2", "me@here", "imagetool rollout", token="c" * 32,
+                  holder=Holder(boot_id="b-1", pid_ns="pid:[1]", pid=77, start=500, machine_id="m-1"))
+HOLDER_JSON = '{"boot_id":"b-1","machine_id":"m-1","pid":77,"pid_ns":"pid:[1]","start":500}'
+
+
 def test_lock_refusal_is_locked_error() -> None:
-    n, _ = node({"status": [{**STATUS, "protocol": 2}], "lock": [{"ok": False, "error": "locked by rollout r-0 of ops@ctl"}]})
+    n, _ = node({"status": [{**STATUS, "protocol": 3}], "lock": [{"ok": False, "error": "locked by rollout r-0 of ops@ctl"}]})
     with pytest.raises(LockedError, match="node n1: locked by rollout r-0"):
-        n.lock("r-1", "me@here", "imagetool rollout")
+        n.lock(CLAIM)
 
 
 def test_wait_for_boot_reconnects_until_new_boot_id(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,30 +230,54 @@ def test_reset_runs_on_the_controller(tmp_path: Path) -> None:
 
 
 def test_lock_speaks_the_protocol_of_the_nodes_helper() -> None:
-    """A node still on an image from before `lock --take-over/--pid` gets what its helper knows."""
+    """Protocol 3 gets the token, the holder and the compare-and-swap of the held lock; a node
+    still on an image from before gets what its helper knows."""
     ok = {"ok": True, "lock": {}}
+    held = {"rollout": "r-1", "owner": "x@y", "token": "sha256-0123", "time": 0}
+    n, t = node({"status": [{**STATUS, "protocol": 3}], "lock": [ok, ok], "unlock": [ok]})
+    n.lock(CLAIM, take_over=held)
+    assert t.calls[-1] == ["imagetool-node", "lock", "r-2", "--owner", "me@here", "--command", "imagetool rollout",
+                           "--token", "c" * 32, "--holder", HOLDER_JSON,
+                           "--take-over", "r-1", "--take-over-token", "sha256-0123"]
+    # An unreadable lock has no rollout: it is named by its token alone.
+    n.lock(CLAIM, take_over={"rollout": None, "unreadable": "empty", "token": "sha256-ffff"})
+    assert t.calls[-1][-2:] == ["--take-over-token", "sha256-ffff"] and "--take-over" not in t.calls[-1]
+    n.unlock(CLAIM)
+    assert t.calls[-1] == ["imagetool-node", "unlock", "r-2", "--token", "c" * 32]
+
     old_status = {k: v for k, v in STATUS.items() if k != "protocol"}
-    n, t = node({"status": [old_status], "lock": [ok]})
+    n, t = node({"status": [old_status], "lock": [ok], "unlock": [ok]})
     n.status()
-    n.lock("r-2", "me@here", "imagetool rollout", take_over="r-1", pid=77)
+    n.lock(CLAIM, take_over=held)
     assert t.calls[-1] == ["imagetool-node", "lock", "r-2", "--owner", "me@here", "--command", "imagetool rollout",
                            "--break-older-than", "0"]
+    n.unlock(CLAIM)
+    assert t.calls[-1] == ["imagetool-node", "unlock", "r-2"]
     n, t = node({"status": [{**STATUS, "protocol": 2}], "lock": [ok]})
     n.status()
-    n.lock("r-2", "me@here", "imagetool rollout", take_over="r-1", pid=77)
+    n.lock(CLAIM, take_over=held)
     assert t.calls[-1] == ["imagetool-node", "lock", "r-2", "--owner", "me@here", "--command", "imagetool rollout",
                            "--take-over", "r-1", "--pid", "77"]
 
 
 def test_protocol_is_asked_before_it_is_used() -> None:
     """lock without an earlier status (stage and gc lock first): the node is asked, not assumed
-    to speak protocol 1, so a protocol-2 helper gets the pid and take-over it understands."""
+    to speak protocol 1, so the helper gets the token and holder it understands."""
     ok = {"ok": True, "lock": {}}
-    n, t = node({"status": [{**STATUS, "protocol": 2}], "lock": [ok], "unlock": [ok]})
+    n, t = node({"status": [{**STATUS, "protocol": 3}], "lock": [ok], "unlock": [ok]})
     under_lock(n, "stage-1", "me@here", "imagetool stage", lambda _: None)
     assert [c[1] for c in t.calls] == ["status", "lock", "unlock"]
-    assert t.calls[1] == ["imagetool-node", "lock", "stage-1", "--owner", "me@here", "--command", "imagetool stage",
-                          "--pid", str(os.getpid())]
-    n.lock("r-2", "me@here", "imagetool rollout", take_over="stage-1", pid=77)
+    lock, unlock = t.calls[1], t.calls[2]
+    assert lock[:7] == ["imagetool-node", "lock", "stage-1", "--owner", "me@here", "--command", "imagetool stage"]
+    token = lock[lock.index("--token") + 1]
+    holder = json.loads(lock[lock.index("--holder") + 1])
+    assert holder["pid"] == os.getpid() and unlock == ["imagetool-node", "unlock", "stage-1", "--token", token]
+    n.lock(CLAIM)
     assert [c[1] for c in t.calls].count("status") == 1  # asked once
-    assert t.calls[-1][-4:] == ["--take-over", "stage-1", "--pid", "77"]
+
+
+def test_a_lock_that_is_not_an_object_reads_as_unreadable() -> None:
+    """An older helper reports its lock file's JSON as it is: a list is a broken lock, not a crash."""
+    assert NodeStatus.from_answer("n1", {**STATUS, "lock": [1]}).lock == {
+        "rollout": None, "owner": None, "time": 0, "unreadable": "the node's lock file holds a JSON list, not an object"}
+    assert NodeStatus.from_answer("n1", {**STATUS, "lock": None}).lock is None

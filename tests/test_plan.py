@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from typing import Any
 
 import pytest
 
 from rollout.batch import BatchSpec
-from rollout.locks import may_take_over
+from rollout.locks import Holder, LockClaim, describe_lock, holder_gone, may_take_over, process_start, this_process
 from rollout.node import NodeImage, NodeStatus
 from rollout.plan import Action, batches, bootstrap_node, plan_rollback, plan_rollout
 
@@ -80,18 +82,93 @@ def test_a_failed_plan_keeps_what_it_was_about() -> None:
     assert p.action is Action.FAIL and p.error == "staging: disk full" and p.to_id == NEW
 
 
-LOCK = {"rollout": "r-old", "owner": "ops@ctl", "pid": 4242, "time": 1000.0, "command": "imagetool rollout"}
+HERE = Holder(boot_id="boot-a", pid_ns="pid:[4026531836]", pid=100, start=5000, machine_id="m-1")
+HOLDER = Holder(boot_id="boot-a", pid_ns="pid:[4026531836]", pid=4242, start=1234, machine_id="m-1")
+LOCK = {"rollout": "r-old", "owner": "ops@ctl", "time": 1000.0, "command": "imagetool rollout",
+        "token": "t" * 32, "holder": HOLDER.to_dict()}
 
 
-def test_a_lock_of_this_owner_whose_process_is_gone_is_taken_over() -> None:
-    rid, why = may_take_over(LOCK, owner="ops@ctl", node_time=1010, break_lock=False, lock_max_age=3600,
-                             alive=lambda pid: False)
-    assert rid == "r-old" and "4242" in why
+def take_over(held: dict[str, Any], *, here: Holder | None = HERE, start: int | None = None,
+              **kw: Any) -> tuple[bool, str]:
+    """may_take_over with the process table seen from `here` answering `start` for any pid."""
+    args: dict[str, Any] = dict(rollout_id="r-new", node_time=1010.0, break_lock=False, lock_max_age=3600.0)
+    return may_take_over(held, here=here, start_of=lambda pid: start, **{**args, **kw})
 
 
-def test_a_live_or_foreign_lock_needs_break_lock_and_age() -> None:
-    kw: dict[str, Any] = dict(node_time=1010.0, lock_max_age=3600.0, alive=lambda pid: True)
-    assert may_take_over(LOCK, owner="ops@ctl", break_lock=False, **kw)[0] is None
-    assert may_take_over(LOCK, owner="other@ctl", break_lock=True, **kw)[0] is None
-    kw["node_time"] = 1000.0 + 3600
-    assert may_take_over(LOCK, owner="other@ctl", break_lock=True, **kw)[0] == "r-old"
+def test_a_lock_whose_controller_process_is_gone_from_this_process_table_is_taken_over() -> None:
+    assert take_over(LOCK, start=None) == (True, "its controller process 4242 on this machine is gone")
+    # The pid is another process's now (started at another time): gone too.
+    ok, why = take_over(LOCK, start=9999)
+    assert ok and "another process's now" in why
+    # The same run id, provably dead: carried on without asking.
+    assert take_over(LOCK, start=None, rollout_id="r-old")[0]
+
+
+def test_a_running_holder_is_not_taken_over() -> None:
+    ok, why = take_over(LOCK, start=1234)
+    assert not ok and "its controller process 4242 is still running here" in why and "--break-lock" in why
+
+
+@pytest.mark.parametrize("other", [
+    {"boot_id": "boot-b"},              # another machine, or this one since a reboot (machine ids get cloned)
+    {"pid_ns": "pid:[4026532999]"},     # another container on the same kernel: other pids
+    {"machine_id": "m-2"},
+])
+def test_no_proof_from_another_process_table(other: dict[str, Any]) -> None:
+    """A pid is only evidence in the process table it was seen in: one gone from here may be
+    running there, however alike user@hostname are."""
+    held = {**LOCK, "holder": {**HOLDER.to_dict(), **other}}
+    ok, why = take_over(held, start=None)
+    assert not ok and "another machine, boot or container" in why
+
+
+@pytest.mark.parametrize("holder", [
+    None, "x", {}, {**HOLDER.to_dict(), "pid": "4242"}, {**HOLDER.to_dict(), "start": None},
+    {**HOLDER.to_dict(), "boot_id": ""}, {**HOLDER.to_dict(), "pid": True},
+])
+def test_no_proof_without_a_complete_holder(holder: Any) -> None:
+    """An older controller's lock (owner and pid only), or a mangled holder: no proof, whoever
+    the owner is and whatever that pid is doing here."""
+    held = {**LOCK, "holder": holder, "pid": 4242}
+    ok, why = take_over(held, start=None)
+    assert not ok and "does not say which process table" in why
+    assert not take_over(LOCK, here=None, start=None)[0]
+
+
+def test_the_same_rollout_id_is_another_controller() -> None:
+    ok, why = take_over(LOCK, start=1234, rollout_id="r-old")
+    assert not ok and "same rollout id" in why
+
+
+def test_break_lock_takes_over_an_old_enough_lock_of_anyone() -> None:
+    assert not take_over(LOCK, start=1234, break_lock=True)[0]
+    ok, why = take_over(LOCK, start=1234, break_lock=True, node_time=1000.0 + 3600)
+    assert ok and why == "--break-lock: it is 3600s old (--lock-max-age 3600)"
+    unreadable = {"rollout": None, "unreadable": "/var/lib/imagetool/lock is empty", "time": 1000.0,
+                  "token": "sha256-00"}
+    assert not take_over(unreadable)[0]
+    assert take_over(unreadable, break_lock=True, lock_max_age=0)[0]
+    assert describe_lock(unreadable).startswith("an unreadable lock file (/var/lib/imagetool/lock is empty;")
+    # A time that is not a number is as old as it gets, never a crash.
+    assert take_over({**LOCK, "time": "soon"}, start=1234, break_lock=True, node_time=1e9)[0]
+
+
+def test_process_start_reads_this_process_table() -> None:
+    me = this_process()
+    assert me is not None and me.pid == os.getpid() and process_start(me.pid) == me.start
+    assert holder_gone({"holder": me.to_dict()}, me)[0] is False
+    # This pid, but started at another time: a later process that got the pid again.
+    assert holder_gone({"holder": {**me.to_dict(), "start": me.start + 1}}, me)[0] is True
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    assert process_start(finished.pid) is None
+    assert holder_gone({"holder": {**me.to_dict(), "pid": finished.pid}}, me)[0] is True
+
+
+def test_a_claim_holds_only_its_own_acquisition() -> None:
+    claim = LockClaim("r-1", "ops@ctl", "imagetool rollout", holder=HERE)
+    other = LockClaim("r-1", "ops@ctl", "imagetool rollout", holder=HERE)
+    assert claim.token != other.token and len(claim.token) == 32
+    assert claim.holds({"rollout": "r-1", "token": claim.token})
+    assert not claim.holds({"rollout": "r-1", "token": other.token})
+    assert not claim.holds(None) and not claim.holds({"rollout": "r-2", "token": claim.token})

@@ -11,6 +11,7 @@ from imagetool.errors import InputError, LockedError, UnreachableError
 from imagetool.store import StoredRelease
 from rollout.inventory import CheckSpec
 from rollout.local import Action
+from rollout.locks import LockClaim
 from rollout.node import HelperNode
 from rollout.update import Rollout, RolloutOptions, new_rollout_id
 from tests.local_fleet import (  # noqa: F401 - fixtures
@@ -209,13 +210,17 @@ def test_resume_from_trial_boot_goes_straight_to_the_gate(release: StoredRelease
     nodes = fleet(2)
     n = nodes[0]
     boot_into(n, release, "r-old")
-    n.lock("r-old", "x", "y")
+    # Taken on another machine: nothing here can prove that controller gone.
+    n.lock(LockClaim("r-old", "x", "y", holder=None))
     clear_log(nodes)
     with pytest.raises(LockedError, match="locked by rollout r-old"):
         Rollout(nodes, options()).run(release)
     assert state(nodes[1]).lock is None  # what was taken is given back
+    # Its own id is no key to it: that controller may still be running.
+    with pytest.raises(LockedError, match="locked by rollout r-old.*same rollout id.*--break-lock"):
+        Rollout(nodes, options(rollout_id="r-old")).run(release)
 
-    result = Rollout(nodes, options(rollout_id="r-old")).run(release)
+    result = Rollout(nodes, options(rollout_id="r-old", break_lock=True, lock_max_age=0)).run(release)
     assert [r.outcome for r in result.nodes] == ["done", "done"]
     assert actions(n, "reboot", "set-next", "put") == []
     assert actions(n, "confirm", "commit") == [("confirm", NEW), ("commit", NEW)]

@@ -4,7 +4,6 @@ real node helper (rollout.local, tests/local_fleet.py)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +14,8 @@ from imagetool.errors import LockedError
 from imagetool.store import StoredRelease
 from rollout.hooks import Hooks, HookSpec, RunOnceSpec
 from rollout.journal import Journal, find_record, list_records
-from rollout.node import HelperNode
+from rollout.locks import LockClaim, this_process
+from rollout.node import HelperError, HelperNode
 from rollout.stage import stage, stage_all
 from rollout.update import Rollout
 from tests.local_fleet import (  # noqa: F401 - fixtures
@@ -121,15 +121,86 @@ def test_lock_of_another_run_is_refused_naming_its_holder(release: StoredRelease
     assert all(state(n).lock is None for n in nodes)
 
 
+def holder(**changes: object) -> dict[str, object]:
+    """This process's holder identity (tests run the controller here), with `changes`."""
+    me = this_process()
+    assert me is not None
+    return {**me.to_dict(), **changes}
+
+
 def test_lock_left_by_a_dead_controller_here_is_taken_over(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(2)
     for n in nodes:
-        hold_lock(n, rollout="r-killed", owner=ME, command="imagetool rollout", pid=dead_pid(), time=time.time())
-    assert run(nodes, release).exit_code == 0  # type: ignore[attr-defined]
+        hold_lock(n, rollout="r-killed", owner=ME, command="imagetool rollout", time=time.time(),
+                  token="killed-token", holder=holder(pid=dead_pid()))
+    events: list[tuple[str, str, str]] = []
+    assert Rollout(nodes, options(owner=ME), events=lambda *e: events.append(e)).run(release).exit_code == 0
+    assert sum("controller process" in d and "is gone" in d for _, s, d in events if s == "warning") == 2
     # A live process of the same owner is another run going on: refused.
-    hold_lock(nodes[0], rollout="r-live", owner=ME, command="imagetool rollout", pid=os.getpid(), time=time.time())
-    with pytest.raises(LockedError, match="r-live"):
+    hold_lock(nodes[0], rollout="r-live", owner=ME, command="imagetool rollout", time=time.time(),
+              token="live-token", holder=holder())
+    with pytest.raises(LockedError, match="r-live.*still running here"):
         run(nodes, release)
+
+
+def test_the_same_owner_on_another_machine_is_no_proof(release: StoredRelease, fleet: Fleet) -> None:
+    """Same user@hostname, a pid that does not exist here: the lock was taken from another
+    process table (another boot, machine or container), where that pid may well be running."""
+    nodes = fleet(1)
+    for other in ({"boot_id": "another-boot"}, {"pid_ns": "pid:[1]"}, {"machine_id": "a-clone"}):
+        hold_lock(nodes[0], rollout="r-elsewhere", owner=ME, command="imagetool rollout", time=time.time(),
+                  token="other-token", holder=holder(pid=dead_pid(), **other))
+        with pytest.raises(LockedError, match="another machine, boot or container"):
+            run(nodes, release)
+    # An older controller's lock, owner and a dead pid only: no proof either.
+    hold_lock(nodes[0], rollout="r-old-ctl", owner=ME, command="imagetool rollout", time=time.time(), pid=dead_pid())
+    with pytest.raises(LockedError, match="does not say which process table"):
+        run(nodes, release)
+    assert state(nodes[0]).lock["rollout"] == "r-old-ctl"  # type: ignore[index]
+
+
+def test_a_second_controller_with_the_same_rollout_id_is_refused(release: StoredRelease, fleet: Fleet) -> None:
+    nodes = fleet(2)
+    first = LockClaim("r-same", "ops@elsewhere", "imagetool rollout")  # a live run (this process)
+    nodes[1].lock(first)
+    with pytest.raises(LockedError, match="node n2: locked by rollout r-same.*same rollout id"):
+        run(nodes, release, rollout_id="r-same")
+    assert first.holds(state(nodes[1]).lock) and state(nodes[0]).lock is None
+    # Told to, it takes the lock over, and the first run's release then leaves it alone.
+    assert run(nodes, release, rollout_id="r-same", break_lock=True, lock_max_age=0).exit_code == 0  # type: ignore[attr-defined]
+    nodes[1].lock(LockClaim("r-same", "ops@controller", "imagetool rollout"))
+    with pytest.raises(HelperError, match="held under another token"):
+        nodes[1].unlock(first)
+
+
+def test_a_release_never_removes_a_lock_taken_over_meanwhile(release: StoredRelease, fleet: Fleet) -> None:
+    """While the rollout runs, another controller takes n2's lock over (--break-lock): the
+    rollout's release at the end is refused there and says so; the other run keeps its lock."""
+    nodes = fleet(2)
+    other = LockClaim("r-other", "dev@laptop", "imagetool rollout")
+    events: list[tuple[str, str, str]] = []
+
+    def on_event(node: str, step: str, detail: str) -> None:
+        events.append((node, step, detail))
+        if node == "n2" and step == "commit":
+            nodes[1].lock(other, take_over=nodes[1].status().lock)
+
+    result = Rollout(nodes, options(owner=ME), events=on_event).run(release)
+    assert result.exit_code == 0
+    assert other.holds(state(nodes[1]).lock) and state(nodes[0]).lock is None
+    assert any(n == "n2" and s == "warning" and "could not release the lock" in d and "r-other" in d
+               for n, s, d in events)
+
+
+def test_an_unreadable_lock_file_is_named_and_broken_only_when_told(release: StoredRelease, fleet: Fleet) -> None:
+    """What an older helper's crash between creating and writing the lock leaves."""
+    nodes = fleet(2)
+    machine(nodes[1]).node_var.lock.write_bytes(b"")
+    assert (state(nodes[1]).lock or {})["unreadable"].endswith("lock is empty (a helper crashed while writing it?)")
+    with pytest.raises(LockedError, match="node n2: locked by an unreadable lock file .*--break-lock"):
+        run(nodes, release)
+    assert run(nodes, release, break_lock=True, lock_max_age=0).exit_code == 0  # type: ignore[attr-defined]
+    assert all(state(n).lock is None for n in nodes)
 
 
 # --- reconcile ------------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--health-timeout", type=Seconds(0), default=120, show_default=True,
                      help="Seconds a freshly booted node may take to become healthy."),
         *check_options(),
-        click.option("--rollout-id", default=None, help="Take over an interrupted run's locks by its id and carry on."),
+        click.option("--rollout-id", default=None, help="Carry on an interrupted run under its id (its locks are taken over when its controller "
+                          "process is provably gone, else with --break-lock)."),
         click.option("--break-lock", is_flag=True,
                      help="Take over node locks of other runs older than --lock-max-age (says whose it broke)."),
         click.option("--lock-max-age", type=Seconds(0, 10 * 365 * 86400), default=3600, show_default=True, metavar="S",
