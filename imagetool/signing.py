@@ -96,13 +96,17 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
-    data = _read_key_file(path, "public key")
+    return public_key_from_pem(str(path), _read_key_file(path, "public key"))
+
+
+def public_key_from_pem(name: str, pem: bytes) -> Ed25519PublicKey:
+    """An Ed25519 public key from PEM bytes, or an InputError naming `name`."""
     try:
-        key = serialization.load_pem_public_key(data)
+        key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError) as e:
-        raise InputError(f"{path}: not a PEM public key ({e})") from None
+        raise InputError(f"{name}: not a PEM public key ({e})") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise InputError(f"{path}: expected an Ed25519 public key, got {type(key).__name__}")
+        raise InputError(f"{name}: expected an Ed25519 public key, got {type(key).__name__}")
     return key
 
 
@@ -149,13 +153,7 @@ class TrustedKey:
 
     @classmethod
     def from_pem(cls, name: str, pem: bytes) -> TrustedKey:
-        try:
-            key = serialization.load_pem_public_key(pem)
-        except (ValueError, TypeError) as e:
-            raise InputError(f"{name}: not a PEM public key ({e})") from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise InputError(f"{name}: expected an Ed25519 public key, got {type(key).__name__}")
-        return cls(name=name, key=key, sha256=hashlib.sha256(pem).hexdigest())
+        return cls(name=name, key=public_key_from_pem(name, pem), sha256=hashlib.sha256(pem).hexdigest())
 
 
 def load_trusted_keys(paths: Sequence[Path]) -> list[TrustedKey]:
