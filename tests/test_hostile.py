@@ -187,3 +187,17 @@ def test_a_damaged_lab_record_is_a_clear_error(tmp_path: Path, content: str) -> 
     r = CliRunner().invoke(main, ["lab", "status", "--lab", "t1", "--lab-dir", str(tmp_path / "labs")])
     assert r.exit_code == 2 and "lab.json" in r.output and "Traceback" not in r.output, r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_the_lab_record_up_writes_is_the_one_load_lab_accepts(tmp_path: Path) -> None:
+    # A lab's own record once failed its own validation (every `lab reset` then exited 2).
+    from imagetool.lab.model import Lab, load_lab, save_lab_record
+
+    d = tmp_path / "labs" / "t1"
+    (d / "nodes").mkdir(parents=True)
+    lab = Lab(name="t1", dir=d, subnet="10.250.7.0/24", bridge="itl0000br", gateway="10.250.7.1", release="web-1",
+              accel="tcg")
+    save_lab_record(lab, accel_reason="probe: KVM unavailable")
+    back = load_lab("t1", tmp_path / "labs")
+    assert (back.name, back.subnet, back.gateway, back.release, back.accel) == ("t1", "10.250.7.0/24", "10.250.7.1",
+                                                                               "web-1", "tcg")

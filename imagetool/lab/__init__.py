@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -58,6 +57,7 @@ from imagetool.lab.model import (
     mac_address,
     node_kinds,
     read_pid,
+    save_lab_record,
     ssh_argv,
     subnet_of,
     tap_name,
@@ -156,9 +156,7 @@ def up(name: str, n_nodes: int, release: StoredRelease, *, root: Path | None = N
         if vm_nodes:
             progress("accel", "probing KVM" if accel == "auto" and not os.environ.get(ACCEL_ENV) else accel)
             lab.accel, reason = choose_accel(accel, os.environ, lambda: kvm_works(d / "kvm-probe.pid"))
-        (d / "lab.json").write_text(json.dumps({"name": name, "subnet": str(subnet), "bridge": bridge,
-                                                "gateway": gateway, "release": release.id, "accel": lab.accel,
-                                                "accel_reason": reason, "created": time.time()}, indent=2) + "\n")
+        save_lab_record(lab, accel_reason=reason)
         progress("network", f"bridge {bridge} {gateway}/24")
         run_tool(["ip", "link", "add", bridge, "type", "bridge"])
         run_tool(["ip", "addr", "add", f"{gateway}/{subnet.prefixlen}", "dev", bridge])

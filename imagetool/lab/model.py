@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -22,8 +23,8 @@ from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 from imagetool import schema
 from imagetool.errors import InputError, NotFoundError
 from imagetool.schema import Where
-from imagetool.yamlfile import read_limited
 from imagetool.systools import pid_alive, run_tool
+from imagetool.yamlfile import read_limited
 
 LAB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
 
@@ -169,6 +170,17 @@ def lab_dir(name: str, root: Path | None = None) -> Path:
     return (root or default_root()) / check_lab_name(name)
 
 
+LAB_RECORD_KEYS = ("name", "subnet", "bridge", "gateway", "release", "accel", "accel_reason", "created")
+
+
+def save_lab_record(lab: Lab, accel_reason: str | None = None) -> None:
+    """lab.json, which load_lab reads back; `up` also records why it chose its accelerator and
+    when it was made, for the operator."""
+    record = {"name": lab.name, "subnet": lab.subnet, "bridge": lab.bridge, "gateway": lab.gateway,
+              "release": lab.release, "accel": lab.accel, "accel_reason": accel_reason, "created": time.time()}
+    (lab.dir / "lab.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
 def load_lab(name: str, root: Path | None = None) -> Lab:
     d = lab_dir(name, root)
     state = d / "lab.json"
@@ -176,7 +188,7 @@ def load_lab(name: str, root: Path | None = None) -> Lab:
         raise NotFoundError(f"no lab named {name!r} (looked for {state}); start one with `imagetool lab up`")
     data = _read_record(state, "lab record")
     w = Where(state, style="path")
-    schema.mapping(data, w, ("name", "subnet", "bridge", "gateway", "release", "accel"),
+    schema.mapping(data, w, LAB_RECORD_KEYS,
                    required=("name", "subnet", "bridge", "gateway", "release"), optional=False)
     for key in ("name", "subnet", "bridge", "gateway", "release"):
         schema.string(data[key], w / key, non_empty=True)
