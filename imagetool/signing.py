@@ -125,12 +125,17 @@ def sign_file(manifest_path: Path, private_key_path: Path) -> bytes:
     return sign_bytes(data, private_key_path)
 
 
-def verify_signature(data: bytes, signature: bytes, public_key_path: Path, what: str, sig_where: str) -> None:
-    key = load_public_key(public_key_path)
+def _decode_signature(signature: bytes, sig_where: str) -> bytes:
+    """The raw signature in a signature file (base64 and a newline, as sign_bytes writes it)."""
     try:
-        raw = base64.b64decode(signature.strip(), validate=True)
+        return base64.b64decode(signature.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise VerificationError(f"{sig_where}: not a valid signature file (expected base64)") from None
+
+
+def verify_signature(data: bytes, signature: bytes, public_key_path: Path, what: str, sig_where: str) -> None:
+    key = load_public_key(public_key_path)
+    raw = _decode_signature(signature, sig_where)
     try:
         key.verify(raw, data)
     except InvalidSignature:
@@ -148,8 +153,7 @@ class TrustedKey:
     @classmethod
     def from_file(cls, path: Path) -> TrustedKey:
         path = Path(path)
-        return cls(name=str(path), key=load_public_key(path),
-                   sha256=hashlib.sha256(_read_key_file(path, "public key")).hexdigest())
+        return cls.from_pem(str(path), _read_key_file(path, "public key"))
 
     @classmethod
     def from_pem(cls, name: str, pem: bytes) -> TrustedKey:
@@ -169,10 +173,7 @@ def signed_by(data: bytes, signature: bytes | None, keys: Sequence[TrustedKey], 
     if signature is None:
         raise VerificationError(f"{what} is not signed, and only releases signed by a trusted key are accepted "
                                 f"(trusted keys: {names})")
-    try:
-        raw = base64.b64decode(signature.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise VerificationError(f"{sig_where}: not a valid signature file (expected base64)") from None
+    raw = _decode_signature(signature, sig_where)
     for key in keys:
         try:
             key.key.verify(raw, data)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from imagetool.signing import generate_keypair
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 # Images are big and slow to build: keep them in a store outside the checkout and rebuild only
@@ -151,3 +153,14 @@ def node_status(the_lab, node) -> dict:
     r = subprocess.run(ssh_argv(the_lab, node, "imagetool-node", "status"), capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr + r.stdout
     return json.loads(r.stdout)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, Path]:
+    """Two key pairs: `release` (the one the node will trust) and `other` (an unknown signer)."""
+    d = tmp_path / "keys"
+    d.mkdir()
+    for name in ("release", "other"):
+        generate_keypair(d / f"{name}.key", d / f"{name}.pem")
+    return {"release": d / "release.key", "release.pem": d / "release.pem",
+            "other": d / "other.key", "other.pem": d / "other.pem"}

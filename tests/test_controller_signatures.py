@@ -12,7 +12,7 @@ import pytest
 
 from imagetool.errors import InputError, VerificationError
 from imagetool.manifest import ImageInfo, sha256_file
-from imagetool.signing import generate_keypair, sign_file
+from imagetool.signing import sign_file
 from imagetool.store import Store, StoredRelease
 from rollout.inventory import load_inventory
 from rollout.node import HelperNode
@@ -20,16 +20,6 @@ from rollout.stage import stage, stage_all
 from rollout.update import Rollout
 from tests.local_fleet import OLD, Fleet, actions, fast_boot_polls, fleet, machine, options, state  # noqa: F401
 from tests.samples import sample_manifest
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> dict[str, Path]:
-    d = tmp_path / "keys"
-    d.mkdir()
-    for name in ("release", "other"):
-        generate_keypair(d / f"{name}.key", d / f"{name}.pem")
-    return {"release": d / "release.key", "release.pem": d / "release.pem",
-            "other": d / "other.key", "other.pem": d / "other.pem"}
 
 
 def make_release(store_dir: Path, version: str, key: Path | None) -> StoredRelease:

@@ -10,19 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from imagetool.signing import generate_keypair, sign_bytes
+from imagetool.signing import sign_bytes
 from tests.test_node_helper import NodeRoot, make_lab_node
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> dict[str, Path]:
-    """Two key pairs: `release` (the one the node will trust) and `other` (an unknown signer)."""
-    d = tmp_path / "keys"
-    d.mkdir()
-    for name in ("release", "other"):
-        generate_keypair(d / f"{name}.key", d / f"{name}.pem")
-    return {"release": d / "release.key", "release.pem": d / "release.pem",
-            "other": d / "other.key", "other.pem": d / "other.pem"}
 
 
 @pytest.fixture

@@ -125,13 +125,13 @@ def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[s
     from rollout.fleet import open_nodes
     from rollout.inventory import load_inventory
     from rollout.locks import default_owner, new_rollout_id
-    from rollout.stage import check_release_files, stage_all
+    from rollout.stage import stage_all
 
     stored = resolve_release(Store(default_store_path(store)), release)
     inv = load_inventory(inventory)
+    # stage_all checks the release (and its signature against these keys) before any node is
+    # contacted: a refused release changes nothing anywhere.
     keys = [*inv.trusted_keys, *(Path(k) for k in trusted_keys)]
-    # Before connecting: a refused release changes nothing anywhere.
-    check_release_files(stored, keys)
     # Under each node's rollout lock, so a rollout or a gc cannot pull the transfer away.
     lock_as = ("stage-" + new_rollout_id(), default_owner(), _command_line())
     with open_nodes(inv, list(limit), accept_new_host_keys=accept_new_host_keys) as nodes:
