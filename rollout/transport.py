@@ -576,8 +576,6 @@ class SSHTransport:
         return sent
 
 
-
-
 def _fast_transport(sock: socket.socket | paramiko.Channel, **kwargs: object) -> paramiko.Transport:
     """paramiko's Transport with a big receive window and the fastest ciphers offered first."""
     t = paramiko.Transport(

@@ -29,10 +29,6 @@ from imagetool.yamlfile import read_limited
 LAB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
 
 
-
-
-
-
 FIRST_HOST = 10
 
 
@@ -214,8 +210,6 @@ def _read_record(path: Path, what: str) -> object:
 
 def _node_order(p: Path) -> int:
     return int(re.sub(r"\D", "", p.parent.name) or 0)
-
-
 
 
 HOST_KEY_PUB = "ssh_host_ed25519_key.pub"  # a copy of each node's public host key, in its node directory
