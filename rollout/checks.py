@@ -69,9 +69,7 @@ def shell_placeholder_problem(command: str) -> str | None:
                 quote = "'"
         elif c == "'":  # inside '...' nothing but the closing quote counts
             quote = None
-        elif PLACEHOLDER_RE.match(command, i):
-            m = PLACEHOLDER_RE.match(command, i)
-            assert m is not None
+        elif (m := PLACEHOLDER_RE.match(command, i)) is not None:
             return (f"placeholder {m.group(0)} inside single quotes: write it unquoted (it is shell-quoted "
                     "for you)")
         i += 1
