@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from imagetool.errors import AlreadyExistsError, InputError, NotFoundError, VerificationError
 from imagetool.manifest import Manifest, sha256_file
+from imagetool.release import MAX_KEY_BYTES
+from imagetool.yamlfile import read_limited
 
 
 def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
@@ -76,12 +78,7 @@ def generate_keypair(private_path: Path, public_path: Path, force: bool = False)
 
 
 def _read_key_file(path: Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"{path}: {what} does not exist") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    return read_limited(path, what, MAX_KEY_BYTES)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
