@@ -18,9 +18,9 @@ import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
@@ -99,23 +99,69 @@ def _sshd_config(tmp: Path, host_key: Path, authorized_keys: Path) -> str:
     ])
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_namespace(namespace: str, host_if: str) -> None:
+    """Kill whatever runs in the namespace, then delete it and the host end of its veth."""
+    for p in _run("ip", "netns", "pids", namespace, check=False).stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(p), signal.SIGKILL)
+    _run("ip", "netns", "del", namespace, check=False)
+    _run("ip", "link", "del", host_if, check=False)
+
+
+def clear_stale() -> list[str]:
+    """Remove the namespaces and veths of throwaway sshds whose test process is gone.
+
+    A run killed mid-session (a machine restart, a CI timeout) leaves its namespace and its host
+    veth, still holding 10.250.254.1/30 and the route: the next run's packets would then go to the
+    dead namespace and be refused. Returns the namespaces removed.
+    """
+    removed = []
+    for line in _run("ip", "netns", "list", check=False).stdout.splitlines():
+        namespace = line.split()[0] if line.split() else ""
+        if not namespace.startswith("itest-sshd-"):
+            continue
+        try:
+            pid = int(namespace.removeprefix("itest-sshd-"))
+        except ValueError:
+            continue
+        if _pid_alive(pid) and pid != os.getpid():
+            continue
+        _remove_namespace(namespace, f"itsh{pid % 10000}")
+        removed.append(namespace)
+    # A host veth whose namespace is already gone keeps the address and route alone.
+    for line in _run("ip", "-o", "-4", "addr", "show", "to", f"{HOST_ADDR}/32", check=False).stdout.splitlines():
+        ifname = line.split()[1].split("@")[0]
+        if ifname.startswith("itsh"):
+            _run("ip", "link", "del", ifname, check=False)
+            removed.append(ifname)
+    return removed
+
+
 @contextlib.contextmanager
 def throwaway_sshd() -> Iterator[SshdServer]:
     """Start sshd in a fresh namespace; always tear down sshd, namespace and veth on exit."""
     if os.geteuid() != 0:
         raise PermissionError("a throwaway sshd needs root (network namespaces)")
+    clear_stale()
     pid = os.getpid()
     namespace = f"itest-sshd-{pid}"
     host_if = f"itsh{pid % 10000}"
     peer_if = f"itsp{pid % 10000}"
     tmp = Path(tempfile.mkdtemp(prefix="itest-sshd-"))
-    undo: list[list[str]] = []
     process: subprocess.Popen[bytes] | None = None
     try:
         _run("ip", "netns", "add", namespace)
-        undo.append(["ip", "netns", "del", namespace])
         _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
-        undo.append(["ip", "link", "del", host_if])
         _run("ip", "link", "set", peer_if, "netns", namespace)
         _run("ip", "addr", "add", f"{HOST_ADDR}/30", "dev", host_if)
         _run("ip", "link", "set", host_if, "up")
@@ -138,13 +184,19 @@ def throwaway_sshd() -> Iterator[SshdServer]:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         _run(SSHD, "-t", "-f", str(config))
 
-        log = open(tmp / "sshd.log", "wb")
-        process = subprocess.Popen(
-            [*ns, SSHD, "-D", "-e", "-f", str(config)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-        )
-        log.close()
-        _wait_for_port(NODE_ADDR, 22)
+        with open(tmp / "sshd.log", "wb") as log:
+            process = subprocess.Popen(
+                [*ns, SSHD, "-D", "-e", "-f", str(config)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )
+        try:
+            _wait_for_port(NODE_ADDR, 22)
+        except OSError as e:
+            status = "running" if process.poll() is None else f"exited {process.returncode}"
+            raise RuntimeError(
+                f"throwaway sshd ({status}) did not answer on {NODE_ADDR}:22: {e}\n"
+                f"sshd log:\n{(tmp / 'sshd.log').read_text(errors='replace')}"
+            ) from e
         node = NodeSpec(
             name="itest",
             host=NODE_ADDR,
@@ -167,13 +219,7 @@ def throwaway_sshd() -> Iterator[SshdServer]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
-        pids = _run("ip", "netns", "pids", namespace, check=False).stdout.split()
-        for p in pids:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(p), signal.SIGKILL)
-        for argv in reversed(undo):
-            _run(*argv, check=False)
-        _run("ip", "link", "del", host_if, check=False)
+        _remove_namespace(namespace, host_if)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
