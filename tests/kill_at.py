@@ -5,6 +5,7 @@
 runs the real rollout and kills its own process (kill -9: no cleanup, no unlock, no journal end)
 the moment NODE reports STEP with a detail starting with DETAIL_PREFIX. Events are reported
 synchronously from the node's worker thread, so the kill lands exactly between two node actions.
+STEP `transfer` kills it instead once DETAIL_PREFIX bytes of the image went to NODE.
 """
 
 from __future__ import annotations
@@ -26,8 +27,19 @@ def main(argv: list[str]) -> int:
         if n == node and s == step and detail.startswith(prefix):
             os.kill(os.getpid(), signal.SIGKILL)
 
+    class Transfer:
+        def stage_start(self, n: str, total: int) -> None:
+            pass
+
+        def stage_advance(self, n: str, done: int) -> None:
+            if step == "transfer" and n == node and done >= int(prefix):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def stage_end(self, n: str, result: object) -> None:
+            pass
+
     run_rollout(Store(store).get(release_id), load_inventory(inventory), RolloutOptions(**json.loads(options)),
-                events=events)
+                events=events, progress=Transfer())
     return 0  # not reached when the step came
 
 

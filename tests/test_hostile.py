@@ -19,17 +19,7 @@ from rollout.journal import Journal, list_records, read_record
 from rollout.node import CorruptNodeError, NodeStatus
 from rollout.stage import stage_all
 from rollout.update import Rollout
-from tests.local_fleet import (  # noqa: F401 - fixtures
-    NEW,
-    Fleet,
-    actions,
-    fast_boot_polls,
-    fleet,
-    machine,
-    options,
-    release,
-    settle_on,
-)
+from tests.local_fleet import NEW, Fleet, actions, fast_boot_polls, fleet, machine, options, release, settle_on  # noqa: F401 - fixtures
 
 STATUS = {"ok": True, "booted": "web-1.0", "default": "web-1.0", "committed": "web-1.0", "boot_id": "b1",
           "images": [{"id": "web-1.0", "size": 10, "sha256": "0" * 64, "mtime": 1}], "free_bytes": 100, "time": 1.0}

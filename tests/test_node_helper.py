@@ -444,3 +444,32 @@ def test_dead_man_switch_ignores_a_timeout_that_is_not_finite(node: NodeRoot, tm
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_armed_failpoint_stops_the_helper_there_and_says_so(tmp_path):
+    """The fault tests' power cut at an exact moment: the helper writes `.reached` and waits to die.
+    Here the commit's first write (state.json) has happened and its second (the boot default) not."""
+    node = NodeRoot(tmp_path)
+    node.stage("web-2")
+    node.boot("web-2", default="web-1")
+    run = node.root / "run/imagetool"
+    run.mkdir(parents=True)
+    (run / "failpoint").write_text("commit:state-written\n")
+    env = {**os.environ, "IMAGETOOL_NODE_ROOT": str(node.root), "IMAGETOOL_NODE_BOOT_ID_FILE": str(node.boot_id)}
+    proc = subprocess.Popen([sys.executable, str(HELPER), "commit", "web-2"], env=env, stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (run / "failpoint.reached").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (run / "failpoint.reached").read_text() == "commit:state-written\n"
+        time.sleep(0.2)
+        assert proc.poll() is None, "the helper went on past its failpoint"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert json.loads((node.var / "state.json").read_text())["committed"] == "web-2"
+    assert json.loads((node.var / "boot/control.json").read_text())["default"] == "web-1"
+    # Another point armed, or none: the helper runs through.
+    (run / "failpoint").write_text("set-next:metadata-written\n")
+    assert node.run("commit", "web-2")["committed"] == "web-2"
+    assert json.loads((node.var / "boot/control.json").read_text())["default"] == "web-2"

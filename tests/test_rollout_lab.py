@@ -17,6 +17,7 @@ from rollout.inventory import CheckSpec, load_inventory
 from rollout.update import RolloutOptions, run_rollback, run_rollout
 from tests.conftest import TEST_STORE, make_lab, node_status
 from tests.derive import broken_boot, broken_sshd, derive_release, failing_health_check
+from tests.faults import fault
 
 pytestmark = pytest.mark.lab
 
@@ -86,6 +87,8 @@ def test_cluster_rollback_goes_to_the_previous_image_without_transfer(cluster, i
     assert_all_on(cluster, release2.id)
 
 
+@fault("The new release fails its health gate on the canary",
+       "the canary is rolled back to its committed image and the rollout stops before the next batch (exit 3)")
 def test_failing_health_gate_rolls_the_canary_back_and_stops(cluster, inventory, release2, test_store):
     bad = derive_release(test_store, release2, "2_bad_health", failing_health_check)
     before = boot_ids(cluster)
@@ -102,7 +105,14 @@ def test_failing_health_gate_rolls_the_canary_back_and_stops(cluster, inventory,
         n: before[n] for n in ("node2", "node3", "node4")}, "no other node was touched"
 
 
-@pytest.mark.parametrize("breakage", [broken_sshd, broken_boot], ids=["sshd", "boot"])
+@pytest.mark.parametrize("breakage", [
+    pytest.param(broken_sshd, id="sshd", marks=fault(
+        "The new release boots but its sshd never starts: the controller cannot reach the trial boot",
+        "the node is reset (or its dead-man switch fires) and boots its committed image")),
+    pytest.param(broken_boot, id="boot", marks=fault(
+        "The new release cannot boot at all (no init)",
+        "the firmware's one-shot is spent; the reset boots the committed image")),
+])
 def test_release_that_breaks_the_node_comes_back_on_its_committed_image(cluster, inventory, release2, test_store,
                                                                         breakage):
     bad = derive_release(test_store, release2, f"2_{breakage.__name__}", breakage)
@@ -114,6 +124,8 @@ def test_release_that_breaks_the_node_comes_back_on_its_committed_image(cluster,
     assert s["system_state"] == "running"
 
 
+@fault("The second batch fails under `rollback: all`",
+       "the failed node and every node the rollout already moved are back on their previous image")
 def test_rollback_all_returns_the_first_batch_when_the_second_fails(cluster, inventory, release2, test_store):
     good = derive_release(test_store, release2, "3", lambda tree: None)
     fails_on_node2 = CheckSpec(name="not-node2", kind="command", target='test "$(hostname)" != node2',
@@ -126,6 +138,8 @@ def test_rollback_all_returns_the_first_batch_when_the_second_fails(cluster, inv
     assert_all_on(cluster, release2.id)
 
 
+@fault("A node presents an unknown or a changed SSH host key when the rollout connects",
+       "refused before any node is touched, naming the known_hosts file")
 def test_unknown_and_changed_host_keys_are_refused(cluster, tmp_path, release2):
     inv_text = cluster.inventory.read_text()
     empty = tmp_path / "known_hosts"

@@ -27,6 +27,7 @@ from rollout.journal import find_record, state_dir
 from rollout.update import RolloutOptions, run_rollout
 from tests.conftest import REPO, TEST_STORE, make_lab, node_status, wait_for
 from tests.derive import derive_release
+from tests.faults import fault
 
 pytestmark = pytest.mark.lab
 
@@ -109,6 +110,8 @@ def test_plan_changes_nothing(cluster, release1, release2):
 # --- locks, hooks, run-once --------------------------------------------------------------------------------
 
 
+@fault("A node is locked by another rollout (a foreign, stale lock)",
+       "refused with exit 8 naming the holder, nothing touched; --break-lock takes it over and the rollout converges")
 def test_locked_node_refuses_then_break_lock_takes_over_and_hooks_run(cluster, release1, release2, tmp_path):
     """r1 → r2 on all nodes, with a foreign lock on node3, hooks around every node and a run-once
     migration on the first."""
@@ -169,6 +172,8 @@ def test_locked_node_refuses_then_break_lock_takes_over_and_hooks_run(cluster, r
     assert r.exit_code == 0 and json.loads(r.stdout)["outcomes"] == {"node1": "done", "node2": "done", "node3": "done"}
 
 
+@fault("An after_commit hook fails on the canary",
+       "the node is moved back to the image it had; the other nodes are only staged")
 def test_failing_hook_rolls_the_node_back(cluster, release2, release3):
     """From all on r2: an after_commit hook that fails on node1 moves it back to r2."""
     inv = variant(cluster, "failing-hook", hooks={"after_commit": [
@@ -190,6 +195,8 @@ def test_failing_hook_rolls_the_node_back(cluster, release2, release3):
 # --- the dead-man switch ------------------------------------------------------------------------------------
 
 
+@fault("Network cut after the trial boot, before the controller confirms, with no out-of-band reset",
+       "the node's own dead-man switch boots its committed image within confirm_timeout")
 def test_network_cut_after_boot_the_node_returns_by_itself(cluster, release2, release3):
     """From all on r2: node1 boots r3 and loses its network before the controller can confirm.
     With no out-of-band reset, only the node's own dead-man switch can bring it back."""
@@ -238,7 +245,16 @@ def killed_run(cluster, release, node: str, step: str, prefix: str) -> None:
     assert r.returncode == -9, f"the controller was not killed at {step} {prefix!r}: {r.returncode} {r.stderr[-2000:]}"
 
 
-@pytest.mark.parametrize("point", ["after set-next", "after reboot", "after health", "after commit"])
+@pytest.mark.parametrize("point", [
+    pytest.param("after set-next", marks=fault("Controller killed (SIGKILL) after set-next, before the reboot",
+                                               "the re-run takes the lock over and activates the node")),
+    pytest.param("after reboot", marks=fault("Controller killed (SIGKILL) while the node boots the new image",
+                                             "nobody confirms: the node returns to its committed image; the re-run converges")),
+    pytest.param("after health", marks=fault("Controller killed (SIGKILL) after the health gate, before commit",
+                                             "the re-run resumes at the gate and commits without a reboot")),
+    pytest.param("after commit", marks=fault("Controller killed (SIGKILL) after commit, before unlock",
+                                             "the re-run finds the node done: skipped, no reboot")),
+])
 def test_controller_killed_then_rerun_converges(cluster, release2, release3, point):
     """node2 moves between r2 and r3; the controller is killed -9 at `point`, then the same
     command runs again and finishes the job from the node's real state."""
@@ -294,6 +310,8 @@ def state_or_none(cluster, node: str) -> dict | None:
 # --- a full disk during staging ------------------------------------------------------------------------------
 
 
+@fault("/var is full before staging, or fills up during the transfer",
+       "refused with the free space named; the partial transfer is removed; the node is untouched")
 def test_var_full_during_staging(cluster, release2, test_store):
     """node3 (on r2) gets an image it does not have while its /var is, or becomes, full."""
     r4 = derive_release(test_store, release2, "4", lambda tree: (tree / "etc/webapp-4").write_text("4\n"))

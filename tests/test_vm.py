@@ -20,6 +20,7 @@ from rollout.inventory import load_inventory
 from rollout.update import RolloutOptions, run_rollback, run_rollout
 from tests.conftest import TEST_STORE, lab_ssh, make_lab, node_status
 from tests.derive import broken_boot, derive_release, failing_health_check
+from tests.faults import fault
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm]
 
@@ -102,6 +103,8 @@ def test_cluster_rollback_returns_the_vm_to_the_previous_image(cluster, inventor
     assert root["fstype"] == "squashfs" and "ro" in root["options"].split(",")
 
 
+@fault("A release that cannot boot, on a VM booting through GRUB",
+       "the kernel panics and resets; GRUB's spent one-shot leaves the committed image to boot")
 def test_release_that_cannot_boot_falls_back_through_grub(cluster, inventory, vm, release1, test_store):
     """No init in the image: the initramfs panics (rather than run /bin/sh as PID 1 and hang),
     panic= resets the VM, and GRUB, whose one-shot entry is already spent, boots the committed
@@ -121,6 +124,8 @@ def test_release_that_cannot_boot_falls_back_through_grub(cluster, inventory, vm
     assert "Rebooting automatically due to panic= boot argument" in console
 
 
+@fault("A release that fails its health gate, on a VM booting through GRUB",
+       "rolled back through GRUB to the committed image, every unit running")
 def test_failing_health_gate_on_a_vm_is_rolled_back(cluster, inventory, vm, release1, test_store):
     bad = derive_release(test_store, release1, "1_bad_health", failing_health_check)
     # The gate waits health_timeout for a check that will never pass: keep it short here.
