@@ -467,9 +467,37 @@ def test_an_armed_failpoint_stops_the_helper_there_and_says_so(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    assert json.loads((node.var / "state.json").read_text())["committed"] == "web-2"
+    raw = json.loads((node.var / "state.json").read_text())
+    assert raw["committed"] == "web-2" and raw["uncommitted"]["committed"] == "web-1"
     assert json.loads((node.var / "boot/control.json").read_text())["default"] == "web-1"
-    # Another point armed, or none: the helper runs through.
+    # The commit was cut short: the node boots web-1, and its record says web-1 too.
+    assert node.run("status")["committed"] == "web-1"
+    # Another point armed, or none: the helper runs through, and the record is final.
     (run / "failpoint").write_text("set-next:metadata-written\n")
     assert node.run("commit", "web-2")["committed"] == "web-2"
     assert json.loads((node.var / "boot/control.json").read_text())["default"] == "web-2"
+    assert json.loads((node.var / "state.json").read_text()) == {
+        **{k: v for k, v in raw.items() if k not in ("uncommitted", "committed_at")},
+        "committed_at": json.loads((node.var / "state.json").read_text())["committed_at"]}
+
+
+def test_a_commit_cut_short_reads_as_undone_and_boot_writes_it_back(tmp_path):
+    """state.json written, the boot default not moved: a power cut between commit's two writes."""
+    node = NodeRoot(tmp_path)
+    node.stage("web-2")
+    node.boot("web-1", default="web-1", previous="web-0")
+    before = {"committed": "web-1", "previous": "web-0", "committed_at": 100.0, "rollout": "r-1"}
+    cut_short = {**before, "committed": "web-2", "previous": "web-1", "committed_at": 200.0, "rollout": "r-2",
+                 "run_once": {"release": "web-1"}, "uncommitted": before}
+    (node.var / "state.json").write_text(json.dumps(cut_short))
+    st = node.run("status")
+    assert (st["committed"], st["previous"], st["last_rollout"]) == ("web-1", "web-0", "r-1")
+    node.run("boot")
+    assert json.loads((node.var / "state.json").read_text()) == {**before, "run_once": {"release": "web-1"}}
+    # Had the default moved before the cut, the commit stands: only the marker goes.
+    (node.var / "state.json").write_text(json.dumps(cut_short))
+    (node.var / "boot/control.json").write_text(json.dumps({"default": "web-2", "next": None}))
+    node.release("web-2")
+    node.run("boot")
+    assert json.loads((node.var / "state.json").read_text()) == {
+        k: v for k, v in cut_short.items() if k != "uncommitted"}
