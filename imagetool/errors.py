@@ -24,7 +24,8 @@ class AlreadyExistsError(InputError):
 
 
 class RolloutFailedError(ImagetoolError):
-    """A rollout or rollback stopped: nodes failed and were rolled back."""
+    """A rollout or rollback where nodes failed (a node refusing the image's signature included):
+    each was put back on its committed image where it could be."""
 
     exit_code = 3
 
@@ -40,7 +41,9 @@ class HostKeyError(UnreachableError):
 
 
 class VerificationError(ImagetoolError):
-    """An image, manifest or signature does not check out."""
+    """An image, manifest or signature does not check out. Exit 5 where it ends the command
+    (verify, disk, stage, a release refused before any node); in a rollout a node's refusal is
+    that node's failure (RolloutFailedError, exit 3)."""
 
     exit_code = 5
 
@@ -73,9 +76,9 @@ EXIT_CODES = {
     0: "success",
     1: "unexpected error",
     2: "bad input (release file, inventory, name or option)",
-    3: "rollout stopped: nodes failed and were rolled back",
+    3: "rollout or rollback: nodes failed (a node refusing the image included) and were put back where possible",
     4: "nodes unreachable",
-    5: "verification failed (sha256 or signature)",
+    5: "verification failed (sha256 or signature): verify, disk, stage, or a release refused before any node",
     6: "build failed",
     7: "missing system tool or privilege",
     8: "node locked by another rollout",

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from imagetool.errors import ImagetoolError, NodeError
+from imagetool.errors import ImagetoolError, NodeError, VerificationError
 from rollout.events import Events, Step
 from rollout.health import HealthGate, HealthReport, check_node
 from rollout.hooks import Hooks, HookSpec, hook_env, run_hook
@@ -127,12 +127,15 @@ class Activator:
                     self.run_hooks("after_rollback", node, target, committed)
                 except ImagetoolError as hook_error:
                     problems.append(str(hook_error))
+            # The node refusing the image (set-next re-verifies it) is this node's failure, not
+            # the rollout's: said as such, and left to the batch policy.
+            why = f"verification failed: {e}" if isinstance(e, VerificationError) else str(e)
             if problems:
                 step(name, Step.FAILED, "; ".join(problems))
                 return NodeResult(name, "failed", committed, target, time.monotonic() - start,
-                                  f"{e}; putting it back failed: {'; '.join(problems)}")
+                                  f"{why}; putting it back failed: {'; '.join(problems)}")
             step(name, Step.ROLLED_BACK, f"back on {committed}")
-            return NodeResult(name, "rolled-back", committed, target, time.monotonic() - start, str(e))
+            return NodeResult(name, "rolled-back", committed, target, time.monotonic() - start, why)
 
     def health_gate(self, node: Node) -> HealthReport:
         return check_node(node, self.gate)

@@ -57,8 +57,9 @@ class HelperError(NodeError):
 
 class NodeVerificationError(HelperError, VerificationError):
     """The node found an image, manifest or signature that does not check out (sha256 mismatch,
-    bad or missing signature where it trusts keys): a verification failure (exit code 5),
-    whichever side noticed it."""
+    bad or missing signature where it trusts keys): a verification failure, whichever side
+    noticed it. Exit code 5 where it ends the command (`stage`); in a rollout or rollback it is
+    that node's failure like any other (rollout.update, rollout.activation), and the run exits 3."""
 
     exit_code = VerificationError.exit_code
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from imagetool.errors import ImagetoolError, InputError, LockedError, NodeError, UnreachableError
+from imagetool.errors import ImagetoolError, InputError, LockedError, NodeError, UnreachableError, VerificationError
 from imagetool.names import check_release_id
 from imagetool.store import StoredRelease
 from rollout.activation import Activator, Interrupted
@@ -408,10 +408,13 @@ class Rollout:
         for p in plan:
             r = report.results.get(p.node)
             if r is not None and not r.ok:
-                self.events.step(p.node, Step.FAILED, f"staging: {r.error}")
-                failed[p.node] = NodeResult(p.node, "failed", p.from_id, p.to_id, r.seconds,
-                                            f"staging: {r.error}", r.bytes_sent)
-                p = p.failed(f"staging: {r.error}")
+                # A node that refuses the image (its keys, or the controller on its behalf) is a
+                # failed node like any other: the batch policy decides, the rollout exits 3.
+                why = ("staging: verification failed: " if isinstance(r.exception, VerificationError)
+                       else "staging: ") + str(r.error)
+                self.events.step(p.node, Step.FAILED, why)
+                failed[p.node] = NodeResult(p.node, "failed", p.from_id, p.to_id, r.seconds, why, r.bytes_sent)
+                p = p.failed(why)
             elif r is not None:
                 self.events.step(p.node, Step.STAGE, f"{r.outcome}, {r.bytes_sent} bytes")
             staged.append(p)

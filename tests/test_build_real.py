@@ -45,6 +45,7 @@ def test_manifest_describes_the_image(release1):
     assert m.builder.diskimage_builder != "unknown" and m.builder.imagetool
     assert {"imagetool-readonly-root", "imagetool-node", "imagetool-health", "debian-minimal"} <= set(m.elements)
     assert m.source_date_epoch == 1763856000
+    assert m.trusted_keys == ()  # webapp-1.yaml lists none
     assert release1.log is not None and "disk-image-create" in release1.log.read_text()
 
 
@@ -65,6 +66,9 @@ def test_image_is_ready_for_a_read_only_root(image_root, release1):
     assert os.access(check, os.X_OK) and "urlopen" in check.read_text()
     assert os.access(image_root / "usr/lib/imagetool/imagetool-node", os.X_OK)
     assert os.readlink(image_root / "usr/sbin/imagetool-node") == "/usr/lib/imagetool/imagetool-node"
+    # The release file lists no trusted_keys, so the imagetool-node element installed none: its
+    # nodes check sha256 only. (No cached test image lists keys; see tests/test_release_trusted_keys.py.)
+    assert not (image_root / "etc/imagetool/trusted-keys").exists()
     for mount_point in ("proc", "sys", "dev", "run", "tmp", "var"):
         assert (image_root / mount_point).is_dir()
     # Timestamps are clamped to SOURCE_DATE_EPOCH.

@@ -1,7 +1,8 @@
 """The controller's side of signatures, against local machines running the real helper: a release
 the operator's trusted keys (inventory `trusted_keys`, `--trusted-key`) do not vouch for is
 refused before any node is contacted, and a release a node's own keys would refuse is not sent to
-it. Exit code 5 (VerificationError) either way."""
+it. Exit code 5 (VerificationError) either way for `stage`; in a rollout the refusing node is a
+failed node (exit 3, tests/test_update_plan.py)."""
 
 from __future__ import annotations
 

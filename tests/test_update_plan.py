@@ -244,6 +244,90 @@ def test_not_enough_space_fails_before_any_reboot(release: StoredRelease, fleet:
     assert [x.outcome for x in result.nodes] == ["not-started", "failed", "not-started"]
 
 
+def refuses_unsigned(node: HelperNode, key: Path) -> None:
+    """The node trusts `key` (on its /var, as `imagetool disk --trusted-key` installs it), so it
+    refuses the unsigned releases these tests roll out."""
+    machine(node).node_var.install_trusted_keys([key])
+
+
+def test_a_node_refusing_the_image_is_a_failed_node_of_the_rollout(
+        release: StoredRelease, fleet: Fleet, keys: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Signature verification failing on one node fails that node (exit 3, as a failed health gate
+    would), not the whole command (exit 5): the others go on as the batch policy says, and the
+    refusing node, never sent the image nor rebooted, runs its committed image."""
+    import json
+
+    from click.testing import CliRunner
+
+    from imagetool.cli import main
+
+    nodes = fleet(4)
+    refuses_unsigned(nodes[1], keys["release.pem"])
+    result = Rollout(nodes, options(batches="1", max_failures="1")).run(release)
+    assert result.exit_code == 3 and not result.stopped, result.to_dict()
+    assert [r.outcome for r in result.nodes] == ["done", "failed", "done", "done"]
+    error = result.node("n2").error or ""
+    assert error.startswith("staging: verification failed: ") and "is not signed" in error, error
+    assert "release.pem (/var)" in error and "n2" in (result.reason or "")
+    refused = nodes[1]
+    assert actions(refused, "put", "stage-commit", "set-next", "reboot") == []
+    st = state(refused)
+    assert (st.booted, st.default, st.committed, st.next) == (OLD, OLD, OLD, None)
+    assert not st.has_image(NEW) and machine(refused).boots == 1 and st.lock is None
+    assert [state(n).committed for n in nodes] == [NEW, OLD, NEW, NEW]
+
+    # The command line says the same: exit 3 with the node's reason, not exit 5.
+    inv = tmp_path / "inv.yaml"
+    inv.write_text("nodes:\n" + "".join(f"  {n.name}: {{host: 10.0.0.{i}}}\n" for i, n in enumerate(nodes, 1)))
+    by_name = {n.name: n for n in nodes}
+    monkeypatch.setattr("rollout.fleet.ssh_nodes", lambda specs, **kw: [by_name[s.name] for s in specs])
+    r = CliRunner().invoke(main, ["rollout", NEW, "--store", str(release.manifest_path.parent), "-i", str(inv),
+                                  "--batch", "1", "--max-failures", "1", "--health-timeout", "0", "--json"])
+    assert r.exit_code == 3, r.output
+    doc = json.loads(r.stdout)
+    assert [(n["node"], n["outcome"]) for n in doc["nodes"]] == [
+        ("n1", "skipped"), ("n2", "failed"), ("n3", "skipped"), ("n4", "skipped")]
+    assert "verification failed" in doc["nodes"][1]["error"] and doc["exit_code"] == 3
+
+
+def test_a_refusing_canary_stops_the_rollout_before_any_reboot(
+        release: StoredRelease, fleet: Fleet, keys: dict[str, Path]) -> None:
+    """No failure tolerated (the default): the refusal stops the rollout like any failed node."""
+    nodes = fleet(3)
+    refuses_unsigned(nodes[0], keys["release.pem"])
+    result = Rollout(nodes, options()).run(release)
+    assert result.stopped and result.exit_code == 3
+    assert [r.outcome for r in result.nodes] == ["failed", "not-started", "not-started"]
+    assert "verification failed" in (result.nodes[0].error or "")
+    assert all(actions(n, "set-next", "reboot") == [] and state(n).booted == OLD for n in nodes)
+
+
+def test_a_node_refusing_the_image_at_its_one_shot_boot_stays_on_its_committed_image(
+        release: StoredRelease, fleet: Fleet, keys: dict[str, Path]) -> None:
+    """The node's keys changed after staging: set-next re-verifies and refuses. That node failed
+    (and is where it was), the rollout goes on, exit 3."""
+    nodes = fleet(3)
+    canary = nodes[0]
+    set_next = canary.set_next
+
+    def keys_arrive_first(image_id: str, *args: object, **kw: object) -> object:
+        refuses_unsigned(canary, keys["release.pem"])
+        return set_next(image_id, *args, **kw)  # type: ignore[arg-type]
+
+    canary.set_next = keys_arrive_first  # type: ignore[method-assign]
+    result = Rollout(nodes, options(batches="1", max_failures="1")).run(release)
+    assert result.exit_code == 3 and not result.stopped, result.to_dict()
+    r = result.node("n1")
+    assert r.failed and r.outcome == "rolled-back", r
+    assert (r.error or "").startswith("verification failed: node n1: imagetool-node set-next: "), r.error
+    assert "not signed" in (r.error or "")
+    st = state(canary)
+    assert (st.booted, st.default, st.committed, st.next) == (OLD, OLD, OLD, None)
+    assert actions(canary, "reboot") == [] and machine(canary).boots == 1
+    assert [x.outcome for x in result.nodes[1:]] == ["done", "done"]
+
+
 def test_partial_transfer_resumes(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(1)
     incoming = machine(nodes[0]).node_var.incoming

@@ -43,13 +43,16 @@ def lab() -> None:
               help="Make the K highest-numbered nodes VMs, the others containers.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
               help="VM accelerator; auto: $IMAGETOOL_LAB_ACCEL if set, else KVM if a short probe runs under it, else TCG.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="PEM",
+              help="Release signing public key the nodes trust (repeatable), on their /var as `imagetool disk "
+                   "--trusted-key` puts it; RELEASE must be signed by one of them.")
 @store_option
 @lab_option
 @lab_root_option
 @json_option
 @handle_errors
 def lab_up(n_nodes: int, release_ref: str, var_size: str, all_vms: bool, vm_nodes: int | None, accel: str,
-           store: str | None, lab_name: str, lab_dir: str | None, as_json: bool) -> None:
+           trusted_keys: tuple[str, ...], store: str | None, lab_name: str, lab_dir: str | None, as_json: bool) -> None:
     """Bring up N nodes booting RELEASE, and write their inventory and known_hosts."""
     from imagetool import lab as labmod
     from imagetool.store import Store, default_store_path, resolve_release
@@ -63,7 +66,8 @@ def lab_up(n_nodes: int, release_ref: str, var_size: str, all_vms: bool, vm_node
         def progress(step: str, detail: str) -> None:
             status.update(f"lab {safe(lab_name)}: [bold]{safe(step)}[/] {safe(detail)}  ({time.monotonic() - started:.0f}s)")
         the_lab = labmod.up(lab_name, n_nodes, release, root=Path(lab_dir) if lab_dir else None,
-                            var_size=parse_size(var_size), vm_nodes=n_vms, accel=accel, progress=progress)
+                            var_size=parse_size(var_size), vm_nodes=n_vms, accel=accel, progress=progress,
+                            trusted_keys=[Path(k) for k in trusted_keys])
     if as_json:
         print_json({"lab": the_lab.name, "inventory": str(the_lab.inventory), "known_hosts": str(the_lab.known_hosts),
                     "seconds": round(time.monotonic() - started, 1), "accel": the_lab.accel,

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,9 +124,12 @@ def _addresses_in_use(subnet: ipaddress.IPv4Network, except_link: str) -> list[s
 
 def up(name: str, n_nodes: int, release: StoredRelease, *, root: Path | None = None,
        var_size: int = DEFAULT_VAR_SIZE, boot_timeout: float = CONTAINER_BOOT_TIMEOUT, vm_nodes: int = 0,
-       accel: str = "auto", vm_boot_timeout: float = VM_BOOT_TIMEOUT, progress: Progress | None = None) -> Lab:
+       accel: str = "auto", vm_boot_timeout: float = VM_BOOT_TIMEOUT, progress: Progress | None = None,
+       trusted_keys: Sequence[Path] = ()) -> Lab:
     """Bring up a lab of `n_nodes` nodes booting `release`, the `vm_nodes` highest-numbered of them
-    VMs (qemu, `accel` as choose_accel() decides). On any failure, everything is undone."""
+    VMs (qemu, `accel` as choose_accel() decides). Every node trusts `trusted_keys` (release
+    signing public keys, on its /var as `imagetool disk --trusted-key` puts them), and `release`
+    must be signed by one of them. On any failure, everything is undone."""
     progress = progress or (lambda step, detail: None)
     check_lab_name(name)
     if not 1 <= n_nodes <= 200:
@@ -135,6 +139,10 @@ def up(name: str, n_nodes: int, release: StoredRelease, *, root: Path | None = N
     if accel not in ("auto", *ACCELS):
         raise InputError(f"--accel {accel!r}: choose auto, kvm or tcg")
     d = lab_dir(name, root)
+    trusted_keys = [Path(k) for k in trusted_keys]
+    if trusted_keys:
+        # As `imagetool disk` does: the nodes would hold every later release to these keys.
+        disk.check_trusted_keys(release, trusted_keys)
     if vm_nodes:
         check_vm_inputs(d, release, var_size)
     preflight(vms=vm_nodes > 0)
@@ -176,11 +184,12 @@ def up(name: str, n_nodes: int, release: StoredRelease, *, root: Path | None = N
             if node.is_vm:
                 progress("provision", f"{node.name} (VM)")
                 make_vm(lab, node, release, var_size,
-                         lambda step, detail, n=node.name: progress("provision", f"{n} (VM): disk {step} {detail}"))
+                        lambda step, detail, n=node.name: progress("provision", f"{n} (VM): disk {step} {detail}"),
+                        trusted_keys=trusted_keys)
             else:
                 progress("provision", node.name)
                 make_network(lab, node)
-                seed_node(lab, node, release, var_size)
+                seed_node(lab, node, release, var_size, trusted_keys)
         progress("boot", f"{n_nodes} nodes" + (f", {vm_nodes} of them VMs ({lab.accel})" if vm_nodes else ""))
         for node in lab.nodes:
             start(lab, node.name)

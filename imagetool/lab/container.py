@@ -11,7 +11,9 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 from imagetool.errors import ImagetoolError
 from imagetool.lab.firmware import container_inits
@@ -35,8 +37,9 @@ def make_network(lab: Lab, node: LabNode) -> None:
     run_tool([*ns, "ip", "route", "add", "default", "via", lab.gateway])
 
 
-def seed_node(lab: Lab, node: LabNode, release: StoredRelease, var_size: int) -> None:
-    """Make the node's /var look exactly like a freshly installed node's."""
+def seed_node(lab: Lab, node: LabNode, release: StoredRelease, var_size: int,
+              trusted_keys: Sequence[Path] = ()) -> None:
+    """Make the node's /var, its own ext4 filesystem, look exactly like a freshly installed node's."""
     nd = lab.node_dir(node.name)
     nd.mkdir(parents=True)
     (nd / "node.json").write_text(json.dumps(asdict(node), indent=2) + "\n")
@@ -47,19 +50,29 @@ def seed_node(lab: Lab, node: LabNode, release: StoredRelease, var_size: int) ->
     var = nd / "var"
     var.mkdir()
     run_tool(["mount", "-o", "loop", str(img), str(var)])
-    node_var = NodeVar(var)
+    seed_var(NodeVar(var), node.name, release, lab.key.with_suffix(".pub"), trusted_keys)
+    shutil.copyfile(var / "lib/ssh/ssh_host_ed25519_key.pub", nd / HOST_KEY_PUB)
+
+
+def seed_var(node_var: NodeVar, hostname: str, release: StoredRelease, authorized_key: Path,
+             trusted_keys: Sequence[Path] = ()) -> None:
+    """What a freshly installed container node holds on its /var: `release` as its committed
+    default (lab boot control), its hostname, a new SSH host key, the lab's key as root's
+    authorized key, and the release signing keys it trusts, installed as `imagetool disk
+    --trusted-key` installs them (NodeVar.install_trusted_keys)."""
     node_var.make_dirs()
     node_var.install_image(release.id, release.squashfs, release.manifest_path, release.sig)
     node_var.write_lab_control(default=release.id)
     node_var.write_state(committed=release.id)
-    (node_var.state_dir / "etc").mkdir()
-    (node_var.state_dir / "etc/hostname").write_text(node.name + "\n")
-    ssh = var / "lib/ssh"
+    if trusted_keys:
+        node_var.install_trusted_keys(list(trusted_keys))
+    (node_var.state_dir / "etc").mkdir(exist_ok=True)
+    (node_var.state_dir / "etc/hostname").write_text(hostname + "\n")
+    ssh = node_var.var / "lib/ssh"
     (ssh / "authorized_keys").mkdir(parents=True)
-    run_tool(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{node.name}", "-f",
-          str(ssh / "ssh_host_ed25519_key")])
-    shutil.copyfile(lab.key.with_suffix(".pub"), ssh / "authorized_keys/root")
-    shutil.copyfile(ssh / "ssh_host_ed25519_key.pub", nd / HOST_KEY_PUB)
+    run_tool(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{hostname}", "-f",
+              str(ssh / "ssh_host_ed25519_key")])
+    shutil.copyfile(authorized_key, ssh / "authorized_keys/root")
 
 
 def firmware_pid(lab: Lab, node: str) -> int | None:

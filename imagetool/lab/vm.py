@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Mapping
@@ -91,8 +92,10 @@ def vm_var_files(node: LabNode, gateway: str, host_key: bytes, host_key_pub: byt
     }
 
 
-def make_vm(lab: Lab, node: LabNode, release: StoredRelease, var_size: int, progress: Progress | None = None) -> None:
-    """The VM's tap on the bridge, and its disk: `imagetool disk` with this node's identity on /var."""
+def make_vm(lab: Lab, node: LabNode, release: StoredRelease, var_size: int, progress: Progress | None = None,
+            trusted_keys: Sequence[Path] = ()) -> None:
+    """The VM's tap on the bridge, and its disk: `imagetool disk` with this node's identity on /var
+    (and `trusted_keys` as `disk --trusted-key`)."""
     nd = lab.node_dir(node.name)
     nd.mkdir(parents=True)
     (nd / "node.json").write_text(json.dumps(asdict(node), indent=2) + "\n")
@@ -113,7 +116,8 @@ def make_vm(lab: Lab, node: LabNode, release: StoredRelease, var_size: int, prog
     shutil.copyfile(key.with_suffix(".pub"), nd / HOST_KEY_PUB)
     shutil.rmtree(keys)
     options = disk.DiskOptions(output=nd / "disk.raw", format="raw", size=vm_disk_size(var_size),
-                               authorized_keys=[lab.key.with_suffix(".pub")], var_files=files)
+                               authorized_keys=[lab.key.with_suffix(".pub")], trusted_keys=list(trusted_keys),
+                               var_files=files)
     disk.make_disk(release, options, progress)
 
 
