@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -120,3 +121,37 @@ def test_failed_build_leaves_the_store_as_it_was(tmp_path, release1):
     after = [p for p in store_dir.rglob("*") if p.is_file()]
     assert after == [] and before == []
     assert store.list() == []
+
+
+def test_element_installs_the_release_files_trusted_keys_into_the_image(image_root, tmp_path):
+    """The imagetool-node element's install.d, run for real in the built image's own userland (an
+    overlay over webapp-1, chrooted), with the environment a build of a release listing
+    trusted_keys gets: the keys land in /etc/imagetool/trusted-keys/, byte for byte."""
+    from imagetool.build import dib_environment
+    from imagetool.signing import generate_keypair
+
+    (tmp_path / "keys").mkdir()
+    generate_keypair(tmp_path / "keys/ops.key", tmp_path / "keys/ops.pub")
+    shutil.copytree(EXAMPLES / "elements", tmp_path / "elements")
+    release_file = tmp_path / "webapp.yaml"
+    release_file.write_text((EXAMPLES / "webapp-1.yaml").read_text() + "trusted_keys: [keys/ops.pub]\n")
+    env = dib_environment(load_release(release_file), EXAMPLES.parent / "elements")
+    script = EXAMPLES.parent / "elements/imagetool-node/install.d/50-imagetool-node"
+    upper, work, root = (tmp_path / d for d in ("upper", "work", "root"))
+    for d in (upper, work, root):
+        d.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={image_root},upperdir={upper},workdir={work}", str(root)], check=True)
+    try:
+        (root / "tmp/install.d").mkdir(parents=True, exist_ok=True)
+        (root / "tmp/install.d/50-imagetool-node").write_bytes(script.read_bytes())
+        r = subprocess.run(["chroot", str(root), "/bin/bash", "/tmp/install.d/50-imagetool-node"],
+                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **env}, capture_output=True, text=True,
+                           timeout=120, check=False)
+        assert r.returncode == 0, r.stderr
+        installed = root / "etc/imagetool/trusted-keys/ops.pem"
+        assert installed.read_text() == (tmp_path / "keys/ops.pub").read_text()
+        assert oct(installed.stat().st_mode & 0o777) == "0o644"
+        assert json.loads((root / "etc/imagetool/release.json").read_text())["name"] == "webapp"
+    finally:
+        subprocess.run(["umount", str(root)], check=True)

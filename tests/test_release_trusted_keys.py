@@ -1,13 +1,11 @@
 """Trusted keys in the release file: validated there, handed to the imagetool-node element as
 contents, and recorded in the manifest so a change of keys is a change of release.
 
-What no test checks yet: that a built image holds the keys at /etc/imagetool/trusted-keys/*.pem.
-Neither cached test image lists trusted_keys (examples/webapp-1.yaml, webapp-2.yaml), and giving
-webapp-2 keys would rebuild it and make every lab node booted on it refuse the unsigned webapp-1
-and the derived releases the lab tests move to. A derived release (tests/derive.py) does not
-help: it unpacks a built image, edits it in Python and repacks it, so the element's install.d,
-which writes the keys, never runs. test_build_real.py checks the other half on webapp-1: no keys
-listed, none installed, none in the manifest."""
+That the element really writes them into an image is checked in test_build_real.py
+(test_element_installs_the_release_files_trusted_keys_into_the_image): the element's install.d
+runs in an overlay of the built webapp-1 with the environment such a build gets. Neither cached
+test image lists trusted_keys itself: nodes booted on one would refuse the unsigned webapp-1 and
+the derived releases the lab tests move to."""
 
 from __future__ import annotations
 
