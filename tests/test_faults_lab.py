@@ -71,7 +71,9 @@ def assert_settled(cluster, *results: RolloutResult) -> dict[str, dict]:
     for n in cluster.nodes:
         s = node_status(cluster, n)
         assert s["booted"] == s["default"] == s["committed"] and s["committed"], (n.name, s)
-        assert s["next"] is None and s["lock"] is None and s["trial"] is None, (n.name, s)
+        assert s["next"] is None and s["lock"] is None, (n.name, s)
+        # This boot is no trial, or a trial its rollout committed (the dead-man switch is off).
+        assert s["trial"] is None or s["trial"].get("committed"), (n.name, s["trial"])
         assert s["system_state"] == "running", (n.name, s["system_state"])
         verify = ssh(cluster, n.name, f"imagetool-node verify {shlex.quote(s['committed'])}", check=False)
         assert verify.returncode == 0, f"{n.name}: its committed image does not verify: {verify.stdout}"
@@ -132,10 +134,12 @@ def arm(cluster, node: str, point: str) -> None:
                        f"echo {shlex.quote(point)} > /run/imagetool/failpoint")
 
 
-def power_cut_at(cluster, node: str, point: str, timeout: float = 300) -> threading.Thread:
-    """Arm `point` on the node; a thread pulls the plug when the helper reaches it and powers the
-    node on again. Join the thread to know it happened."""
-    arm(cluster, node, point)
+def power_cut_at(cluster, node: str, point: str, timeout: float = 300, armed: bool = True) -> threading.Thread:
+    """Arm `point` on the node (unless the caller arms it later: a reboot empties /run); a thread
+    pulls the plug when the helper reaches it and powers the node on again. Join the thread to
+    know it happened."""
+    if armed:
+        arm(cluster, node, point)
     reached: list[bool] = []
 
     def watch() -> None:
@@ -197,8 +201,16 @@ def test_power_cut_during_stage_commit(cluster, pair, point):
 def test_power_cut_during_activation(cluster, pair, point):
     node = "node2"
     target, current = target_for(cluster, node, pair)
-    cut = power_cut_at(cluster, node, point)
-    result = rollout(cluster, target, node)
+    # commit runs in the new boot, whose /run is new: arm it there, once the gate starts.
+    in_new_boot = point.startswith("commit:")
+    cut = power_cut_at(cluster, node, point, armed=not in_new_boot)
+
+    def events(n: str, step: str, detail: str) -> None:
+        if in_new_boot and n == node and step == "verify" and detail == "health gate":
+            arm(cluster, node, point)
+
+    inv = load_inventory(cluster.inventory)
+    result = run_rollout(target, inv, RolloutOptions(batches="1", limit=[node], **FAST), events=events)
     cut.join(timeout=300)
     assert cut.reached, f"the helper never reached {point}"
     assert result.exit_code != 0, result.to_dict()
@@ -403,7 +415,7 @@ def test_two_controllers_race(cluster, pair):
 
 
 @fault("The staged image rots on the node's disk between staging and activation",
-       "set-next refuses it (verification failed), the node stays on its committed image; the re-run sends it again")
+       "set-next refuses it (sha256 mismatch) and drops it; the node stays on its committed image; the re-run sends it again")
 def test_staged_image_corrupted_before_activation(cluster, pair):
     node = "node1"
     target, current = target_for(cluster, node, pair)
@@ -415,8 +427,8 @@ def test_staged_image_corrupted_before_activation(cluster, pair):
     ssh(cluster, node, f"printf 'rot' | dd of=/var/lib/imagetool/images/{target.id}.squashfs bs=1 seek=1048576 "
                        "conv=notrunc status=none")
     result = rollout(cluster, target, node)
-    assert result.exit_code == 3 and result.node(node).outcome == "failed", result.to_dict()
-    assert "sha256" in result.node(node).error or "verif" in result.node(node).error, result.node(node).error
+    assert result.exit_code == 3 and result.node(node).outcome in ("failed", "rolled-back"), result.to_dict()
+    assert f"{target.id}: sha256 mismatch" in result.node(node).error, result.node(node).error
     assert node_status(cluster, cluster.node(node))["committed"] == current.id
     assert_settled(cluster, result)
     again = converge(cluster, target, node)

@@ -295,6 +295,8 @@ def test_set_next_refuses_an_image_corrupted_after_staging(node: NodeRoot, loade
     assert (st["boot_loader"], st["default"], st["next"]) == (loader, "web-1", None)
     ctl = control_json(node) if (node.var / "boot/control.json").exists() else {}
     assert "next_set_at" not in ctl, "nothing was armed or recorded"
+    assert "removed it, the next rollout stages it again" in refused["error"] and refused["kind"] == "verification"
+    assert node.installed() == {"web-1"}, "the damaged image is gone, so a rollout sends it again"
 
 
 @needs_grub_editenv
