@@ -1,15 +1,17 @@
 """VM nodes in the lab: qemu booting the disk `imagetool disk` makes, next to container nodes.
 
 The first part needs nothing (argv, network file, accelerator choice, QMP against a fake and,
-where qemu is installed, a real monitor). The lab part needs root, qemu, /dev/net/tun and a release
-whose image GRUB can boot; it skips cleanly otherwise. At most two VMs run at once (two cores).
+where qemu is installed, a real monitor). The lab part checks that `up` and `down` leave nothing
+behind when a VM fails or the lab tool dies; it needs root, qemu, /dev/net/tun and a release whose
+image GRUB can boot, and skips cleanly otherwise. A VM node's own life (identity, status, reset,
+kill and start, cut and heal, rollouts) is tested on tests/test_vm.py's lab, so the suite boots one
+mixed lab with a VM, not two.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -20,12 +22,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from imagetool import lab
 from imagetool.errors import InputError, UnreachableError
-from tests.conftest import REPO, check_cut_and_heal, lab_ssh, make_lab, wait_for
+from tests.conftest import REPO, wait_for
 
 HAVE_QEMU = shutil.which(lab.QEMU) is not None
 needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason=f"{lab.QEMU} not installed")
@@ -54,7 +55,7 @@ def test_qemu_argv_tcg():
     nd = "/var/lib/imagetool-lab/vmt/nodes/node2"
     assert lab.qemu_argv(the_lab, the_lab.nodes[1], "tcg") == [
         "qemu-system-x86_64", "-name", "vmt-node2", "-nodefaults", "-no-user-config",
-        "-machine", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "1024",
+        "-machine", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024",
         "-uuid", "66666666-7777-8888-9999-000000000000",
         "-drive", f"file={nd}/disk.raw,format=raw,if=virtio",
         "-netdev", "tap,id=net0,ifname=itl1234t2,script=no,downscript=no",
@@ -322,7 +323,6 @@ def test_cli_lab_up_refuses_contradicting_vm_options():
 
 # ----------------------------------------------------------------------- real VM nodes
 
-LAB = "itvmlab"  # not tests/test_vm.py's "itvm"
 
 
 def vm_ready(release) -> None:
@@ -345,139 +345,6 @@ def vm_ready(release) -> None:
 def vm_release(release1):
     vm_ready(release1)
     return release1
-
-
-@pytest.fixture(scope="module")
-def cluster(vm_release, lab_root):
-    """A mixed lab: node1 a container, node2 a VM."""
-    yield from make_lab(LAB, 2, vm_release, lab_root, vm_nodes=1)
-
-
-ssh = lab_ssh
-
-
-def helper_status(the_lab, node) -> dict | None:
-    try:
-        r = ssh(the_lab, node, "imagetool-node", "status", timeout=15)
-    except subprocess.TimeoutExpired:
-        return None
-    return json.loads(r.stdout) if r.returncode == 0 else None
-
-
-def booted(the_lab, node, release_id: str, other_than: str):
-    s = helper_status(the_lab, node)
-    return s if s and s["boot_id"] != other_than and s["booted"] == release_id else None
-
-
-def push(the_lab, node, src: Path, dst: str) -> None:
-    with open(src, "rb") as f:
-        r = subprocess.run(lab.ssh_argv(the_lab, node, "cat > " + shlex.quote(dst)), stdin=f, capture_output=True,
-                           timeout=600)
-    assert r.returncode == 0, r.stderr
-
-
-def vm(the_lab) -> lab.LabNode:
-    return the_lab.nodes[1]
-
-
-@pytest.mark.lab
-@pytest.mark.vm
-def test_vm_node_boots_its_disk_with_its_own_identity(cluster, vm_release):
-    node = vm(cluster)
-    assert node.kind == "vm" and cluster.nodes[0].kind == "container"
-    assert cluster.accel in ("kvm", "tcg")
-    assert json.loads((cluster.dir / "lab.json").read_text())["accel"] == cluster.accel
-    r = ssh(cluster, node, "systemctl", "is-system-running", "--wait", timeout=180)
-    assert r.stdout.strip() == "running", (r.stdout, ssh(cluster, node, "systemctl", "--failed").stdout)
-    s = helper_status(cluster, node)
-    assert s["booted"] == vm_release.id and s["committed"] == vm_release.id and s["default"] == vm_release.id
-    assert s["boot_loader"] == "grub" and s["hostname"] == "node2"
-    assert ssh(cluster, node, "touch", "/usr/imagetool-write-test").returncode != 0
-    assert ssh(cluster, node, "touch", "/var/lib/imagetool/write-test").returncode == 0
-    # The lab's static address and nothing else: no DHCP lease, no IPv6 (the image has no iproute2).
-    assert ssh(cluster, node, "hostname", "-I").stdout.split() == [node.address]
-    inet6 = ssh(cluster, node, "cat", "/proc/net/if_inet6").stdout.split("\n")
-    assert [line.split()[-1] for line in inet6 if line.strip()] == ["lo"], inet6
-    # The host key the lab made (known_hosts held it before the first boot) is the one sshd uses.
-    host_pub = ssh(cluster, node, "cat", "/var/lib/ssh/ssh_host_ed25519_key.pub").stdout.split()[:2]
-    assert host_pub == (cluster.node_dir(node.name) / lab.HOST_KEY_PUB).read_text().split()[:2]
-    # Containers and VMs see each other on the lab's bridge.
-    connect = f"import socket; socket.create_connection(({cluster.nodes[0].address!r}, 22), 5).close()"
-    r = ssh(cluster, node, "python3", "-c", shlex.quote(connect))
-    assert r.returncode == 0, r.stderr
-
-
-@pytest.mark.lab
-@pytest.mark.vm
-def test_status_of_a_mixed_lab(cluster, vm_release):
-    states = lab.status(cluster)
-    assert [(s.name, s.kind, s.powered, s.booted, s.network) for s in states] == [
-        ("node1", "container", True, vm_release.id, "up"), ("node2", "vm", True, vm_release.id, "up")]
-    assert all(s.system_state in ("running", "starting") for s in states), states
-
-
-@pytest.mark.lab
-@pytest.mark.vm
-def test_inventory_reset_command_resets_a_vm(cluster, vm_release):
-    node = vm(cluster)
-    before = helper_status(cluster, node)["boot_id"]
-    inv = yaml.safe_load(cluster.inventory.read_text())
-    argv = shlex.split(inv["defaults"]["reset_command"].replace("{name}", node.name))
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert r.returncode == 0, r.stderr
-    assert wait_for(lambda: booted(cluster, node, vm_release.id, other_than=before), lab.VM_BOOT_TIMEOUT), \
-        f"no new boot after a reset; see {cluster.node_dir(node.name) / 'console.log'}"
-
-
-@pytest.mark.lab
-@pytest.mark.vm
-def test_one_shot_boot_then_reset_falls_back_to_the_default(cluster, vm_release, release2):
-    """GRUB consumes the one-shot entry: a reset before any commit boots the default again."""
-    vm_ready(release2)
-    node = vm(cluster)
-    for src, name in ((release2.squashfs, f"{release2.id}.squashfs"),
-                      (release2.manifest_path, f"{release2.id}.manifest.json")):
-        push(cluster, node, src, f"/var/lib/imagetool/images/{name}")
-    # A hard reset loses what is still in the VM's page cache (a container's /var is the host's).
-    assert ssh(cluster, node, "sync", timeout=120).returncode == 0
-    before = helper_status(cluster, node)["boot_id"]
-    r = ssh(cluster, node, "imagetool-node", "set-next", release2.id, "--confirm-timeout", "900", timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-    lab.reset(cluster, node.name)
-    s = wait_for(lambda: booted(cluster, node, release2.id, other_than=before), lab.VM_BOOT_TIMEOUT)
-    assert s, "the VM did not boot the one-shot image"
-    assert s["default"] == vm_release.id and s["next"] is None
-
-    lab.reset(cluster, node.name)
-    s = wait_for(lambda: booted(cluster, node, vm_release.id, other_than=s["boot_id"]), lab.VM_BOOT_TIMEOUT)
-    assert s, "the VM did not fall back to its default image after a reset"
-    assert s["committed"] == vm_release.id
-
-
-@pytest.mark.lab
-@pytest.mark.vm
-def test_cut_and_heal_a_vm(cluster):
-    check_cut_and_heal(cluster, vm(cluster), back_within=60)
-
-
-@pytest.mark.lab
-@pytest.mark.vm
-def test_kill_and_start_a_vm(cluster, lab_root):
-    node = vm(cluster)
-    pid = lab.qemu_pid(cluster, node.name)
-    assert pid and str(pid) in lab.leftovers(LAB, lab_root)["processes"]
-    lab.kill(cluster, node.name)
-    assert lab.qemu_pid(cluster, node.name) is None
-    assert str(pid) not in lab.leftovers(LAB, lab_root)["processes"]
-    state = lab.status(cluster)[1]
-    assert not state.powered and state.system_state == "off"
-    assert ssh(cluster, node, "true", timeout=10).returncode != 0
-    with pytest.raises(lab.ImagetoolError, match="powered off"):
-        lab.reset(cluster, node.name)
-    lab.start(cluster, node.name)
-    assert lab.start(cluster, node.name) == lab.qemu_pid(cluster, node.name)  # a second start: the same qemu
-    lab.wait_ssh(cluster, [node.name])
 
 
 NOTHING = {"processes": [], "mounts": [], "loops": [], "netns": [], "links": [], "cgroups": [], "dir": []}

@@ -28,7 +28,7 @@ QEMU = "qemu-system-x86_64"
 VM_MEMORY_MIB = 1024
 
 
-VM_CPUS = 1
+VM_CPUS = 2
 
 
 ACCELS = ("kvm", "tcg")
