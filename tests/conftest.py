@@ -164,3 +164,24 @@ def keys(tmp_path: Path) -> dict[str, Path]:
         generate_keypair(d / f"{name}.key", d / f"{name}.pem")
     return {"release": d / "release.key", "release.pem": d / "release.pem",
             "other": d / "other.key", "other.pem": d / "other.pem"}
+
+
+def host_side_booted(the_lab, node: str) -> str | None:
+    """What a lab node's firmware booted, seen from the host: works while its network is cut."""
+    from imagetool import lab
+
+    return next(s.booted for s in lab.status(the_lab) if s.name == node)
+
+
+def kill_controller_at(the_lab, release, node: str, step: str, prefix: str, options: dict) -> None:
+    """Run the real rollout of `release` to `node` in a child process (tests/kill_at.py) that dies
+    by SIGKILL at `step` (see there); fail unless it did."""
+    import subprocess
+    import sys
+
+    opts = {"batches": "1", "limit": [node], **options}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "tests.kill_at", str(TEST_STORE), release.id, str(the_lab.inventory),
+                        node, step, prefix, json.dumps(opts)], cwd=REPO, env=env, check=False, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == -9, f"the controller was not killed at {step} {prefix!r}: {r.returncode} {r.stderr[-2000:]}"

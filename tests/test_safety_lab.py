@@ -8,10 +8,8 @@ The tests run in file order and share one cluster; each says what it starts from
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from imagetool.cli import main
 from rollout.inventory import load_inventory
 from rollout.journal import find_record, state_dir
 from rollout.update import RolloutOptions, run_rollout
-from tests.conftest import REPO, TEST_STORE, make_lab, node_status, wait_for
+from tests.conftest import TEST_STORE, host_side_booted, kill_controller_at, make_lab, node_status, wait_for
 from tests.derive import derive_release
 from tests.faults import fault
 
@@ -80,11 +78,6 @@ def states(cluster) -> dict:
 
 def cli(*args: str):
     return CliRunner().invoke(main, list(args))
-
-
-def host_side_booted(cluster, node: str) -> str | None:
-    """What the node's firmware booted, seen from the host: works while its network is cut."""
-    return next(s.booted for s in lab.status(cluster) if s.name == node)
 
 
 # --- plan ---------------------------------------------------------------------------------------------
@@ -236,20 +229,12 @@ def test_network_cut_after_boot_the_node_returns_by_itself(cluster, release2, re
 # --- the controller killed at each step --------------------------------------------------------------------
 
 
-def killed_run(cluster, release, node: str, step: str, prefix: str) -> None:
-    opts = {"batches": "1", "limit": [node], **FAST}
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "tests.kill_at", str(TEST_STORE), release.id, str(cluster.inventory),
-                        node, step, prefix, json.dumps(opts)], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == -9, f"the controller was not killed at {step} {prefix!r}: {r.returncode} {r.stderr[-2000:]}"
-
-
 @pytest.mark.parametrize("point", [
     pytest.param("after set-next", marks=fault("Controller killed (SIGKILL) after set-next, before the reboot",
                                                "the re-run takes the lock over and activates the node")),
-    pytest.param("after reboot", marks=fault("Controller killed (SIGKILL) while the node boots the new image",
-                                             "nobody confirms: the node returns to its committed image; the re-run converges")),
+    pytest.param("after reboot", marks=fault(
+        "Controller killed (SIGKILL) while the node boots the new image",
+        "nobody confirms: the node returns to its committed image; the re-run converges")),
     pytest.param("after health", marks=fault("Controller killed (SIGKILL) after the health gate, before commit",
                                              "the re-run resumes at the gate and commits without a reboot")),
     pytest.param("after commit", marks=fault("Controller killed (SIGKILL) after commit, before unlock",
@@ -263,7 +248,7 @@ def test_controller_killed_then_rerun_converges(cluster, release2, release3, poi
     target = release3 if start["committed"] == release2.id else release2
     step, prefix = {"after set-next": ("boot", "rebooting"), "after reboot": ("boot", "waiting"),
                     "after health": ("commit", ""), "after commit": ("done", "")}[point]
-    killed_run(cluster, target, node, step, prefix)
+    kill_controller_at(cluster, target, node, step, prefix, FAST)
     if point == "after reboot":
         # The node is going down into the new image and nobody will confirm it: it comes back
         # on its committed image by itself.
