@@ -503,3 +503,22 @@ def test_a_commit_cut_short_reads_as_undone_and_boot_writes_it_back(tmp_path):
     node.run("boot")
     assert json.loads((node.var / "state.json").read_text()) == {
         k: v for k, v in cut_short.items() if k != "uncommitted"}
+
+
+def test_a_damaged_state_file_does_not_stop_the_dead_man_switch(tmp_path):
+    """boot settles a cut-short commit in state.json; a state.json it cannot read must not keep
+    the switch from watching a trial boot."""
+    node = NodeRoot(tmp_path)
+    node.stage("web-2")
+    node.boot("web-2", default="web-1")
+    (node.var / "boot/control.json").write_text(json.dumps({"default": "web-1", "next": None,
+                                                            "confirm_timeout": 1}))
+    (node.var / "state.json").write_text("[not an object")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/systemctl.log\n")
+    (fake / "systemctl").chmod(0o755)
+    answer = node.run("boot", path=f"{fake}:{os.environ['PATH']}")
+    assert answer["trial"] is True and answer["rebooting"] is True
+    assert "could not settle state.json" in answer["_stderr"]
+    assert (tmp_path / "systemctl.log").read_text().split() == ["reboot"]
