@@ -99,6 +99,14 @@ def release2():
 
 
 @pytest.fixture(scope="session")
+def release3(release2, test_store):
+    """webapp-3: webapp-2 with a marker file, so there is a third image to move between."""
+    from tests.derive import derive_release
+
+    return derive_release(test_store, release2, "3", lambda tree: (tree / "etc/webapp-3").write_text("3\n"))
+
+
+@pytest.fixture(scope="session")
 def lab_root() -> Path:
     return Path(os.environ.get("IMAGETOOL_TEST_LAB_DIR", "/var/tmp/imagetool-test-labs"))
 

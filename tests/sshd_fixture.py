@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
 
+from imagetool.systools import pid_alive
 from rollout.inventory import NodeSpec
 
 HOST_ADDR = "10.250.254.1"
@@ -99,16 +100,6 @@ def _sshd_config(tmp: Path, host_key: Path, authorized_keys: Path) -> str:
     ])
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_namespace(namespace: str, host_if: str) -> None:
     """Kill whatever runs in the namespace, then delete it and the host end of its veth."""
     for p in _run("ip", "netns", "pids", namespace, check=False).stdout.split():
@@ -134,7 +125,7 @@ def clear_stale() -> list[str]:
             pid = int(namespace.removeprefix("itest-sshd-"))
         except ValueError:
             continue
-        if _pid_alive(pid) and pid != os.getpid():
+        if pid_alive(pid) and pid != os.getpid():
             continue
         _remove_namespace(namespace, f"itsh{pid % 10000}")
         removed.append(namespace)

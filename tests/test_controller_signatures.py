@@ -12,28 +12,13 @@ from pathlib import Path
 import pytest
 
 from imagetool.errors import InputError, VerificationError
-from imagetool.manifest import ImageInfo, sha256_file
-from imagetool.signing import sign_file
-from imagetool.store import Store, StoredRelease
+from imagetool.store import StoredRelease
 from rollout.inventory import load_inventory
 from rollout.node import HelperNode
 from rollout.stage import stage, stage_all
 from rollout.update import Rollout
 from tests.local_fleet import OLD, Fleet, actions, fast_boot_polls, fleet, machine, options, state  # noqa: F401
-from tests.samples import sample_manifest
-
-
-def make_release(store_dir: Path, version: str, key: Path | None) -> StoredRelease:
-    """web-<version> in a store, signed with `key` (None: unsigned)."""
-    store = Store(store_dir)
-    rid = f"web-{version}"
-    with store.staging(rid) as st:
-        st.squashfs_path.write_bytes(f"image {rid}".encode() * 100)
-        image = ImageInfo(f"{rid}.squashfs", st.squashfs_path.stat().st_size, sha256_file(st.squashfs_path))
-        st.manifest_path.write_bytes(sample_manifest("web", version, image=image).to_json())
-        if key is not None:
-            st.sig_path.write_bytes(sign_file(st.manifest_path, key))
-        return st.commit()
+from tests.samples import make_release
 
 
 def tamper(release: StoredRelease) -> None:
@@ -55,7 +40,7 @@ def sent(nodes: list[HelperNode]) -> list[tuple[str, str]]:
 def test_rollout_refuses_an_unsigned_release_before_contacting_any_node(
         tmp_path: Path, fleet: Fleet, keys: dict[str, Path]) -> None:
     nodes = fleet(2)
-    release = make_release(tmp_path / "store", "1.1", None)
+    release = make_release(tmp_path / "store", "web", "1.1")
     with pytest.raises(VerificationError, match=r"release web-1.1 .* is not signed.*trusted keys: .*release.pem") as e:
         Rollout(nodes, options(trusted_keys=[keys["release.pem"]])).run(release)
     assert e.value.exit_code == 5
@@ -65,7 +50,7 @@ def test_rollout_refuses_an_unsigned_release_before_contacting_any_node(
 def test_rollout_refuses_a_tampered_manifest_with_a_stale_signature(
         tmp_path: Path, fleet: Fleet, keys: dict[str, Path]) -> None:
     nodes = fleet(2)
-    release = make_release(tmp_path / "store", "1.1", keys["release"])
+    release = make_release(tmp_path / "store", "web", "1.1", sign_key=keys["release"])
     tamper(release)
     with pytest.raises(VerificationError, match="matches none of the trusted keys"):
         Rollout(nodes, options(), trusted_keys=[keys["release.pem"]]).run(release)
@@ -76,7 +61,7 @@ def test_rollout_refuses_a_tampered_manifest_with_a_stale_signature(
 def test_stage_all_refuses_a_release_signed_by_another_key(
         tmp_path: Path, fleet: Fleet, keys: dict[str, Path]) -> None:
     nodes = fleet(1)
-    release = make_release(tmp_path / "store", "1.1", keys["other"])
+    release = make_release(tmp_path / "store", "web", "1.1", sign_key=keys["other"])
     with pytest.raises(VerificationError):
         stage_all(nodes, release, trusted_keys=[keys["release.pem"]])
     assert sent(nodes) == []
@@ -86,10 +71,10 @@ def test_a_release_a_node_would_refuse_is_not_sent_to_it(tmp_path: Path, fleet: 
     """No keys on the controller, but the node trusts one: the controller asks it first."""
     nodes = fleet(1)
     trust_on_node(nodes[0], keys["release.pem"])
-    unsigned = make_release(tmp_path / "store", "1.1", None)
+    unsigned = make_release(tmp_path / "store", "web", "1.1")
     with pytest.raises(VerificationError, match=r"release web-1.1 \(for node n1\) is not signed.*release.pem \(/var\)"):
         stage(nodes[0], unsigned)
-    tampered = make_release(tmp_path / "store", "1.2", keys["release"])
+    tampered = make_release(tmp_path / "store", "web", "1.2", sign_key=keys["release"])
     tamper(tampered)
     report = stage_all(nodes, tampered)
     assert isinstance(report.results["n1"].exception, VerificationError)
@@ -100,7 +85,7 @@ def test_signed_release_rolls_out_and_shows_as_verified(tmp_path: Path, fleet: F
     nodes = fleet(2)
     for n in nodes:
         trust_on_node(n, keys["release.pem"])
-    release = make_release(tmp_path / "store", "1.1", keys["release"])
+    release = make_release(tmp_path / "store", "web", "1.1", sign_key=keys["release"])
     result = Rollout(nodes, options(trusted_keys=[keys["release.pem"]])).run(release)
     assert result.exit_code == 0, result.to_dict()
     for n in nodes:
@@ -116,7 +101,7 @@ def test_node_refusal_at_stage_commit_is_exit_5(tmp_path: Path, fleet: Fleet, ke
     """A helper that refuses what the controller could not check beforehand (its keys changed
     between stage-info and stage-commit) fails the node with a verification error."""
     nodes = fleet(1)
-    release = make_release(tmp_path / "store", "1.1", None)
+    release = make_release(tmp_path / "store", "web", "1.1")
     node = nodes[0]
     info = node.stage_info
 

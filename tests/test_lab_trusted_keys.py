@@ -20,28 +20,13 @@ from imagetool import lab
 from imagetool.errors import InputError, VerificationError
 from imagetool.lab import vm
 from imagetool.lab.container import seed_var
-from imagetool.manifest import ImageInfo, sha256_file
-from imagetool.signing import sign_file
-from imagetool.store import Store, StoredRelease
 from rollout.local import LocalMachine
 from rollout.node import NodeStatus
-from tests.samples import sample_manifest
-
-
-def make_release(store_dir: Path, version: str, key: Path | None) -> StoredRelease:
-    """web-<version> in a store, signed with `key` (None: unsigned)."""
-    rid = f"web-{version}"
-    with Store(store_dir).staging(rid) as st:
-        st.squashfs_path.write_bytes(f"image {rid}".encode() * 100)
-        image = ImageInfo(f"{rid}.squashfs", st.squashfs_path.stat().st_size, sha256_file(st.squashfs_path))
-        st.manifest_path.write_bytes(sample_manifest("web", version, image=image).to_json())
-        if key is not None:
-            st.sig_path.write_bytes(sign_file(st.manifest_path, key))
-        return st.commit()
+from tests.samples import make_release
 
 
 def test_a_seeded_node_trusts_the_keys_and_its_helper_says_so(tmp_path: Path, keys: dict[str, Path]) -> None:
-    release = make_release(tmp_path / "store", "1.0", keys["release"])
+    release = make_release(tmp_path / "store", "web", "1.0", sign_key=keys["release"])
     lab_pub = tmp_path / "id_ed25519.pub"
     lab_pub.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB0dGVzdA imagetool-lab-test\n")
     machine = LocalMachine(tmp_path / "node1")
@@ -66,7 +51,7 @@ def test_a_seeded_node_trusts_the_keys_and_its_helper_says_so(tmp_path: Path, ke
 
 
 def test_without_keys_a_seeded_node_trusts_none(tmp_path: Path) -> None:
-    release = make_release(tmp_path / "store", "1.0", None)
+    release = make_release(tmp_path / "store", "web", "1.0")
     lab_pub = tmp_path / "id_ed25519.pub"
     lab_pub.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB0dGVzdA imagetool-lab-test\n")
     machine = LocalMachine(tmp_path / "node1")
@@ -77,13 +62,13 @@ def test_without_keys_a_seeded_node_trusts_none(tmp_path: Path) -> None:
 def test_up_refuses_what_the_keys_did_not_sign_before_touching_anything(tmp_path: Path,
                                                                         keys: dict[str, Path]) -> None:
     root = tmp_path / "labs"
-    unsigned = make_release(tmp_path / "store", "1.0", None)
+    unsigned = make_release(tmp_path / "store", "web", "1.0")
     with pytest.raises(VerificationError, match=r"release web-1.0 .* is not signed.*release.pem"):
         lab.up("keys", 2, unsigned, root=root, trusted_keys=[keys["release.pem"]])
-    other = make_release(tmp_path / "store", "1.1", keys["other"])
+    other = make_release(tmp_path / "store", "web", "1.1", sign_key=keys["other"])
     with pytest.raises(VerificationError, match="matches none of the trusted keys"):
         lab.up("keys", 2, other, root=root, vm_nodes=1, trusted_keys=[keys["release.pem"]])
-    signed = make_release(tmp_path / "store", "1.2", keys["release"])
+    signed = make_release(tmp_path / "store", "web", "1.2", sign_key=keys["release"])
     with pytest.raises(InputError, match="missing.pem"):
         lab.up("keys", 2, signed, root=root, trusted_keys=[tmp_path / "missing.pem"])
     (tmp_path / "other").mkdir()
@@ -96,7 +81,7 @@ def test_up_refuses_what_the_keys_did_not_sign_before_touching_anything(tmp_path
 def test_a_vm_node_gets_the_keys_on_its_disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                             keys: dict[str, Path]) -> None:
     """A VM node's /var is made by `imagetool disk`: the keys go there as --trusted-key."""
-    release = make_release(tmp_path / "store", "1.0", keys["release"])
+    release = make_release(tmp_path / "store", "web", "1.0", sign_key=keys["release"])
     the_lab = lab.Lab(name="keys", dir=tmp_path / "keys", subnet="10.250.77.0/24", bridge="itl1234br",
                       gateway="10.250.77.1", release=release.id)
     node = lab.LabNode(name="node1", index=1, address="10.250.77.11", netns="", host_veth="",

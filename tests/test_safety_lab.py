@@ -39,12 +39,6 @@ def cluster(release1, lab_root):
     yield from make_lab(LAB, 3, release1, lab_root)
 
 
-@pytest.fixture(scope="module")
-def release3(release2, test_store):
-    """webapp-3: webapp-2 with a marker file, so there is a third image to move between."""
-    return derive_release(test_store, release2, "3", lambda tree: (tree / "etc/webapp-3").write_text("3\n"))
-
-
 def variant(cluster, name: str, *, reset: bool = True, **extra) -> Path:
     """A copy of the lab's inventory (beside it, so relative key paths hold) with changes."""
     doc = yaml.safe_load(cluster.inventory.read_text())
