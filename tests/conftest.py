@@ -3,6 +3,7 @@ and real lab clusters that are always torn down."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -68,14 +69,18 @@ def build_cached(release_file: Path, store_dir: Path = TEST_STORE, sign: bool = 
 
     release = load_release(release_file)
     store = Store(store_dir)
-    sign_key = signing_keys(store_dir)[0] if sign else None
-    stamp = store_dir / f".{release.id}.inputs"
-    digest = inputs_digest(release_file) + (f" signed {sign_key.read_bytes().hex()[:32]}" if sign_key else "")
-    if store.has(release.id) and stamp.exists() and stamp.read_text() == digest:
-        return store.get(release.id)
-    stored = build(release, store, BuildOptions(force=True, sign_key=sign_key))
-    stamp.write_text(digest)
-    return stored
+    store_dir.mkdir(parents=True, exist_ok=True)
+    # Two test runs on one machine (worktrees) share the store: one builds, the other waits.
+    with open(store_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        sign_key = signing_keys(store_dir)[0] if sign else None
+        stamp = store_dir / f".{release.id}.inputs"
+        digest = inputs_digest(release_file) + (f" signed {sign_key.read_bytes().hex()[:32]}" if sign_key else "")
+        if store.has(release.id) and stamp.exists() and stamp.read_text() == digest:
+            return store.get(release.id)
+        stored = build(release, store, BuildOptions(force=True, sign_key=sign_key))
+        stamp.write_text(digest)
+        return stored
 
 
 @pytest.fixture(scope="session")
