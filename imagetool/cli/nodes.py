@@ -21,7 +21,7 @@ from imagetool.cli.common import (
     safe,
     store_option,
 )
-from imagetool.cli.view import LiveView, first_line, show_result
+from imagetool.cli.view import LiveView, first_line, sent_of, show_result
 
 inventory_option = click.option(
     "-i", "--inventory", required=True, type=click.Path(dir_okay=False), help="Inventory file (YAML).")
@@ -141,10 +141,11 @@ def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[s
         print_json(report.to_dict())
     else:
         t = Table(title=f"stage {safe(stored.id)}")
-        for col in ("node", "outcome", "time", "bytes", "error"):
+        for col in ("node", "outcome", "time", "sent", "error"):
             t.add_column(col)
         for r in report.results.values():
-            t.add_row(safe(r.node), safe(r.outcome), f"{r.seconds:.0f}s", human_bytes(r.bytes_sent), safe(r.error or ""))
+            t.add_row(safe(r.node), safe(r.outcome) + (f" ({r.mode})" if r.mode else ""), f"{r.seconds:.0f}s",
+                      sent_of(r.bytes_sent, r.image_bytes if r.mode else 0), safe(r.error or r.note or ""))
         out.print(t)
     failed = report.failed
     if failed:
