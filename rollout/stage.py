@@ -115,8 +115,10 @@ def _disk_full(node: Node, image_id: str, error: ImagetoolError) -> bool:
         return False  # unreachable: nothing to say about its disk
 
 
-def stage(node: Node, release: StoredRelease, progress: StageProgress | None = None) -> StageResult:
-    """Stage `release` on one node; raises on failure (stage_all turns that into data)."""
+def stage(node: Node, release: StoredRelease, progress: StageProgress | None = None, *,
+          delta: bool = True) -> StageResult:
+    """Stage `release` on one node; raises on failure (stage_all turns that into data).
+    delta=False: the whole image, even where a delta could be sent."""
     progress = progress or NoProgress()
     start = time.monotonic()
     image = release.manifest.image
@@ -127,7 +129,7 @@ def stage(node: Node, release: StoredRelease, progress: StageProgress | None = N
         progress.stage_end(node.name, result)
         return result
     note = None
-    plan, why_not = delta_plan(release, info)
+    plan, why_not = delta_plan(release, info) if delta else (None, None)
     if plan is not None:
         try:
             sent, resumed = _send_delta(node, release, info, plan, progress)
@@ -303,7 +305,8 @@ def check_for_node(node: str, release: StoredRelease, info: StageInfo) -> None:
 
 def stage_all(nodes: Sequence[Node], release: StoredRelease, parallel: int = 4,
               progress: StageProgress | None = None, *,
-              lock_as: tuple[str, str, str] | None = None, trusted_keys: Sequence[Path] = ()) -> StageReport:
+              lock_as: tuple[str, str, str] | None = None, trusted_keys: Sequence[Path] = (),
+              delta: bool = True) -> StageReport:
     """Stage on every node, `parallel` at a time; each node's result (or failure) is data.
 
     `lock_as` (lock id, owner, command): take each node's rollout lock while staging it, for
@@ -317,8 +320,8 @@ def stage_all(nodes: Sequence[Node], release: StoredRelease, parallel: int = 4,
         start = time.monotonic()
         try:
             if lock_as is None:
-                return stage(node, release, progress)
-            return under_lock(node, *lock_as, lambda n: stage(n, release, progress))
+                return stage(node, release, progress, delta=delta)
+            return under_lock(node, *lock_as, lambda n: stage(n, release, progress, delta=delta))
         except Exception as e:  # noqa: BLE001 - a node's failure is data; Ctrl-C is not
             result = StageResult(node.name, release.id, "failed", 0, time.monotonic() - start, str(e), e)
             progress.stage_end(node.name, result)

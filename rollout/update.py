@@ -83,6 +83,8 @@ class RolloutOptions:
     health_interval: float = 2.0
     # Nodes staged (or connected to) at once; a batch's nodes always activate together.
     parallel: int = 4
+    # Stage by delta where a node holds images to take chunks from (rollout.delta).
+    delta: bool = True
     dry_run: bool = False
     accept_new_host_keys: bool = False
     # The id of an interrupted rollout, to carry it on under that id. Its locks are still another
@@ -406,7 +408,8 @@ class Rollout:
             return plan, {}, {}
         for name in todo:
             self.events.step(name, Step.STAGE, release.id)
-        report = stage_all([self.nodes[n] for n in todo], release, self.options.parallel, self._progress)
+        report = stage_all([self.nodes[n] for n in todo], release, self.options.parallel, self._progress,
+                           delta=self.options.delta)
         self._full_bytes += sum(r.image_bytes for r in report.results.values() if r.mode)
         staged: list[NodePlan] = []
         failed: dict[str, NodeResult] = {}

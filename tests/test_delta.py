@@ -179,3 +179,9 @@ def test_read_index_gives_the_chunks_in_order(new: StoredRelease) -> None:
     chunks = read_index(ChunkStore(new.squashfs_path.parent).index(new))
     assert sum(c.size for c in chunks) == new.manifest.image.size
     assert len(chunks) > 10 and all(len(c.id) == 64 for c in chunks)
+
+
+def test_no_delta_sends_the_whole_image(node: HelperNode, new: StoredRelease) -> None:
+    result = stage(node, new, delta=False)
+    assert result.mode == "full" and result.bytes_sent >= SIZE and result.note is None, result
+    assert installed(node, new).read_bytes() == new.squashfs_path.read_bytes()
