@@ -361,7 +361,8 @@ class Node(Protocol):
 
     def stage_abort(self, image_id: str) -> dict[str, Any]: ...
 
-    def stage_delta(self, image_id: str, pack: str, seeds: Sequence[str]) -> dict[str, Any]: ...
+    def stage_delta(self, image_id: str, seeds: Sequence[str], *, pack: str | None = None, source: str | None = None,
+                    timeout: float | None = None) -> dict[str, Any]: ...
 
     def set_next(self, image_id: str, confirm_timeout: float, rollout_id: str | None) -> None: ...
 
@@ -460,11 +461,14 @@ class HelperNode:
     def stage_abort(self, image_id: str) -> dict[str, Any]:
         return self._call("stage-abort", image_id)
 
-    def stage_delta(self, image_id: str, pack: str, seeds: Sequence[str]) -> dict[str, Any]:
-        argv = [*helper_argv("stage-delta", image_id, pack=pack)]
+    def stage_delta(self, image_id: str, seeds: Sequence[str], *, pack: str | None = None, source: str | None = None,
+                    timeout: float | None = None) -> dict[str, Any]:
+        """Rebuild the image in .incoming from `seeds` plus a pushed `pack` or an HTTP `source`."""
+        argv = helper_argv("stage-delta", image_id, pack=pack, source=source, timeout=timeout)
         for seed in seeds:
             argv += ["--seed", seed]
-        return parse_answer(self.name, "stage-delta", self.transport.run(argv, timeout=STAGE_COMMIT_TIMEOUT))
+        wait = STAGE_COMMIT_TIMEOUT if timeout is None else timeout + QUICK_TIMEOUT
+        return parse_answer(self.name, "stage-delta", self.transport.run(argv, timeout=wait))
 
     # --- boot control --------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 from imagetool.errors import ImagetoolError, LockedError, NodeError, UnreachableError, VerificationError
 from imagetool.signing import TrustedKey, load_trusted_keys, signed_by
 from imagetool.store import Store, StoredRelease
-from rollout.delta import ChunkStore, DeltaPlan
+from imagetool.chunks import ChunkStore, DeltaPlan
 from rollout.node import Node, StageInfo, for_each, incoming_paths, under_lock
 
 StageOutcome = Literal["present", "staged", "resumed", "failed"]
@@ -60,7 +60,9 @@ class StageResult:
     seconds: float = 0.0
     error: str | None = None
     exception: BaseException | None = field(default=None, repr=False, compare=False)
-    mode: Literal["full", "delta"] | None = None  # how the image travelled (None: it did not)
+    # How the image travelled: pushed whole, pushed as a delta, pulled by the node from an HTTP
+    # store (None: it did not travel).
+    mode: Literal["full", "delta", "pull"] | None = None
     image_bytes: int = 0  # the image's size, for "sent N of M"
     note: str | None = None  # why a delta was not used, when it could have been
 
@@ -100,6 +102,9 @@ def needed_bytes(release: StoredRelease, partial: int) -> int:
     return rest + extra
 
 
+# Seconds a node may take to pull an image from an HTTP store: a stalled store is an error, not a hang.
+PULL_TIMEOUT = 1800.0
+
 # Below this many free bytes after a failed write, the node's /var is taken to be full.
 FULL_BELOW = 1024 * 1024
 
@@ -116,9 +121,10 @@ def _disk_full(node: Node, image_id: str, error: ImagetoolError) -> bool:
 
 
 def stage(node: Node, release: StoredRelease, progress: StageProgress | None = None, *,
-          delta: bool = True) -> StageResult:
+          delta: bool = True, source: str | None = None) -> StageResult:
     """Stage `release` on one node; raises on failure (stage_all turns that into data).
-    delta=False: the whole image, even where a delta could be sent."""
+    delta=False: the whole image, even where a delta could be sent. source: the node pulls what
+    it lacks from this HTTP store (`imagetool publish`) itself; the controller sends the manifest."""
     progress = progress or NoProgress()
     start = time.monotonic()
     image = release.manifest.image
@@ -126,6 +132,12 @@ def stage(node: Node, release: StoredRelease, progress: StageProgress | None = N
     check_for_node(node.name, release, info)
     if info.present and info.sha256 == image.sha256:
         result = StageResult(node.name, release.id, "present", 0, time.monotonic() - start, image_bytes=image.size)
+        progress.stage_end(node.name, result)
+        return result
+    if source is not None:
+        sent = _pull(node, release, info, source, progress)
+        result = StageResult(node.name, release.id, "staged", sent, time.monotonic() - start, mode="pull",
+                             image_bytes=image.size)
         progress.stage_end(node.name, result)
         return result
     note = None
@@ -224,11 +236,29 @@ def _send_delta(node: Node, release: StoredRelease, info: StageInfo, plan: Delta
         sent = _send_meta(node, release, paths)
         sent += node.put(plan.pack, f"{info.incoming}/{plan.name}", offset=partial,
                          progress=lambda n: progress.stage_advance(node.name, n))
-        node.stage_delta(release.id, plan.name, plan.seeds)
+        node.stage_delta(release.id, plan.seeds, pack=plan.name)
     except ImagetoolError as e:
         _on_full_disk(node, release, e)
     node.stage_commit(release.id)
     return sent, bool(partial)
+
+
+def _pull(node: Node, release: StoredRelease, info: StageInfo, source: str, progress: StageProgress) -> int:
+    """The node fetches the chunks it lacks from the store at `source` (its seeds are every image
+    it holds); the controller sends only the manifest and signature."""
+    if not info.casync:
+        raise NodeError(f"node {node.name}: has no casync, so it cannot pull {release.id} from the store {source}")
+    _space_for(node, release, info, release.manifest.image.size)
+    progress.stage_start(node.name, 0)
+    sent = _send_meta(node, release, incoming_paths(info.incoming, release.id))
+    # The helper's own errors name the store (cannot fetch, casync failed, stalled).
+    node.stage_delta(release.id, [seed for seed, _ in info.seeds], source=source, timeout=PULL_TIMEOUT)
+    try:
+        node.stage_commit(release.id)
+    except VerificationError as e:
+        raise VerificationError(f"the image node {node.name} pulled from the store {source} does not verify: "
+                                f"{e}") from None
+    return sent
 
 
 def _send_full(node: Node, release: StoredRelease, info: StageInfo, progress: StageProgress) -> tuple[int, bool]:
@@ -306,7 +336,7 @@ def check_for_node(node: str, release: StoredRelease, info: StageInfo) -> None:
 def stage_all(nodes: Sequence[Node], release: StoredRelease, parallel: int = 4,
               progress: StageProgress | None = None, *,
               lock_as: tuple[str, str, str] | None = None, trusted_keys: Sequence[Path] = (),
-              delta: bool = True) -> StageReport:
+              delta: bool = True, source: str | None = None) -> StageReport:
     """Stage on every node, `parallel` at a time; each node's result (or failure) is data.
 
     `lock_as` (lock id, owner, command): take each node's rollout lock while staging it, for
@@ -320,8 +350,8 @@ def stage_all(nodes: Sequence[Node], release: StoredRelease, parallel: int = 4,
         start = time.monotonic()
         try:
             if lock_as is None:
-                return stage(node, release, progress, delta=delta)
-            return under_lock(node, *lock_as, lambda n: stage(n, release, progress, delta=delta))
+                return stage(node, release, progress, delta=delta, source=source)
+            return under_lock(node, *lock_as, lambda n: stage(n, release, progress, delta=delta, source=source))
         except Exception as e:  # noqa: BLE001 - a node's failure is data; Ctrl-C is not
             result = StageResult(node.name, release.id, "failed", 0, time.monotonic() - start, str(e), e)
             progress.stage_end(node.name, result)

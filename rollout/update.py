@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from imagetool.chunks import check_source
 from imagetool.errors import ImagetoolError, InputError, LockedError, NodeError, UnreachableError, VerificationError
 from imagetool.names import check_release_id
 from imagetool.store import StoredRelease
@@ -83,8 +84,10 @@ class RolloutOptions:
     health_interval: float = 2.0
     # Nodes staged (or connected to) at once; a batch's nodes always activate together.
     parallel: int = 4
-    # Stage by delta where a node holds images to take chunks from (rollout.delta).
+    # Stage by delta where a node holds images to take chunks from (imagetool.chunks).
     delta: bool = True
+    # An HTTP(S) store (`imagetool publish`) the nodes pull the image from themselves.
+    source: str | None = None
     dry_run: bool = False
     accept_new_host_keys: bool = False
     # The id of an interrupted rollout, to carry it on under that id. Its locks are still another
@@ -130,6 +133,8 @@ class RolloutOptions:
         parse_threshold(self.max_failures, 1)
         if self.rollout_id is not None:
             check_rollout_id(self.rollout_id, "--rollout-id")
+        if self.source is not None:
+            self.source = check_source(self.source)
 
 
 @dataclass
@@ -409,7 +414,7 @@ class Rollout:
         for name in todo:
             self.events.step(name, Step.STAGE, release.id)
         report = stage_all([self.nodes[n] for n in todo], release, self.options.parallel, self._progress,
-                           delta=self.options.delta)
+                           delta=self.options.delta, source=self.options.source)
         self._full_bytes += sum(r.image_bytes for r in report.results.values() if r.mode)
         staged: list[NodePlan] = []
         failed: dict[str, NodeResult] = {}

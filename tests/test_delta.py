@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from imagetool.store import StoredRelease
-from rollout.delta import ChunkStore, read_index
+from imagetool.chunks import ChunkStore, read_index
 from rollout.local import LocalMachine, local_nodes
 from rollout.node import HelperNode
 from rollout.stage import stage
@@ -154,7 +154,7 @@ def test_the_helper_refuses_a_hostile_or_broken_pack(node: HelperNode, new: Stor
     name = f"{new.id}.delta-{'0' * 32}.tar"
     (incoming / name).write_bytes(pack_with(members))
     with pytest.raises(Exception, match=error):
-        node.stage_delta(new.id, name, [OLD])
+        node.stage_delta(new.id, [OLD], pack=name)
     assert not (machine(node).root / "etc/evil").exists()
     assert sorted(p.name for p in incoming.iterdir()) == [f"{new.id}.manifest.json"]
 
@@ -172,7 +172,7 @@ def test_a_pack_whose_index_does_not_match_the_manifest_is_refused(node: HelperN
     name = f"{new.id}.delta-{'1' * 32}.tar"
     shutil.copy(plan.pack, incoming / name)
     with pytest.raises(Exception, match="index describes"):
-        node.stage_delta(new.id, name, [OLD])
+        node.stage_delta(new.id, [OLD], pack=name)
 
 
 def test_read_index_gives_the_chunks_in_order(new: StoredRelease) -> None:
@@ -185,3 +185,148 @@ def test_no_delta_sends_the_whole_image(node: HelperNode, new: StoredRelease) ->
     result = stage(node, new, delta=False)
     assert result.mode == "full" and result.bytes_sent >= SIZE and result.note is None, result
     assert installed(node, new).read_bytes() == new.squashfs_path.read_bytes()
+
+
+# --- nodes that pull from an HTTP store ------------------------------------------------------------------
+
+
+class Served:
+    """A directory served over HTTP on 127.0.0.1 (a thread of this process), counting the bytes
+    it serves; `delay` seconds before each answer plays a slow store."""
+
+    def __init__(self, root: Path, delay: float = 0) -> None:
+        import functools
+        import http.server
+        import threading
+
+        self.bytes = 0
+        self.delay = delay
+        served = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def copyfile(self, source, outputfile) -> None:  # type: ignore[no-untyped-def]
+                import time
+
+                time.sleep(served.delay)
+                data = source.read()
+                served.bytes += len(data)
+                outputfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                      functools.partial(Handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/store"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    s = Served(tmp_path / "www")
+    yield s
+    s.close()
+
+
+def published(new: StoredRelease, tmp_path: Path) -> Path:
+    from imagetool.chunks import publish
+
+    to = tmp_path / "www" / "store"
+    result = publish(new, to)
+    assert result.chunks > 10 and result.new_chunks == len({*(c.id for c in read_index(to / f"{new.id}.caibx"))})
+    return to
+
+
+def test_a_node_pulls_only_what_it_lacks_from_an_http_store(node: HelperNode, new: StoredRelease, tmp_path: Path,
+                                                            served: Served) -> None:
+    published(new, tmp_path)
+    result = stage(node, new, source=served.url)
+    assert result.mode == "pull" and result.outcome == "staged", result
+    # The controller sent the manifest; the node fetched the index and the chunks its seed lacks.
+    assert result.bytes_sent == new.manifest_path.stat().st_size
+    assert 0 < served.bytes < 0.15 * SIZE, served.bytes
+    assert installed(node, new).read_bytes() == new.squashfs_path.read_bytes()
+
+
+def test_publishing_a_second_release_adds_only_its_new_chunks(new: StoredRelease, old: StoredRelease,
+                                                              tmp_path: Path) -> None:
+    from imagetool.chunks import publish
+
+    to = tmp_path / "www" / "store"
+    first = publish(old, to)
+    second = publish(new, to)
+    assert first.new_chunks == first.chunks and 0 < second.new_chunks < 0.15 * second.chunks, (first, second)
+    assert (to / f"{new.id}.manifest.json").read_bytes() == new.manifest_path.read_bytes()
+    assert publish(new, to).new_chunks == 0
+
+
+def assert_untouched(node: HelperNode, new: StoredRelease) -> None:
+    st = state(node)
+    assert st.committed == OLD and st.booted == OLD and not st.has_image(new.id)
+    assert sorted(p.name for p in machine(node).node_var.incoming.iterdir()) in (
+        [], [f"{new.id}.manifest.json"]), "nothing but the manifest is left behind"
+
+
+def test_a_store_that_is_down_is_named_and_the_node_keeps_its_image(node: HelperNode, new: StoredRelease,
+                                                                    tmp_path: Path, served: Served) -> None:
+    published(new, tmp_path)
+    url = served.url
+    served.close()
+    with pytest.raises(Exception) as e:
+        stage(node, new, source=url)
+    assert f"store {url}" in str(e.value) and "n1" in str(e.value), e.value
+    assert_untouched(node, new)
+
+
+def test_a_corrupt_chunk_in_the_store_is_refused(node: HelperNode, new: StoredRelease, old: StoredRelease,
+                                                 tmp_path: Path, served: Served) -> None:
+    to = published(new, tmp_path)
+    have = {c.id for c in read_index(ChunkStore(old.squashfs_path.parent).index(old))}
+    lacking = next(c.id for c in read_index(to / f"{new.id}.caibx") if c.id not in have)
+    chunk = to / "chunks" / lacking[:4] / f"{lacking}.cacnk"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(Exception) as e:
+        stage(node, new, source=served.url)
+    assert f"store {served.url}" in str(e.value) and "n1" in str(e.value), e.value
+    assert_untouched(node, new)
+
+
+def test_a_store_without_the_index_is_named(node: HelperNode, new: StoredRelease, tmp_path: Path,
+                                            served: Served) -> None:
+    to = published(new, tmp_path)
+    (to / f"{new.id}.caibx").unlink()
+    with pytest.raises(Exception, match=rf"store {served.url}: cannot fetch {new.id}.caibx: (Not Found|File not found)"):
+        stage(node, new, source=served.url)
+    assert_untouched(node, new)
+
+
+def test_a_stalled_store_is_an_error_not_a_hang(node: HelperNode, new: StoredRelease, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    published(new, tmp_path)
+    slow = Served(tmp_path / "www", delay=3)
+    monkeypatch.setattr("rollout.stage.PULL_TIMEOUT", 2.0)
+    try:
+        with pytest.raises(Exception, match="slow or stalled|timed out"):
+            stage(node, new, source=slow.url)
+    finally:
+        slow.close()
+    assert_untouched(node, new)
+
+
+@pytest.mark.parametrize("url", ["file:///etc", "ftp://example.org/x", "http://", "http://h/x y",
+                                 "http://h/$(reboot)", "https://h/;rm", "-http://h"])
+def test_a_store_url_that_is_not_http_is_refused_on_both_ends(node: HelperNode, new: StoredRelease,
+                                                              url: str) -> None:
+    from imagetool.chunks import check_source
+    from imagetool.errors import InputError
+
+    with pytest.raises(InputError, match="is not http:// or https://"):
+        check_source(url)
+    with pytest.raises(Exception, match="invalid store URL"):
+        node.stage_delta(new.id, [], source=url)

@@ -36,6 +36,10 @@ delta_option = click.option(
     "--delta/--no-delta", default=True, show_default=True,
     help="Send a node only the chunks of the image it lacks, taking the rest from images it holds "
          "(--no-delta: always the whole image).")
+source_option = click.option(
+    "--source", default=None, metavar="URL",
+    help="Nodes fetch the chunks they lack from this HTTP(S) store (`imagetool publish`) themselves; "
+         "the controller sends only manifests.")
 trusted_key_option = click.option(
     "--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="PEM",
     help="Release signing public key to require (repeatable; beside the inventory's trusted_keys): "
@@ -88,6 +92,7 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         limit_option,
         parallel_option,
         delta_option,
+        source_option,
         host_keys_option,
         json_option,
     ]
@@ -120,17 +125,19 @@ def _command_line() -> str:
 @limit_option
 @parallel_option
 @delta_option
+@source_option
 @host_keys_option
 @json_option
 @handle_errors
 def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[str, ...], limit: tuple[str, ...],
-          parallel: int, delta: bool, accept_new_host_keys: bool, as_json: bool) -> None:
+          parallel: int, delta: bool, source: str | None, accept_new_host_keys: bool, as_json: bool) -> None:
     """Copy RELEASE to the nodes without disturbing them (skips nodes that have it, resumes partial copies)."""
     from imagetool.errors import LockedError, NodeError, UnreachableError, VerificationError
     from imagetool.store import Store, default_store_path, resolve_release
     from rollout.fleet import open_nodes
     from rollout.inventory import load_inventory
     from rollout.locks import default_owner, new_rollout_id
+    from imagetool.chunks import check_source
     from rollout.stage import stage_all
 
     stored = resolve_release(Store(default_store_path(store)), release)
@@ -143,7 +150,7 @@ def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[s
     with open_nodes(inv, list(limit), accept_new_host_keys=accept_new_host_keys) as nodes:
         with LiveView([n.name for n in nodes], f"staging {stored.id}", stage_events=True) as view:
             report = stage_all(nodes, stored, parallel=parallel, progress=view, lock_as=lock_as, trusted_keys=keys,
-                               delta=delta)
+                               delta=delta, source=check_source(source) if source else None)
     if as_json:
         print_json(report.to_dict())
     else:

@@ -1,4 +1,5 @@
-"""Delta staging: a node is sent only the chunks of an image that none of its images holds.
+"""Chunks of images, for delta staging: a node is sent only the chunks of an image that none of its
+images holds.
 
 The engine and the format are casync's (the one RAUC uses for its adaptive updates): the
 controller cuts each image of the store into content-defined chunks (about 64 KiB on average,
@@ -20,6 +21,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
+import shutil
 import struct
 import subprocess
 import tarfile
@@ -28,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagetool.errors import ImagetoolError
+from imagetool.errors import ImagetoolError, InputError
 from imagetool.store import StoredRelease
 from imagetool.systools import require
 
@@ -159,6 +162,61 @@ class ChunkStore:
                     tar.add(chunk_file(self.chunks, chunk_id), f"{chunk_id[:4]}/{chunk_id}.cacnk", filter=_plain)
             os.replace(tmp, pack)
         return pack
+
+
+_SOURCE_RE = re.compile(r"^https?://[A-Za-z0-9.\[\]:-]+(/[A-Za-z0-9._~%/+-]*)?$")
+
+
+def check_source(url: str) -> str:
+    """A store URL nodes can read: http(s)://HOST[:PORT][/PATH], nothing a shell or casync could
+    take for something else. Returned without a trailing slash."""
+    if not isinstance(url, str) or not _SOURCE_RE.match(url):
+        raise InputError(f"store URL {str(url)[:200]!r} is not http:// or https://HOST[:PORT][/PATH]")
+    return url.rstrip("/")
+
+
+@dataclass
+class Published:
+    release: str
+    to: Path
+    chunks: int
+    new_chunks: int  # chunk files this publish added to the directory
+    new_bytes: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {"release": self.release, "to": str(self.to), "chunks": self.chunks, "new_chunks": self.new_chunks,
+                "new_bytes": self.new_bytes}
+
+
+def publish(release: StoredRelease, to: Path) -> Published:
+    """Lay `release` out in `to` for nodes that read it with plain HTTP GETs (any static server,
+    CDN or bucket): chunks/ (casync's chunk store, shared by every release published there),
+    <id>.caibx, <id>.manifest.json and <id>.sig. Chunks first and the manifest last, each file
+    renamed into place, so a node never sees an index whose chunks are not all there yet."""
+    chunk_store = ChunkStore(release.squashfs_path.parent)
+    index = chunk_store.index(release)
+    chunks = read_index(index)
+    new_chunks = new_bytes = 0
+    for chunk_id in sorted({c.id for c in chunks}):
+        target = chunk_file(to / "chunks", chunk_id)
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _copy_into_place(chunk_file(chunk_store.chunks, chunk_id), target)
+        new_chunks += 1
+        new_bytes += target.stat().st_size
+    _copy_into_place(index, to / f"{release.id}.caibx")
+    if release.sig_path is not None:
+        _copy_into_place(release.sig_path, to / f"{release.id}.sig")
+    _copy_into_place(release.manifest_path, to / f"{release.id}.manifest.json")
+    return Published(release.id, to, len(chunks), new_chunks, new_bytes)
+
+
+def _copy_into_place(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, dest)
 
 
 def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo:
