@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 from imagetool.errors import ImagetoolError, NodeError, VerificationError
 from imagetool.signing import TrustedKey, load_trusted_keys, signed_by
 from imagetool.store import StoredRelease
+from imagetool.units import human_bytes
 from rollout.node import Node, StageInfo, for_each, incoming_paths, under_lock
 
 StageOutcome = Literal["present", "staged", "resumed", "failed"]
@@ -124,8 +125,8 @@ def stage(node: Node, release: StoredRelease, progress: StageProgress | None = N
     need = needed_bytes(release, partial)
     if info.free_bytes < need:
         raise NodeError(
-            f"node {node.name}: not enough space to stage {release.id}: needs {need} bytes, "
-            f"{info.free_bytes} free in {info.incoming}"
+            f"node {node.name}: not enough space to stage {release.id}: needs {human_bytes(need)}, "
+            f"{human_bytes(info.free_bytes)} free in {info.incoming}", nodes=[node.name]
         )
     paths = incoming_paths(info.incoming, release.id)
     total = image.size - partial
