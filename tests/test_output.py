@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from imagetool.cli import main
-from imagetool.cli.common import NORMAL, output
+from imagetool.cli.common import NORMAL, verbosity
 from imagetool.cli.view import LiveView
 from imagetool.errors import HelperMissingError
 from imagetool.store import StoredRelease
@@ -43,9 +43,9 @@ GROUPS_WITHOUT_JSON = {"", "images", "lab"}
 @pytest.fixture(autouse=True)
 def normal_output() -> Iterator[None]:
     # -v attaches a log handler for its run; a test calling views directly starts from NORMAL.
-    output.set(NORMAL)
+    verbosity.set(NORMAL)
     yield
-    output.set(NORMAL)
+    verbosity.set(NORMAL)
 
 
 def commands(group: click.Group = main, prefix: str = "") -> dict[str, click.Command]:
@@ -275,7 +275,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal(release: StoredRelease, fl
 def test_progress_is_silent_with_quiet(release: StoredRelease, fleet: Fleet, capsys: pytest.CaptureFixture[str],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("imagetool.cli.common.PROGRESS_INTERVAL", 0.05)
-    output.set(0)
+    verbosity.set(0)
     nodes = fleet(2)
     with LiveView([n.name for n in nodes], "rollout") as view:
         Rollout(nodes, options(pause=0.2), events=view.event, progress=view).run(release)

@@ -63,7 +63,7 @@ QUIET, NORMAL, VERBOSE = 0, 1, 2
 PROGRESS_INTERVAL = 10.0
 
 
-class Output:
+class Verbosity:
     """How much this run says on stderr: QUIET (-q), NORMAL, VERBOSE (-v). The main group sets
     it for the one command a process runs; views read it when they start."""
 
@@ -98,7 +98,7 @@ class _ConsoleHandler(logging.Handler):
         console.print(f"[dim]debug:[/] {safe(record.getMessage())}", highlight=False)
 
 
-output = Output()
+verbosity = Verbosity()
 
 
 # The JSON document a command printed, held until it ends: a failure after it is added to it.
@@ -116,7 +116,7 @@ def _fail(code: int, kind: str, message: str, nodes: Sequence[str], as_json: boo
     if as_json:
         error = error_object(code, kind, message, nodes)
         _echo_json({**document, **error} if isinstance(document, dict) else error)
-    if not (as_json and output.quiet):
+    if not (as_json and verbosity.quiet):
         console.print(f"[bold red]error:[/] {safe(message)}", highlight=False)
     sys.exit(code)
 
@@ -160,7 +160,7 @@ def working(text: str) -> Iterator[Callable[[str], None]]:
     a plain line at each change of text and every PROGRESS_INTERVAL seconds (with the time so
     far), so a CI log shows the work is alive; nothing with -q."""
     started = time.monotonic()
-    if output.quiet:
+    if verbosity.quiet:
         yield lambda _text: None
         return
     if console.is_terminal:
@@ -254,7 +254,7 @@ def main(quiet: bool, verbose: bool) -> None:
     """Build read-only root images, roll them out node by node behind health gates, roll back."""
     if quiet and verbose:
         raise click.UsageError("-q and -v: choose one")
-    output.set(QUIET if quiet else VERBOSE if verbose else NORMAL)
+    verbosity.set(QUIET if quiet else VERBOSE if verbose else NORMAL)
 
 
 store_option = click.option(

@@ -16,11 +16,11 @@ from imagetool.cli.common import (
     json_option,
     main,
     out,
-    output,
     parse_size,
     print_json,
     safe,
     store_option,
+    verbosity,
     working,
 )
 
@@ -59,7 +59,7 @@ def build(release_file: str, store: str | None, force: bool, sign_key: str | Non
                     "paths": {"squashfs": str(stored.squashfs), "manifest": str(stored.manifest_path)}})
         return
     console.print(f"built [bold]{safe(m.id)}[/] in {time.monotonic() - started:.0f}s")
-    if not output.quiet:
+    if not verbosity.quiet:
         show_manifest(m, stored)
 
 
@@ -242,7 +242,7 @@ def disk(release: str, output: str, disk_format: str, size: str, authorized_keys
         return
     console.print(f"wrote [bold]{safe(str(result.path))}[/] ({result.format}, {human_bytes(result.size)}) "
                   f"in {seconds:.0f}s")
-    if output.quiet:
+    if verbosity.quiet:
         return
     t = Table("#", "partition", "size", "holds", box=None)
     holds = {"bios": "GRUB core (BIOS)", "esp": "EFI/BOOT/BOOTX64.EFI, grub/grub.cfg",

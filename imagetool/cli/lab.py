@@ -16,11 +16,11 @@ from imagetool.cli.common import (
     json_option,
     main,
     out,
-    output,
     parse_size,
     print_json,
     safe,
     store_option,
+    verbosity,
     working,
 )
 from imagetool.errors import ImagetoolError
@@ -78,7 +78,7 @@ def lab_up(n_nodes: int, release_ref: str, var_size: str, all_vms: bool, vm_node
     vms = f" ({n_vms} of them VMs under {the_lab.accel})" if n_vms else ""
     console.print(f"lab [bold]{safe(the_lab.name)}[/]: {len(the_lab.nodes)} nodes{vms} up on {safe(release.id)} "
                   f"in {time.monotonic() - started:.0f}s")
-    if output.quiet:
+    if verbosity.quiet:
         return
     out.print(f"inventory:   {safe(the_lab.inventory)}\nknown_hosts: {safe(the_lab.known_hosts)}")
     n = the_lab.nodes[0]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -18,10 +18,10 @@ from imagetool.cli.common import (
     json_option,
     main,
     out,
-    output,
     print_json,
     safe,
     store_option,
+    verbosity,
     working,
 )
 from imagetool.cli.view import LiveView, first_line, show_result
@@ -151,7 +151,7 @@ def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[s
     if as_json:
         print_json(report.to_dict())
     else:
-        if not output.quiet:
+        if not verbosity.quiet:
             t = Table(title=f"stage {safe(stored.id)}")
             for col in ("node", "outcome", "time", "bytes", "error"):
                 t.add_column(col)
@@ -260,7 +260,7 @@ def gc(inventory: str, keep: int, incoming: bool, limit: tuple[str, ...], parall
     if as_json:
         print_json({"nodes": [r.to_dict() for r in reports]})
     else:
-        if not output.quiet:
+        if not verbosity.quiet:
             t = Table(title=f"gc --keep {keep}")
             for col in ("node", "removed", "kept", "freed", "free now", "error"):
                 t.add_column(col)
@@ -363,7 +363,7 @@ def status(inventory: str, limit: tuple[str, ...], no_health: bool, parallel: in
     if as_json:
         print_json({"nodes": [r.to_dict() for r in reports]})
     else:
-        if not output.quiet:
+        if not verbosity.quiet:
             t = Table(title=f"nodes in {safe(inventory)}")
             for col in ("node", "booted", "committed", "previous", "staged", "boot id", "health", "free", "lock"):
                 t.add_column(col)

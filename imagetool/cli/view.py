@@ -10,7 +10,7 @@ from rich.progress import ProgressColumn, Task
 from rich.table import Table
 from rich.text import Text
 
-from imagetool.cli.common import Ticker, console, human_bytes, out, output, print_json, safe
+from imagetool.cli.common import Ticker, console, human_bytes, out, print_json, safe, verbosity
 
 
 class _Speed(ProgressColumn):
@@ -41,9 +41,9 @@ class LiveView:
                                  _Speed(), TimeRemainingColumn(), console=console)
         self.tasks: dict[str, Any] = {}
         self.total_task: Any = None
-        self.shown = not output.quiet
+        self.shown = not verbosity.quiet
         self.interactive = self.shown and console.is_terminal
-        self.lines = self.shown and (not self.interactive or output.verbose)
+        self.lines = self.shown and (not self.interactive or verbosity.verbose)
         self.live: Any = None
         self.ticker: Ticker | None = None
         # `imagetool stage` has no rollout events: staging results are its only news.
@@ -194,7 +194,7 @@ def show_result(result: Any, as_json: bool) -> None:
                 t.add_row(safe(r.node), str(r.batch or ""), safe(r.from_id or "-"), safe(r.to_id or "-"),
                           f"[{styles[r.outcome]}]{r.outcome}[/]", f"{r.seconds:.0f}s", human_bytes(r.bytes_sent),
                           safe(first_line(r.error)))
-        if not output.quiet:
+        if not verbosity.quiet:
             out.print(t)
         for r in result.nodes:
             if r.error and r.outcome not in ("not-started",):
