@@ -529,7 +529,11 @@ class HelperNode:
         return self._call("health", wait=wait or None, timeout=QUICK_TIMEOUT + wait)
 
     def run_shell(self, command: str, timeout: float) -> CommandResult:
-        return self.transport.run_shell(command, timeout=timeout)
+        started = time.monotonic()
+        result = self.transport.run_shell(command, timeout=timeout)
+        log.debug("node %s: sh -c %s: exit status %d in %.2fs", self.name, shlex.quote(command), result.exit_status,
+                  time.monotonic() - started)
+        return result
 
     def confirm(self, image_id: str) -> None:
         self._call("confirm", image_id)
