@@ -17,24 +17,14 @@ from click.testing import CliRunner, Result
 
 from imagetool.cli import main
 from imagetool.cli.common import NORMAL, verbosity
-from imagetool.cli.view import LiveView
+from imagetool.cli.view import LiveView, _Speed
 from imagetool.errors import HelperMissingError
 from imagetool.store import StoredRelease
 from imagetool.units import human_bytes
 from rollout.local import LocalMachine, local_nodes
 from rollout.node import HELPER_PATH, HelperNode
 from rollout.update import Rollout
-from tests.local_fleet import (  # noqa: F401 - fixtures
-    NEW,
-    OLD,
-    Fleet,
-    fast_boot_polls,
-    fleet,
-    machine,
-    options,
-    release,
-    state,
-)
+from tests.local_fleet import NEW, OLD, Fleet, fast_boot_polls, fleet, machine, options, release, state  # noqa: F401 - fixtures
 
 # Groups only dispatch to their commands; --json belongs to the commands that do something.
 GROUPS_WITHOUT_JSON = {"", "images", "lab"}
@@ -209,7 +199,7 @@ def test_a_failed_rollout_has_its_result_and_the_error_in_one_document(
 
 def test_quiet_verbose_and_normal(release: StoredRelease, inventory: tuple[Path, list[HelperNode]],
                                   tmp_path: Path) -> None:
-    inv, nodes = inventory
+    inv, _ = inventory
     env = {"IMAGETOOL_STATE_DIR": str(tmp_path / "state")}
     rollout = ["rollout", NEW, "-i", str(inv), "--store", str(release.manifest_path.parent), "--health-timeout", "0"]
 
@@ -356,3 +346,26 @@ def test_a_node_without_the_helper_is_reported_as_such(tmp_path: Path, release: 
                                          (2 * 1024**5, "2048.0 TiB")])
 def test_human_bytes_is_binary(n: int | None, text: str) -> None:
     assert human_bytes(n) == text
+
+
+def test_terminal_transfer_display_is_binary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a terminal the live view's transfer columns count in MiB, as everything else does."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    monkeypatch.setattr("imagetool.cli.view.console", Console(file=buf, force_terminal=True, width=160))
+    view = LiveView(["n1"], "stage")
+    assert view.interactive
+    with view:
+        view.stage_start("n1", 3 * 1024**2)
+        view.stage_advance("n1", 1024**2)
+        view.stage_advance("n1", 2 * 1024**2)
+        view.live.refresh()
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buf.getvalue())
+    assert "2.0/3.0 MiB" in text and "MB" not in text
+    task = view.progress.tasks[0]
+    task.finished_speed = 1.5 * 1024**2
+    assert _Speed().render(task).plain == "1.5 MiB/s"

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 from rich.console import Console
@@ -112,7 +112,7 @@ def error_object(code: int, kind: str, message: str, nodes: Sequence[str] = ()) 
     return {"error": {"code": code, "kind": kind, "message": message, "nodes": list(nodes)}}
 
 
-def _fail(code: int, kind: str, message: str, nodes: Sequence[str], as_json: bool, document: Any) -> None:
+def _fail(code: int, kind: str, message: str, nodes: Sequence[str], as_json: bool, document: Any) -> NoReturn:
     if as_json:
         error = error_object(code, kind, message, nodes)
         _echo_json({**document, **error} if isinstance(document, dict) else error)
