@@ -167,7 +167,8 @@ def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[s
         cls = (UnreachableError if all(isinstance(e, UnreachableError) for e in errors)
                else LockedError if any(isinstance(e, LockedError) for e in errors)
                else VerificationError if any(isinstance(e, VerificationError) for e in errors) else NodeError)
-        raise cls(f"{len(failed)} of {len(report.results)} nodes not staged: " + ", ".join(failed), nodes=list(failed))
+        raise cls(f"{len(failed)} of {len(report.results)} nodes not staged: "
+                  + "; ".join(r.error or r.node for r in failed.values()), nodes=list(failed))
 
 
 @main.command()
@@ -273,8 +274,8 @@ def gc(inventory: str, keep: int, incoming: bool, limit: tuple[str, ...], parall
                       f"freed {human_bytes(sum(r.freed_bytes for r in reports))}", highlight=False)
     failed = [r for r in reports if r.error]
     if failed:
-        raise NodeError(f"{len(failed)} of {len(reports)} nodes not collected: " + ", ".join(r.node for r in failed),
-                        nodes=[r.node for r in failed])
+        raise NodeError(f"{len(failed)} of {len(reports)} nodes not collected: "
+                        + "; ".join(r.error or r.node for r in failed), nodes=[r.node for r in failed])
 
 
 @main.command()
