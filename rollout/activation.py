@@ -24,6 +24,7 @@ from rollout.policy import NodeResult
 class Interrupted(ImagetoolError):
     """The operator interrupted the rollout; nodes in flight were put back."""
 
+    kind = "interrupted"
     exit_code = 130
 
 

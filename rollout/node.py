@@ -10,6 +10,7 @@ JSON object; `{"ok": false, "error": E}` becomes a `HelperError` naming node and
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -24,15 +25,28 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_fixed
 
 from imagetool import schema
-from imagetool.errors import HostKeyError, ImagetoolError, LockedError, NodeError, UnreachableError, VerificationError
+from imagetool.errors import (
+    HelperMissingError,
+    HostKeyError,
+    ImagetoolError,
+    LockedError,
+    NodeError,
+    UnreachableError,
+    VerificationError,
+)
 from imagetool.layout import NODE_INCOMING, image_paths
 from imagetool.names import RELEASE_ID_RE
 from imagetool.schema import Where
+from imagetool.units import human_bytes
 from rollout.locks import LockClaim
 from rollout.nodespec import NodeSpec
 from rollout.transport import CommandResult, ProgressFn, SSHTransport, Transport
 
 HELPER = "imagetool-node"
+# Where images built with the imagetool-node element install it (a link to /usr/lib/imagetool/).
+HELPER_PATH = "/usr/sbin/imagetool-node"
+# The exit status of a command the node's shell cannot find.
+COMMAND_NOT_FOUND = 127
 # Seconds a helper command may take. Most answer at once; stage-commit hashes the whole image
 # (a few seconds per GiB) and health runs the image's own checks.
 QUICK_TIMEOUT = 60
@@ -44,12 +58,15 @@ BOOT_POLL_INTERVAL = 1.0
 T = TypeVar("T")
 N = TypeVar("N", bound="Node")
 
+# Each helper command and transfer with its time, at debug level (`imagetool -v` shows them).
+log = logging.getLogger(__name__)
+
 
 class HelperError(NodeError):
     """The node helper refused or failed a command; `error` is the node's own words."""
 
     def __init__(self, node: str, command: str, error: str) -> None:
-        super().__init__(f"node {node}: imagetool-node {command}: {error}")
+        super().__init__(f"node {node}: imagetool-node {command}: {error}", nodes=(node,))
         self.node = node
         self.command = command
         self.error = error
@@ -325,12 +342,16 @@ def parse_answer(node: str, command: str, result: CommandResult) -> dict[str, An
         except ValueError:
             continue
     if not isinstance(doc, dict):
-        if result.exit_status == 127:
-            raise NodeError(f"node {node}: {HELPER} is not installed (was the image built with the "
-                            f"imagetool-node element?)")
+        if result.exit_status == COMMAND_NOT_FOUND:
+            # SSH worked and the shell answered: the node is reachable, it just is not an
+            # imagetool node (or its image lacks the imagetool-node element).
+            raise HelperMissingError(
+                f"node {node}: node helper missing at {HELPER_PATH} (`{HELPER}`: command not found, exit status "
+                f"{COMMAND_NOT_FOUND}); install the node from an imagetool image (`imagetool disk`, or an image "
+                "built with the imagetool-node element)", nodes=(node,))
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-10:])
         raise NodeError(f"node {node}: {HELPER} {command} gave no answer (exit status {result.exit_status})"
-                        + (f":\n{tail}" if tail else ""))
+                        + (f":\n{tail}" if tail else ""), nodes=(node,))
     if not doc.get("ok"):
         error_class = HELPER_ERRORS.get(str(doc.get("kind")), HelperError)
         raise error_class(node, command, str(doc.get("error") or f"failed with exit status {result.exit_status}"))
@@ -436,7 +457,11 @@ class HelperNode:
         return bool(self.spec.reset_command)
 
     def _call(self, command: str, /, *args: str, timeout: float = QUICK_TIMEOUT, **options: Any) -> dict[str, Any]:
-        result = self.transport.run(helper_argv(command, *args, **options), timeout=timeout)
+        argv = helper_argv(command, *args, **options)
+        started = time.monotonic()
+        result = self.transport.run(argv, timeout=timeout)
+        log.debug("node %s: %s: exit status %d in %.2fs", self.name, shlex.join(argv), result.exit_status,
+                  time.monotonic() - started)
         return parse_answer(self.name, command, result)
 
     # --- what the node is ----------------------------------------------------------------
@@ -453,7 +478,11 @@ class HelperNode:
         return StageInfo.from_answer(self._call("stage-info", image_id), self.name)
 
     def put(self, local: Path, remote: str, offset: int = 0, progress: ProgressFn | None = None) -> int:
-        return self.transport.put_file(Path(local), remote, offset=offset, progress=progress, timeout=TRANSFER_TIMEOUT)
+        started = time.monotonic()
+        sent = self.transport.put_file(Path(local), remote, offset=offset, progress=progress, timeout=TRANSFER_TIMEOUT)
+        log.debug("node %s: sent %s to %s (from byte %d): %s in %.2fs", self.name, local, remote, offset,
+                  human_bytes(sent), time.monotonic() - started)
+        return sent
 
     def stage_commit(self, image_id: str) -> dict[str, Any]:
         return self._call("stage-commit", image_id, timeout=STAGE_COMMIT_TIMEOUT)
@@ -525,7 +554,11 @@ class HelperNode:
         return self._call("health", wait=wait or None, timeout=QUICK_TIMEOUT + wait)
 
     def run_shell(self, command: str, timeout: float) -> CommandResult:
-        return self.transport.run_shell(command, timeout=timeout)
+        started = time.monotonic()
+        result = self.transport.run_shell(command, timeout=timeout)
+        log.debug("node %s: sh -c %s: exit status %d in %.2fs", self.name, shlex.quote(command), result.exit_status,
+                  time.monotonic() - started)
+        return result
 
     def confirm(self, image_id: str) -> None:
         self._call("confirm", image_id)

@@ -272,7 +272,8 @@ class Rollout:
         plan = [plan_rollback(statuses[name], to) for name in self.nodes]
         missing = [p for p in plan if p.action is Action.FAIL]
         if missing:
-            raise InputError("cannot roll back: " + "; ".join(f"node {p.node}: {p.error}" for p in missing))
+            raise InputError("cannot roll back: " + "; ".join(f"node {p.node}: {p.error}" for p in missing),
+                             nodes=[p.node for p in missing])
         try:
             self._lock_all(statuses)
             self._journal_plan(plan)
@@ -296,11 +297,11 @@ class Rollout:
         if unreachable:
             raise UnreachableError(
                 f"{len(unreachable)} of {len(self.nodes)} nodes unreachable, nothing was changed: "
-                + "; ".join(str(e) for e in unreachable.values())
+                + "; ".join(str(e) for e in unreachable.values()), nodes=list(unreachable)
             )
         if failed:
             raise NodeError("cannot read the status of "
-                            + "; ".join(str(e) for e in failed.values()) + " (nothing was changed)")
+                            + "; ".join(str(e) for e in failed.values()) + " (nothing was changed)", nodes=list(failed))
         statuses: dict[str, NodeStatus] = dict(got.items())
         for name, st in statuses.items():
             trial = st.trial or {}
@@ -327,7 +328,7 @@ class Rollout:
                 ok, why = may_take_over(held, rollout_id=self.rollout_id, here=claim.holder, node_time=st.time,
                                         break_lock=o.break_lock, lock_max_age=o.lock_max_age)
                 if not ok:
-                    raise LockedError(f"node {n.name}: locked by {describe_lock(held)}; {why}")
+                    raise LockedError(f"node {n.name}: locked by {describe_lock(held)}; {why}", nodes=[n.name])
                 take_over = held
             self.events.step(n.name, Step.LOCK, self.rollout_id)
             # The node swaps only the very lock judged here: one taken meanwhile is refused there.
@@ -342,7 +343,7 @@ class Rollout:
         if got.failed:
             errors = got.failed
             cls = LockedError if any(isinstance(e, LockedError) for e in errors.values()) else NodeError
-            raise cls("; ".join(str(e) for e in errors.values()) + " (nothing was changed)")
+            raise cls("; ".join(str(e) for e in errors.values()) + " (nothing was changed)", nodes=list(errors))
 
     def _unlock_all(self) -> None:
         locked, self._locked = self._locked, []
@@ -415,7 +416,7 @@ class Rollout:
             self.events.step(name, Step.STAGE, release.id)
         report = stage_all([self.nodes[n] for n in todo], release, self.options.parallel, self._progress,
                            delta=self.options.delta, source=self.options.source)
-        self._full_bytes += sum(r.image_bytes for r in report.results.values() if r.mode)
+        self._full_bytes += sum(r.full_bytes for r in report.results.values() if r.mode)
         staged: list[NodePlan] = []
         failed: dict[str, NodeResult] = {}
         for p in plan:
@@ -429,7 +430,7 @@ class Rollout:
                 failed[p.node] = NodeResult(p.node, "failed", p.from_id, p.to_id, r.seconds, why, r.bytes_sent)
                 p = p.failed(why)
             elif r is not None:
-                how = f" ({r.mode}, image {r.image_bytes} bytes)" if r.mode else ""
+                how = f" ({r.mode}, full {r.full_bytes} bytes)" if r.mode else ""
                 self.events.step(p.node, Step.STAGE, f"{r.outcome}, {r.bytes_sent} bytes{how}")
             staged.append(p)
         return staged, failed, {name: r.bytes_sent for name, r in report.results.items()}

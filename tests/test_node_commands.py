@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from imagetool.errors import LockedError, NodeError, UnreachableError, VerificationError
+from imagetool.errors import HelperMissingError, LockedError, NodeError, UnreachableError, VerificationError
 from rollout.inventory import NodeSpec, load_inventory
 from rollout.locks import Holder, LockClaim
 from rollout.node import (
@@ -81,8 +81,9 @@ def test_parse_answer_ok_and_refusal() -> None:
 
 
 def test_parse_answer_without_json() -> None:
-    with pytest.raises(NodeError, match="not installed"):
+    with pytest.raises(HelperMissingError, match="node n1: node helper missing at /usr/sbin/imagetool-node") as e:
         parse_answer("n1", "status", result("", 127, "sh: imagetool-node: not found"))
+    assert not isinstance(e.value, UnreachableError) and e.value.nodes == ("n1",)
     with pytest.raises(NodeError, match=r"gave no answer \(exit status 1\):\nTraceback"):
         parse_answer("n1", "status", result("", 1, "Traceback (most recent call last):"))
 

@@ -76,6 +76,17 @@ def test_check_raises_node_error_with_context(ssh: SSHTransport) -> None:
         r.check("staging")
 
 
+def test_a_node_without_the_helper_is_not_unreachable(ssh: SSHTransport) -> None:
+    """This sshd's machine has no imagetool-node: its shell says `command not found` (127), and the
+    node client reports the missing helper, not an unreachable node."""
+    from imagetool.errors import HelperMissingError
+    from rollout.node import HelperNode
+
+    assert ssh.run(["imagetool-node", "status"]).exit_status == 127
+    with pytest.raises(HelperMissingError, match="node itest: node helper missing at /usr/sbin/imagetool-node"):
+        HelperNode(ssh.node, ssh).status()
+
+
 def test_nasty_arguments_reach_the_program_verbatim(ssh: SSHTransport, remote_dir: str) -> None:
     marker = f"{remote_dir}/pwned"
     nasty = [

@@ -238,7 +238,7 @@ def test_not_enough_space_fails_before_any_reboot(release: StoredRelease, fleet:
 
     result = Rollout(nodes, options(), events=fill_disk).run(release)
     r = result.nodes[1]
-    assert r.outcome == "failed" and "needs" in (r.error or "") and "500 free" in (r.error or "")
+    assert r.outcome == "failed" and "needs" in (r.error or "") and "500 B free" in (r.error or "")
     assert actions(nodes[1], "put") == []
     assert result.stopped and all(actions(n, "reboot") == [] for n in nodes)
     assert [x.outcome for x in result.nodes] == ["not-started", "failed", "not-started"]

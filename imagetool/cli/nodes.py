@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,8 @@ from imagetool.cli.common import (
     print_json,
     safe,
     store_option,
+    verbosity,
+    working,
 )
 from imagetool.cli.view import LiveView, first_line, sent_of, show_result
 
@@ -111,6 +114,14 @@ def _make_options(kw: dict[str, Any], command: str, **fixed: Any) -> Any:
     return RolloutOptions(command=command, **given, **fixed)
 
 
+def _count(items: Iterable[str]) -> str:
+    """"2 staged, 1 present": how many of each, in the order first seen."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return ", ".join(f"{n} {item}" for item, n in counts.items()) or "no nodes"
+
+
 def _command_line() -> str:
     import shlex
 
@@ -154,20 +165,26 @@ def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[s
     if as_json:
         print_json(report.to_dict())
     else:
-        t = Table(title=f"stage {safe(stored.id)}")
-        for col in ("node", "outcome", "time", "sent", "error"):
-            t.add_column(col)
-        for r in report.results.values():
-            t.add_row(safe(r.node), safe(r.outcome) + (f" ({r.mode})" if r.mode else ""), f"{r.seconds:.0f}s",
-                      sent_of(r.bytes_sent, r.image_bytes if r.mode else 0), safe(r.error or r.note or ""))
-        out.print(t)
+        if not verbosity.quiet:
+            t = Table(title=f"stage {safe(stored.id)}")
+            for col in ("node", "outcome", "time", "sent", "error"):
+                t.add_column(col)
+            for r in report.results.values():
+                t.add_row(safe(r.node), safe(r.outcome) + (f" ({r.mode})" if r.mode else ""), f"{r.seconds:.0f}s",
+                          sent_of(r.bytes_sent, r.full_bytes if r.mode else 0), safe(r.error or r.note or ""))
+            out.print(t)
+        outcomes = _count(r.outcome for r in report.results.values())
+        full = sum(r.full_bytes for r in report.results.values() if r.mode)
+        console.print(f"stage {safe(stored.id)}: {safe(outcomes)}, {sent_of(report.bytes_sent, full)} sent",
+                      highlight=False)
     failed = report.failed
     if failed:
         errors = [r.exception for r in failed.values()]
         cls = (UnreachableError if all(isinstance(e, UnreachableError) for e in errors)
                else LockedError if any(isinstance(e, LockedError) for e in errors)
                else VerificationError if any(isinstance(e, VerificationError) for e in errors) else NodeError)
-        raise cls(f"{len(failed)} of {len(report.results)} nodes not staged: " + ", ".join(failed))
+        raise cls(f"{len(failed)} of {len(report.results)} nodes not staged: "
+                  + "; ".join(r.error or r.node for r in failed.values()), nodes=list(failed))
 
 
 @main.command()
@@ -231,7 +248,7 @@ def plan(release: str, inventory: str, store: str | None, as_json: bool, **kw: A
     stored = resolve_release(Store(default_store_path(store)), release)
     inv = load_inventory(inventory)
     options = _make_options(kw, _command_line(), dry_run=True)
-    with console.status("asking the nodes"):
+    with working("asking the nodes"):
         result = run_rollout(stored, inv, options)
     show_result(result, as_json)
 
@@ -254,23 +271,27 @@ def gc(inventory: str, keep: int, incoming: bool, limit: tuple[str, ...], parall
     from rollout.retention import inventory_gc
 
     inv = load_inventory(inventory)
-    with console.status("collecting"):
+    with working("collecting"):
         reports = inventory_gc(inv, keep=keep, incoming=incoming, limit=list(limit) or None,
                                accept_new_host_keys=accept_new_host_keys, parallel=parallel)
     if as_json:
-        print_json([r.to_dict() for r in reports])
+        print_json({"nodes": [r.to_dict() for r in reports]})
     else:
-        t = Table(title=f"gc --keep {keep}")
-        for col in ("node", "removed", "kept", "freed", "free now", "error"):
-            t.add_column(col)
-        for r in reports:
-            t.add_row(safe(r.node), safe(" ".join(map(str, r.removed)) or "-"), safe(" ".join(map(str, r.kept)) or "-"),
-                      human_bytes(r.freed_bytes),
-                      human_bytes(r.free_bytes) if r.error is None else "-", safe(r.error or ""))
-        out.print(t)
+        if not verbosity.quiet:
+            t = Table(title=f"gc --keep {keep}")
+            for col in ("node", "removed", "kept", "freed", "free now", "error"):
+                t.add_column(col)
+            for r in reports:
+                t.add_row(safe(r.node), safe(" ".join(map(str, r.removed)) or "-"),
+                          safe(" ".join(map(str, r.kept)) or "-"), human_bytes(r.freed_bytes),
+                          human_bytes(r.free_bytes) if r.error is None else "-", safe(r.error or ""))
+            out.print(t)
+        console.print(f"gc: removed {sum(len(r.removed) for r in reports)} images from {len(reports)} nodes, "
+                      f"freed {human_bytes(sum(r.freed_bytes for r in reports))}", highlight=False)
     failed = [r for r in reports if r.error]
     if failed:
-        raise NodeError(f"{len(failed)} of {len(reports)} nodes not collected: " + ", ".join(r.node for r in failed))
+        raise NodeError(f"{len(failed)} of {len(reports)} nodes not collected: "
+                        + "; ".join(r.error or r.node for r in failed), nodes=[r.node for r in failed])
 
 
 @main.command()
@@ -338,47 +359,63 @@ def history(rollout_id: str | None, count: int, as_json: bool) -> None:
 @handle_errors
 def status(inventory: str, limit: tuple[str, ...], no_health: bool, parallel: int, accept_new_host_keys: bool,
            as_json: bool) -> None:
-    """What each node booted, committed and keeps; its health, free space and lock."""
-    from imagetool.errors import NodeError, UnreachableError, VerificationError
+    """What each node booted, committed and keeps; its health, free space and lock.
+
+    Exits 4 when a node is unreachable, 3 when every node answered and one is unhealthy."""
+    from imagetool.errors import HelperMissingError, NodeError, UnhealthyError, UnreachableError, VerificationError
     from rollout.fleet import inventory_status
     from rollout.inventory import load_inventory
 
     inv = load_inventory(inventory)
-    with console.status("asking the nodes"):
+    with working("asking the nodes"):
         reports = inventory_status(inv, limit=list(limit) or None, accept_new_host_keys=accept_new_host_keys,
                                    health=not no_health, parallel=parallel)
+
+    def state(r: Any) -> str:
+        if r.status is None:
+            return ("unreachable" if r.unreachable else "helper missing"
+                    if isinstance(r.exception, HelperMissingError) else "error")
+        return "up" if no_health else "healthy" if r.health is not None else "unhealthy"
+
     if as_json:
-        print_json([r.to_dict() for r in reports])
+        print_json({"nodes": [r.to_dict() for r in reports]})
     else:
-        t = Table(title=f"nodes in {safe(inventory)}")
-        for col in ("node", "booted", "committed", "previous", "staged", "boot id", "health", "free", "lock"):
-            t.add_column(col)
-        for r in reports:
-            s = r.status
-            if s is None:
-                what = "unreachable" if r.unreachable else "error"
-                t.add_row(safe(r.name), f"[bold red]{what}[/]: {safe(r.error or '')}", "", "", "", "", "", "", "")
-                continue
-            booted = safe(s.booted or "-")
-            if s.booted != s.committed:
-                booted = f"[yellow]{booted}[/] (trial)" if s.trial else f"[yellow]{booted}[/]"
-            staged = " ".join(i.id for i in s.images if i.id not in (s.committed, s.previous, s.booted)) or "-"
-            if no_health:
-                health = "-"
-            elif r.health is not None:
-                health = "[green]healthy[/]"
-            else:
-                health = f"[red]unhealthy[/]: {safe((r.health_error or '')[-120:])}"
-            lock = f"{s.lock.get('rollout')} ({s.lock.get('owner')})" if s.lock else "-"
-            t.add_row(safe(r.name), booted, safe(s.committed or "-"), safe(s.previous or "-"), safe(staged),
-                      safe(s.boot_id[:8]), health, human_bytes(s.free_bytes), safe(lock))
-        out.print(t)
+        if not verbosity.quiet:
+            t = Table(title=f"nodes in {safe(inventory)}")
+            for col in ("node", "booted", "committed", "previous", "staged", "boot id", "health", "free", "lock"):
+                t.add_column(col)
+            for r in reports:
+                s = r.status
+                if s is None:
+                    t.add_row(safe(r.name), f"[bold red]{state(r)}[/]: {safe(r.error or '')}", "", "", "", "", "", "", "")
+                    continue
+                booted = safe(s.booted or "-")
+                if s.booted != s.committed:
+                    booted = f"[yellow]{booted}[/] (trial)" if s.trial else f"[yellow]{booted}[/]"
+                staged = " ".join(i.id for i in s.images if i.id not in (s.committed, s.previous, s.booted)) or "-"
+                if no_health:
+                    health = "-"
+                elif r.health is not None:
+                    health = "[green]healthy[/]"
+                else:
+                    health = f"[red]unhealthy[/]: {safe((r.health_error or '')[-120:])}"
+                lock = f"{s.lock.get('rollout')} ({s.lock.get('owner')})" if s.lock else "-"
+                t.add_row(safe(r.name), booted, safe(s.committed or "-"), safe(s.previous or "-"), safe(staged),
+                          safe(s.boot_id[:8]), health, human_bytes(s.free_bytes), safe(lock))
+            out.print(t)
+        console.print(f"{len(reports)} nodes: {safe(_count(state(r) for r in reports))}", highlight=False)
     unknown = [r for r in reports if r.status is None]
     if unknown:
         # Unreachable (exit 4) only when that is what happened to every one of them: a node that
         # answered with a damaged state file or a refusal is reported as that.
         errors = [r.exception for r in unknown]
         cls = (UnreachableError if all(r.unreachable for r in unknown)
+               else HelperMissingError if all(isinstance(e, HelperMissingError) for e in errors)
                else VerificationError if any(isinstance(e, VerificationError) for e in errors) else NodeError)
         what = "unreachable" if cls is UnreachableError else "without a status"
-        raise cls(f"{len(unknown)} of {len(reports)} nodes {what}: " + ", ".join(r.name for r in unknown))
+        raise cls(f"{len(unknown)} of {len(reports)} nodes {what}: " + "; ".join(r.error or r.name for r in unknown),
+                  nodes=[r.name for r in unknown])
+    unhealthy = [r.name for r in reports if state(r) == "unhealthy"]
+    if unhealthy:
+        raise UnhealthyError(f"{len(unhealthy)} of {len(reports)} nodes unhealthy: " + ", ".join(unhealthy),
+                             nodes=unhealthy)
