@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from imagetool.errors import InputError
+from imagetool.store import StoredRelease
 from rollout.inventory import NodeSpec, load_inventory
+from tests.local_fleet import NEW, OLD, Fleet, fast_boot_polls, fleet, release, state  # noqa: F401 - fixtures
 
 
 @pytest.fixture(autouse=True)
@@ -323,3 +325,41 @@ def test_native_inventories_refuse_ansibles_implicit_group_names(tmp_path: Path)
     path = files(tmp_path, {"inventory.yaml": "nodes:\n  n1: {host: 10.0.0.1, groups: [ungrouped]}\n"})
     with pytest.raises(InputError, match=r"nodes.n1.groups: 'ungrouped' is implicit"):
         load_inventory(path)
+
+
+def test_cli_rollout_with_an_ansible_inventory_and_a_pattern(release: StoredRelease, fleet: Fleet, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`imagetool rollout -i hosts --limit PATTERN` against local nodes running the real helper:
+    the Ansible inventory and the pattern decide which nodes move, reached as the inventory says."""
+    import json
+
+    from click.testing import CliRunner
+
+    from imagetool.cli import main
+
+    inv = files(tmp_path / "ansible", {
+        "hosts": "n1 ansible_host=10.0.0.1\n[web]\nn[2:3]\n[web:vars]\nansible_user=deploy\n",
+        "host_vars/n2.yml": "ansible_host: 10.0.0.2\nansible_port: 2222\n",
+        "host_vars/n3.yml": "ansible_host: 10.0.0.3\n",
+    })
+    nodes = {n.name: n for n in fleet(3)}
+    reached: list[NodeSpec] = []
+
+    def local(specs: list[NodeSpec], **kw: object) -> list[object]:
+        reached.extend(specs)
+        return [nodes[s.name] for s in specs]
+
+    monkeypatch.setattr("rollout.fleet.ssh_nodes", local)
+    common = ["-i", str(inv), "--store", str(release.manifest_path.parent), "--health-timeout", "0", "--json"]
+
+    r = CliRunner().invoke(main, ["rollout", "web-1.1", "--batch", "1", "--limit", "all:!n3", *common])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert [(n["node"], n["outcome"]) for n in doc["nodes"]] == [("n1", "done"), ("n2", "done")]
+    assert [(s.name, s.host, s.port, s.user) for s in reached] == [
+        ("n1", "10.0.0.1", 22, "root"), ("n2", "10.0.0.2", 2222, "deploy")]
+    assert [state(nodes[n]).committed for n in ("n1", "n2", "n3")] == [NEW, NEW, OLD]
+
+    r = CliRunner().invoke(main, ["rollout", "web-1.1", "--limit", "web:!typo", *common])
+    assert r.exit_code == 2 and "--limit 'typo': no node or group matches 'typo'" in r.output
+    assert state(nodes["n3"]).committed == OLD
