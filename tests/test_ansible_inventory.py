@@ -290,8 +290,8 @@ def test_detection(tmp_path: Path, name: str, text: str, kind: str) -> None:
      r"group_vars/all.yml: expected a mapping of variables, got \['x'\]"),
     ({"hosts.ini": "n1\n", "host_vars/n1": 'x: "a\\0b"\n'}, r"host_vars/n1: x: must not contain a NUL character"),
     ({"hosts.ini": "n1\n", "group_vars/ungrouped.yml": "imagetool_reset_cmd: x\n"},
-     r"group_vars/ungrouped.yml: imagetool_reset_cmd: unknown imagetool key 'imagetool_reset_cmd' \(allowed: "
-     r"imagetool_host, imagetool_port, .*imagetool_trusted_keys\)"),
+     (r"group_vars/ungrouped.yml: imagetool_reset_cmd: unknown imagetool key 'imagetool_reset_cmd' \(allowed: "
+      r"imagetool_host, imagetool_port, .*imagetool_trusted_keys\)")),
     ({"hosts.ini": "[web]\nn1\n", "group_vars/web.yml": "imagetool_health_checks: []\n"},
      r"group_vars/web.yml: imagetool_health_checks: .*applies to the whole inventory"),
     ({"hosts.ini": "n1 ansible_port=99999\n"}, r"hosts.ini:1: ansible_port: expected a port number 1-65535"),
