@@ -124,6 +124,8 @@ def parse_yaml(text: str | bytes, where: str, loader: type[Loader] = Loader) -> 
         return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise yaml_error(where, e) from None
+    except RecursionError:  # PyYAML parses nested collections recursively
+        raise InputError(f"{where}: malformed YAML: nested too deeply") from None
 
 
 def read_limited(path: str | Path, what: str, limit: int, *, kind: str = "",

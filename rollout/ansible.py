@@ -139,6 +139,13 @@ def inventory_kind(path: Path) -> tuple[str, Any]:
 
 def load(path: Path, kind: str, data: Any, *, ssh_config: str | os.PathLike[str] | None = None) -> Inventory:
     """The Ansible inventory at `path` (content `data` as inventory_kind gave it)."""
+    try:
+        return _load(path, kind, data, ssh_config)
+    except RecursionError:  # groups are walked recursively, as in Ansible
+        raise InputError(f"{path}: groups are nested too deeply") from None
+
+
+def _load(path: Path, kind: str, data: Any, ssh_config: str | os.PathLike[str] | None) -> Inventory:
     tree = _Tree(path)
     if kind == INI:
         try:
