@@ -131,7 +131,8 @@ def inventory_kind(path: Path) -> tuple[str, Any]:
             raise
         return INI, raw
     if data is None:
-        raise Where(path, style="path").error("the inventory is empty; it needs at least a 'nodes' mapping (or Ansible's hosts)")
+        raise Where(path, style="path").error(
+            "the inventory is empty; it needs at least a 'nodes' mapping (or Ansible's hosts)")
     if isinstance(data, dict):
         return (NATIVE if "nodes" in data or set(data) <= set(TOP_KEYS) else YAML), data
     return (NATIVE, data) if path.suffix in YAML_SUFFIXES else (INI, raw)

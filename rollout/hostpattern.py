@@ -8,9 +8,9 @@ _enumerate_matches), so a pattern selects the same hosts in both tools:
 - patterns are separated by commas, else by colons outside brackets (`web[0:2]` stays whole);
 - all plain patterns are joined first, then `&` patterns intersect, then `!` patterns exclude,
   whatever order they were written in; with only `&` and `!` patterns, `all` comes first;
-- a word that is a node's name is that node; else it is matched (fnmatch glob, or a regular
-  expression after `~`, matched from the start) against group names, taking their nodes, and
-  against node names too when nothing matched as a group or it is a glob or regex;
+- a plain pattern (no `&` or `!`) that is a node's name is that node; any other is matched
+  (fnmatch glob, or a regular expression after `~`, matched from the start) against group names,
+  taking their nodes, and against node names too when no group matched or it is a glob or regex;
 - `all` is every node, `ungrouped` every node without a group;
 - `pattern[i]`, `pattern[i:j]` and `pattern[i:]` pick among the nodes a non-regex pattern matched.
 
