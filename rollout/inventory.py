@@ -22,7 +22,6 @@ from imagetool import schema
 from imagetool.errors import InputError
 from imagetool.schema import Where
 from imagetool.signing import load_public_key
-from imagetool.yamlfile import load_yaml
 from rollout.checks import CHECK_NAME_RE, CheckSpec, parse_checks
 from rollout.hooks import HOOK_POINTS, Hooks, HookSpec, RunOnceSpec
 from rollout.nodespec import DEFAULT_KNOWN_HOSTS, DEFAULT_PORT, DEFAULT_USER, NodeSpec, host_problem, user_problem
@@ -30,6 +29,8 @@ from rollout.nodespec import DEFAULT_KNOWN_HOSTS, DEFAULT_PORT, DEFAULT_USER, No
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Groups are matched against --limit values alongside node names, so they share the alphabet.
 GROUP_NAME_RE = NODE_NAME_RE
+# Ansible's implicit groups, which --limit knows for every inventory (rollout.hostpattern).
+IMPLICIT_GROUPS = ("all", "ungrouped")
 
 DEFAULT_SSH_CONFIG = "~/.ssh/config"
 SSH_CONFIG_ENV = "IMAGETOOL_SSH_CONFIG"
@@ -86,13 +87,18 @@ def _vars(value: Any, where: Where) -> dict[str, Any]:
     list has no meaning and a NUL cannot be passed)."""
     out = dict(schema.mapping(value, where))
     for k, v in out.items():
-        if not VAR_NAME_RE.match(k):
-            raise (where / k).error(f"{schema.short(k)} is not a valid var name (letters, digits and '_.-')")
-        if not isinstance(v, (str, int, float)) or (isinstance(v, float) and not math.isfinite(v)):
-            raise (where / k).got("a string, number or boolean", v)
-        if isinstance(v, str) and "\0" in v:
-            raise (where / k).error("must not contain a NUL character")
+        check_var(k, v, where / k)
     return out
+
+
+def check_var(name: str, value: Any, where: Where) -> None:
+    """Raise unless `name` and `value` make a node var (see _vars)."""
+    if not VAR_NAME_RE.match(name):
+        raise where.error(f"{schema.short(name)} is not a valid var name (letters, digits and '_.-')")
+    if not isinstance(value, (str, int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+        raise where.got("a string, number or boolean", value)
+    if isinstance(value, str) and "\0" in value:
+        raise where.error("must not contain a NUL character")
 
 
 def _host(value: Any, where: Where) -> str:
@@ -121,6 +127,8 @@ def _groups(value: Any, where: Where) -> tuple[str, ...]:
     for g in value:
         if not isinstance(g, str) or not GROUP_NAME_RE.match(g):
             raise where.error(f"{g!r} is not a valid group name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
+        if g in IMPLICIT_GROUPS:
+            raise where.error(f"{g!r} is implicit: 'all' is every node, 'ungrouped' every node without a group")
     return tuple(dict.fromkeys(value))
 
 
@@ -171,36 +179,103 @@ def _ssh_options(config: paramiko.SSHConfig | None, alias: str) -> dict[str, Any
 # --- public API -------------------------------------------------------------------------------
 
 
+SETTING_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "reset_command")
+
+
+def setting(key: str, value: Any, where: Where, base: Path) -> Any:
+    """One of a node's SETTING_KEYS, validated; a relative path is relative to `base`."""
+    if key in ("key", "known_hosts"):
+        return _path(value, where, base)
+    check = {"host": _host, "port": schema.port, "user": _user, "proxy_jump": _proxy_jump,
+             "reset_command": _reset_command}[key]
+    return check(value, where)
+
+
+def resolve_node(name: str, said: dict[str, Any], *, groups: tuple[str, ...], vars: dict[str, Any],
+                 config: paramiko.SSHConfig | None, where: Where, known_hosts: Path,
+                 host_from_name: bool = False) -> NodeSpec:
+    """One node from what its inventory said (validated SETTING_KEYS; absent: not said), with the
+    ssh config filling in what it left out. A node without a host is an error, unless
+    `host_from_name`: Ansible connects to the inventory hostname itself."""
+    # `ssh ALIAS` semantics: the alias looked up is what one would type, the host if the
+    # inventory gives one, else the node name. The inventory wins over the ssh config.
+    host = said.get("host")
+    opts = _ssh_options(config, host or name)
+    if host is None:
+        # paramiko echoes the alias back as hostname when no HostName line matched.
+        resolved = opts.get("hostname")
+        if resolved and resolved != name:
+            host = _host(resolved, Where("ssh config", (name, "HostName"), style="path"))
+        elif host_from_name:
+            host = name
+        else:
+            raise where.error("missing 'host' (and no HostName for it in the ssh config)")
+
+    if "port" in said:
+        port = said["port"]
+    elif "port" in opts:
+        port = schema.port(opts["port"], Where("ssh config", (host, "Port"), style="path"))
+    else:
+        port = DEFAULT_PORT
+
+    if "user" in said:
+        user = said["user"]
+    elif opts.get("user"):
+        user = _user(opts["user"], Where("ssh config", (host, "User"), style="path"))
+    else:
+        user = DEFAULT_USER
+
+    if "key" in said:
+        key: Path | None = said["key"]
+    else:
+        identities = [Path(p).expanduser() for p in opts.get("identityfile", [])]
+        # Like ssh, skip IdentityFile lines whose file is absent (a shared config may list
+        # keys for other machines); none present means agent and default keys.
+        key = next((p for p in identities if p.is_file()), None)
+
+    if "proxy_jump" in said:  # None when the inventory says "none"
+        jump = said["proxy_jump"]
+    elif "proxyjump" in opts:
+        jump = _proxy_jump(opts["proxyjump"], Where("ssh config", (host, "ProxyJump"), style="path"))
+    else:
+        jump = None
+
+    return NodeSpec(name=name, host=host, port=port, user=user, key=key, groups=groups, vars=vars,
+                    proxy_jump=jump, known_hosts=said.get("known_hosts", known_hosts),
+                    reset_command=said.get("reset_command"))
+
+
 def load_inventory(
     path: str | os.PathLike[str], *, ssh_config: str | os.PathLike[str] | None = None
 ) -> Inventory:
-    """Load and validate an inventory file.
+    """Load and validate an inventory file: imagetool's own, or an Ansible inventory (YAML or INI,
+    with its group_vars/ and host_vars/), told apart by `rollout.ansible.inventory_kind`.
 
     `ssh_config` overrides the OpenSSH client config consulted for what the inventory leaves
     out (default: $IMAGETOOL_SSH_CONFIG, else ~/.ssh/config; a missing file is ignored).
     """
+    # rollout.ansible builds on this module's validators, hence imported here.
+    from rollout import ansible
+
     path = Path(path)
+    kind, data = ansible.inventory_kind(path)
+    if kind != "native":
+        return ansible.load(path, kind, data, ssh_config=ssh_config)
+    return _load_native(path, data, _ssh_config(ssh_config))
+
+
+def _load_native(path: Path, data: Any, config: paramiko.SSHConfig | None) -> Inventory:
     base = path.resolve().parent
     root = Where(path, style="path")
-    data = schema.mapping(load_yaml(path, "inventory file"), root, TOP_KEYS)
+    data = schema.mapping(data, root, TOP_KEYS)
     if not data:
         raise root.error("the inventory is empty; it needs at least a 'nodes' mapping")
 
-    defaults = schema.mapping(data.get("defaults"), root / "defaults", DEFAULT_KEYS)
     d = root / "defaults"
-    default_user = _user(defaults["user"], d / "user") if "user" in defaults else None
-    default_port = schema.port(defaults["port"], d / "port") if "port" in defaults else None
-    default_key = _path(defaults["key"], d / "key", base) if "key" in defaults else None
-    known_hosts = (
-        _path(defaults["known_hosts"], d / "known_hosts", base)
-        if "known_hosts" in defaults
-        else Path(DEFAULT_KNOWN_HOSTS).expanduser()
-    )
-    default_jump = _proxy_jump(defaults["proxy_jump"], d / "proxy_jump") if "proxy_jump" in defaults else None
+    defaults = schema.mapping(data.get("defaults"), d, DEFAULT_KEYS)
+    said_by_default = {k: setting(k, v, d / k, base) for k, v in defaults.items() if k in SETTING_KEYS}
+    known_hosts = said_by_default.get("known_hosts", Path(DEFAULT_KNOWN_HOSTS).expanduser())
     default_vars = _vars(defaults.get("vars"), d / "vars")
-    default_reset = (
-        _reset_command(defaults["reset_command"], d / "reset_command") if "reset_command" in defaults else None
-    )
 
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, dict) or not raw_nodes:
@@ -208,82 +283,17 @@ def load_inventory(
             raise (root / "nodes").error("missing: the inventory lists no nodes")
         raise (root / "nodes").got("a mapping of node names to node settings", raw_nodes)
 
-    config = _ssh_config(ssh_config)
     nodes: list[NodeSpec] = []
     for name, raw in raw_nodes.items():
         w = root / "nodes" / name
         if not isinstance(name, str) or not NODE_NAME_RE.match(name):
             raise w.error(f"{name!r} is not a valid node name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
         spec = schema.mapping(raw, w, NODE_KEYS)
-
-        # `ssh ALIAS` semantics: the alias looked up is what one would type, the host if the
-        # inventory gives one, else the node name. The inventory wins over the ssh config.
-        host = _host(spec["host"], w / "host") if "host" in spec else None
-        opts = _ssh_options(config, host or name)
-        if host is None:
-            # paramiko echoes the alias back as hostname when no HostName line matched.
-            resolved = opts.get("hostname")
-            if not resolved or resolved == name:
-                raise w.error("missing 'host' (and no HostName for it in the ssh config)")
-            host = _host(resolved, Where("ssh config", (name, "HostName"), style="path"))
-
-        if "port" in spec:
-            port = schema.port(spec["port"], w / "port")
-        elif default_port is not None:
-            port = default_port
-        elif "port" in opts:
-            port = schema.port(opts["port"], Where("ssh config", (host, "Port"), style="path"))
-        else:
-            port = DEFAULT_PORT
-
-        if "user" in spec:
-            user = _user(spec["user"], w / "user")
-        elif default_user:
-            user = default_user
-        elif opts.get("user"):
-            user = _user(opts["user"], Where("ssh config", (host, "User"), style="path"))
-        else:
-            user = DEFAULT_USER
-
-        if "key" in spec:
-            key: Path | None = _path(spec["key"], w / "key", base)
-        elif default_key is not None:
-            key = default_key
-        else:
-            identities = [Path(p).expanduser() for p in opts.get("identityfile", [])]
-            # Like ssh, skip IdentityFile lines whose file is absent (a shared config may list
-            # keys for other machines); none present means agent and default keys.
-            key = next((p for p in identities if p.is_file()), None)
-
-        if "proxy_jump" in spec:
-            jump = _proxy_jump(spec["proxy_jump"], w / "proxy_jump")
-        elif "proxy_jump" in defaults:
-            jump = default_jump
-        elif "proxyjump" in opts:
-            jump = _proxy_jump(opts["proxyjump"], Where("ssh config", (host, "ProxyJump"), style="path"))
-        else:
-            jump = None
-
-        nodes.append(
-            NodeSpec(
-                name=name,
-                host=host,
-                port=port,
-                user=user,
-                key=key,
-                groups=_groups(spec.get("groups"), w / "groups"),
-                vars={**default_vars, **_vars(spec.get("vars"), w / "vars")},
-                proxy_jump=jump,
-                known_hosts=(
-                    _path(spec["known_hosts"], w / "known_hosts", base)
-                    if "known_hosts" in spec else known_hosts
-                ),
-                reset_command=(
-                    _reset_command(spec["reset_command"], w / "reset_command")
-                    if "reset_command" in spec else default_reset
-                ),
-            )
-        )
+        said = {**said_by_default, **{k: setting(k, v, w / k, base) for k, v in spec.items() if k in SETTING_KEYS}}
+        nodes.append(resolve_node(
+            name, said, groups=_groups(spec.get("groups"), w / "groups"),
+            vars={**default_vars, **_vars(spec.get("vars"), w / "vars")},
+            config=config, where=w, known_hosts=known_hosts))
 
     names = {n.name for n in nodes}
     for node in nodes:
@@ -294,13 +304,13 @@ def load_inventory(
             )
 
     checks = parse_checks(data.get("health_checks"), root / "health_checks")
-    hooks = _hooks(data.get("hooks"), data.get("run_once"), root)
-    keys = _trusted_keys(data.get("trusted_keys"), root / "trusted_keys", base)
+    hooks = parse_hooks(data.get("hooks"), root / "hooks", data.get("run_once"), root / "run_once")
+    keys = parse_trusted_keys(data.get("trusted_keys"), root / "trusted_keys", base)
     return Inventory(path=path, nodes=nodes, health_checks=checks, known_hosts=known_hosts, hooks=hooks,
                      trusted_keys=keys)
 
 
-def _trusted_keys(value: Any, where: Where, base: Path) -> list[Path]:
+def parse_trusted_keys(value: Any, where: Where, base: Path) -> list[Path]:
     """Public key files, relative to the inventory; each must be an Ed25519 public key now,
     not when a rollout is half-way."""
     if isinstance(value, str):
@@ -333,8 +343,7 @@ def _hook(raw: Any, where: Where, allowed: tuple[str, ...], default_name: str) -
                                            maximum=schema.MAX_SECONDS))}
 
 
-def _hooks(value: Any, run_once: Any, root: Where) -> Hooks:
-    where = root / "hooks"
+def parse_hooks(value: Any, where: Where, run_once: Any, run_once_where: Where) -> Hooks:
     points = schema.mapping(value, where, HOOKS_KEYS)
     found: dict[str, tuple[HookSpec, ...]] = {}
     for point in HOOKS_KEYS:
@@ -350,31 +359,10 @@ def _hooks(value: Any, run_once: Any, root: Where) -> Hooks:
         found[point] = tuple(specs)
     once = None
     if run_once is not None:
-        w = root / "run_once"
+        w = run_once_where
         fields = _hook(run_once, w, RUN_ONCE_KEYS, "run-once")
         which = schema.mapping(run_once, w, RUN_ONCE_KEYS).get("node", "first")
         if which not in ("first", "last"):
             raise (w / "node").error(f"expected 'first' or 'last' (the bootstrap node), got {which!r}")
         once = RunOnceSpec(**fields, node=which)
     return Hooks(**found, run_once=once)
-
-
-def select(nodes: list[NodeSpec], limit: list[str] | None) -> list[NodeSpec]:
-    """The nodes named by `limit` (node names or group names), in inventory order.
-
-    No limit (None or empty) means every node. A name that matches neither a node nor a group is
-    an error rather than silently selecting less than the operator meant.
-    """
-    if not limit:
-        return list(nodes)
-    wanted: set[str] = set()
-    for item in limit:
-        matched = [n.name for n in nodes if n.name == item or item in n.groups]
-        if not matched:
-            known_groups = sorted({g for n in nodes for g in n.groups})
-            raise InputError(
-                f"--limit {item!r}: no node or group of that name "
-                f"(groups: {', '.join(known_groups) or 'none'})"
-            )
-        wanted.update(matched)
-    return [n for n in nodes if n.name in wanted]

@@ -27,11 +27,13 @@ from imagetool.cli.common import (
 from imagetool.cli.view import LiveView, first_line, sent_of, show_result
 
 inventory_option = click.option(
-    "-i", "--inventory", required=True, type=click.Path(dir_okay=False), help="Inventory file (YAML).")
+    "-i", "--inventory", required=True, type=click.Path(dir_okay=False),
+    help="Inventory file: imagetool's (YAML) or Ansible's (YAML or INI).")
 host_keys_option = click.option(
     "--accept-new-host-keys", is_flag=True, help="Trust and record host keys not yet in known_hosts.")
 limit_option = click.option(
-    "--limit", multiple=True, metavar="NAME|GROUP", help="Only these nodes or groups (repeatable).")
+    "--limit", multiple=True, metavar="PATTERN",
+    help="Only these nodes: Ansible host patterns, e.g. 'web:!node2', 'web:&eu', 'node*' (repeatable).")
 parallel_option = click.option(
     "--parallel", type=click.IntRange(1, 1024), default=4, show_default=True,
     help="Nodes staged or contacted at once.")
@@ -197,7 +199,8 @@ def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[s
 def rollout(release: str, inventory: str, store: str | None, as_json: bool, **kw: Any) -> None:
     """Roll RELEASE out: stage everywhere, then activate batch by batch behind health gates."""
     from imagetool.store import Store, default_store_path, resolve_release
-    from rollout.inventory import load_inventory, select
+    from rollout.hostpattern import select
+    from rollout.inventory import load_inventory
     from rollout.update import run_rollout
 
     stored = resolve_release(Store(default_store_path(store)), release)
@@ -216,7 +219,8 @@ def rollout(release: str, inventory: str, store: str | None, as_json: bool, **kw
 @handle_errors
 def rollback(inventory: str, to: str | None, as_json: bool, **kw: Any) -> None:
     """Move nodes back to their previous image (kept on each node, so nothing is copied)."""
-    from rollout.inventory import load_inventory, select
+    from rollout.hostpattern import select
+    from rollout.inventory import load_inventory
     from rollout.update import run_rollback
 
     inv = load_inventory(inventory)
