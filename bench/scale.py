@@ -1,6 +1,6 @@
 """Scale: the controller driving a thousand nodes through a real rollout, measured.
 
-    .venv/bin/python bench/scale.py [--nodes 1000] [--batches 1,10%,25%] [--quick] [--profile FILE]
+    .venv/bin/python bench/scale.py [--nodes 1000] [--batches 1,10%,25%] [--parallel 4] [--quick] [--profile FILE]
 
 The nodes are local machines (rollout.local): the real node helper run as a subprocess against a
 directory per node, reboots played by the machine's firmware (a new boot id, the dead-man switch
@@ -248,12 +248,13 @@ def verdict(met: bool) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=1000, help="nodes of the large fleet (default 1000)")
-    p.add_argument("--batches", default="1,10%,25%")
+    p.add_argument("--batches", default=None, help="default 1,10%%,25%% (--quick: 1,50%%)")
     p.add_argument("--parallel", type=int, default=RolloutOptions.parallel)
-    p.add_argument("--quick", action="store_true", help="a smoke run: 20 nodes")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 6 nodes in two batches after the canary")
     p.add_argument("--profile", metavar="FILE", help="cProfile the large rollout into FILE")
     args = p.parse_args()
-    n = 20 if args.quick else args.nodes
+    n = 6 if args.quick else args.nodes
+    args.batches = args.batches or ("1,50%" if args.quick else "1,10%,25%")
     small = max(2, n // 10)
     if n <= small:
         p.error(f"--nodes {n}: need more than {small} nodes to compare two fleet sizes")
@@ -299,7 +300,7 @@ def main() -> int:
     ratio = noop.wall / base.wall
     print()
     print(f"rollout of {n} nodes, batches {args.batches}, --parallel {args.parallel}: "
-          f"{big.result.exit_code == 0 and 'done' or 'FAILED'} on "
+          f"{'done' if big.result.exit_code == 0 else 'FAILED'} on "
           f"{sum(r.outcome == 'done' for r in big.result.nodes)} of {n} nodes in {big.wall:.1f} s")
     for i in sorted(big.batch_starts):
         print(f"  batch {i:2d} ({big.batch_sizes[i]:4d} nodes): {big.batch_ends.get(i, 0) - big.batch_starts[i]:6.1f} s")
