@@ -331,7 +331,8 @@ class Rollout:
                 self.events.record("takeover", node=n.name, rollout=broken.get("rollout"), lock=broken, why=why)
 
         got = self._for_each(list(self.nodes), lock, o.parallel)
-        self._locked = [n for name, n in self.nodes.items() if name in got.succeeded]
+        succeeded = got.succeeded  # a new dict each time it is asked for
+        self._locked = [n for name, n in self.nodes.items() if name in succeeded]
         if got.failed:
             errors = got.failed
             cls = LockedError if any(isinstance(e, LockedError) for e in errors.values()) else NodeError
