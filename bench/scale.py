@@ -259,70 +259,81 @@ def main() -> int:
     if n <= small:
         p.error(f"--nodes {n}: need more than {small} nodes to compare two fleet sizes")
 
-    root = Path(tempfile.mkdtemp(prefix="imagetool-bench-scale-", dir="/var/tmp"))
+    with tempfile.TemporaryDirectory(prefix="imagetool-bench-scale-", dir="/var/tmp") as tmp:
+        return run(args, n, small, Path(tmp))
+
+
+def run(args: argparse.Namespace, n: int, small: int, root: Path) -> int:
+    """Everything measured, then printed; the fleets are powered off before their directory goes."""
     meter = Meter()
     old = make_release(root / "store", "web", "1.0", b"o" * 1000)
     new = make_release(root / "store", "web", "1.1", b"x" * 1000)
     t = time.monotonic()
     small_fleet = make_fleet(root / "small", small, old, meter)
     fleet = make_fleet(root / "large", n, old, meter)
-    print(f"{small} + {n} local nodes set up in {time.monotonic() - t:.0f} s ({root})", flush=True)
+    try:
+        print(f"{small} + {n} local nodes set up in {time.monotonic() - t:.0f} s ({root})", flush=True)
 
-    def options(rid: str) -> RolloutOptions:
-        return RolloutOptions(batches=args.batches, parallel=args.parallel, rollout_id=rid)
+        def options(rid: str) -> RolloutOptions:
+            return RolloutOptions(batches=args.batches, parallel=args.parallel, rollout_id=rid)
 
-    state = root / "state"
-    first = measure(rollout(small_fleet, new, options("small"), state), meter)
-    print(f"rollout to {small} nodes: {first.wall:.1f} s", flush=True)
-    big = measure(rollout(fleet, new, options("large"), state, args.profile), meter)
-    print(f"rollout to {n} nodes: {big.wall:.1f} s", flush=True)
-    noop = measure(rollout(fleet, new, options("noop"), state), meter)
-    print(f"no-op re-run on {n} nodes: {noop.wall:.1f} s", flush=True)
-    base = measure(lambda _: for_each(fleet, lambda node: node.status(), args.parallel), meter)
-    print(f"one helper status per node, {n} nodes: {base.wall:.1f} s", flush=True)
+        state = root / "state"
+        first = measure(rollout(small_fleet, new, options("small"), state), meter)
+        print(f"rollout to {small} nodes: {first.wall:.1f} s, controller CPU {first.controller_cpu / small * 1000:.2f} ms "
+              f"per node, memory +{first.growth_kib / 1024:.1f} MiB", flush=True)
+        big = measure(rollout(fleet, new, options("large"), state, args.profile), meter)
+        print(f"rollout to {n} nodes: {big.wall:.1f} s, controller CPU {big.controller_cpu / n * 1000:.2f} ms "
+              f"per node, memory +{big.growth_kib / 1024:.1f} MiB", flush=True)
+        noop = measure(rollout(fleet, new, options("noop"), state), meter)
+        print(f"no-op re-run on {n} nodes: {noop.wall:.1f} s", flush=True)
+        base = measure(lambda _: for_each(fleet, lambda node: node.status(), args.parallel), meter)
+        print(f"one helper status per node, {n} nodes: {base.wall:.1f} s", flush=True)
 
-    ok = True
-    for what, run, want in ((f"rollout to {small}", first, "done"), (f"rollout to {n}", big, "done"),
-                            ("no-op re-run", noop, "skipped")):
-        outcomes = [r.outcome for r in run.result.nodes]
-        if outcomes.count(want) != len(outcomes):
+        ok = True
+        for what, run, want in ((f"rollout to {small}", first, "done"), (f"rollout to {n}", big, "done"),
+                                ("no-op re-run", noop, "skipped")):
+            outcomes = [r.outcome for r in run.result.nodes]
+            if outcomes.count(want) != len(outcomes):
+                ok = False
+                others = sorted({(r.node, r.outcome, r.error) for r in run.result.nodes if r.outcome != want})
+                print(f"FAILED: {what}: not {want} on {others[:5]} ...", file=sys.stderr)
+        failed_status = base.result.failed
+        if failed_status:
             ok = False
-            others = sorted({(r.node, r.outcome, r.error) for r in run.result.nodes if r.outcome != want})
-            print(f"FAILED: {what}: not {want} on {others[:5]} ...", file=sys.stderr)
-    failed_status = base.result.failed
-    if failed_status:
-        ok = False
-        print(f"FAILED: status: {list(failed_status.items())[:5]}", file=sys.stderr)
+            print(f"FAILED: status: {list(failed_status.items())[:5]}", file=sys.stderr)
 
-    ms = 1000.0
-    cpu_ms = big.controller_cpu / n * ms
-    growth = (big.growth_kib - first.growth_kib) / (n - small)
-    ratio = noop.wall / base.wall
-    print()
-    print(f"rollout of {n} nodes, batches {args.batches}, --parallel {args.parallel}: "
-          f"{'done' if big.result.exit_code == 0 else 'FAILED'} on "
-          f"{sum(r.outcome == 'done' for r in big.result.nodes)} of {n} nodes in {big.wall:.1f} s")
-    for i in sorted(big.batch_starts):
-        print(f"  batch {i:2d} ({big.batch_sizes[i]:4d} nodes): {big.batch_ends.get(i, 0) - big.batch_starts[i]:6.1f} s")
-    if args.profile:
-        print(f"  (under cProfile: CPU figures include the profiler; stats in {args.profile})")
-    print(f"controller CPU per node:          {cpu_ms:7.2f} ms   goal <= {CPU_GOAL_MS:g} ms: "
-          f"{verdict(cpu_ms <= CPU_GOAL_MS)}")
-    print(f"  local transport CPU per node:   {big.transport_cpu / n * ms:7.2f} ms   "
-          f"({big.transport_calls / n:.1f} calls per node; stands in for SSH and the node, not counted)")
-    print(f"  node helpers' CPU per node:     {big.children_cpu / n * ms:7.2f} ms   (subprocesses, not counted)")
-    print(f"controller peak memory:           {big.peak_kib / 1024:7.1f} MiB  "
-          f"(+{first.growth_kib / 1024:.1f} MiB over the run at {small} nodes, "
-          f"+{big.growth_kib / 1024:.1f} MiB at {n})")
-    print(f"memory growth per node:           {growth:7.2f} KiB  goal <= {GROWTH_GOAL_KIB:g} KiB: "
-          f"{verdict(growth <= GROWTH_GOAL_KIB)}")
-    print(f"no-op re-run per node:            {noop.wall / n * ms:7.2f} ms   "
-          f"({noop.transport_calls / n:.1f} calls per node, controller CPU {noop.controller_cpu / n * ms:.2f} ms)")
-    print(f"one helper status per node:       {base.wall / n * ms:7.2f} ms   (the baseline: ssh NODE true)")
-    print(f"no-op re-run / baseline:          {ratio:7.2f} x    goal <= {NOOP_GOAL_RATIO:g} x: "
-          f"{verdict(ratio <= NOOP_GOAL_RATIO)}")
-    print(f"every node done, then skipped:    {'yes' if ok else 'NO'}")
-    return 0 if ok else 1
+        ms = 1000.0
+        cpu_ms = big.controller_cpu / n * ms
+        growth = (big.growth_kib - first.growth_kib) / (n - small)
+        ratio = noop.wall / base.wall
+        print()
+        print(f"rollout of {n} nodes, batches {args.batches}, --parallel {args.parallel}: "
+              f"{'done' if big.result.exit_code == 0 else 'FAILED'} on "
+              f"{sum(r.outcome == 'done' for r in big.result.nodes)} of {n} nodes in {big.wall:.1f} s")
+        for i in sorted(big.batch_starts):
+            print(f"  batch {i:2d} ({big.batch_sizes[i]:4d} nodes): {big.batch_ends.get(i, 0) - big.batch_starts[i]:6.1f} s")
+        if args.profile:
+            print(f"  (under cProfile: CPU figures include the profiler; stats in {args.profile})")
+        print(f"controller CPU per node:          {cpu_ms:7.2f} ms   goal <= {CPU_GOAL_MS:g} ms: "
+              f"{verdict(cpu_ms <= CPU_GOAL_MS)}")
+        print(f"  local transport CPU per node:   {big.transport_cpu / n * ms:7.2f} ms   "
+              f"({big.transport_calls / n:.1f} calls per node; stands in for SSH and the node, not counted)")
+        print(f"  node helpers' CPU per node:     {big.children_cpu / n * ms:7.2f} ms   (subprocesses, not counted)")
+        print(f"controller peak memory:           {big.peak_kib / 1024:7.1f} MiB  "
+              f"(+{first.growth_kib / 1024:.1f} MiB over the run at {small} nodes, "
+              f"+{big.growth_kib / 1024:.1f} MiB at {n})")
+        print(f"memory growth per node:           {growth:7.2f} KiB  goal <= {GROWTH_GOAL_KIB:g} KiB: "
+              f"{verdict(growth <= GROWTH_GOAL_KIB)}")
+        print(f"no-op re-run per node:            {noop.wall / n * ms:7.2f} ms   "
+              f"({noop.transport_calls / n:.1f} calls per node, controller CPU {noop.controller_cpu / n * ms:.2f} ms)")
+        print(f"one helper status per node:       {base.wall / n * ms:7.2f} ms   (the baseline: ssh NODE true)")
+        print(f"no-op re-run / baseline:          {ratio:7.2f} x    goal <= {NOOP_GOAL_RATIO:g} x: "
+              f"{verdict(ratio <= NOOP_GOAL_RATIO)}")
+        print(f"every node done, then skipped:    {'yes' if ok else 'NO'}")
+        return 0 if ok else 1
+    finally:
+        for node in small_fleet + fleet:
+            node.transport.machine.power_off()  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":
