@@ -24,7 +24,9 @@ What is counted:
                    /proc/self/clear_refs) less its resident set before it, for the small and the
                    large rollout; growth per node is their difference over the difference in nodes.
                    Both fleets exist before either rollout, and the machines keep no action log,
-                   so neither shows up as the controller's.
+                   so neither shows up as the controller's. What does: per node of the running
+                   batch, its worker thread (stack, malloc arena) and its command in flight
+                   (subprocess pipes and buffers here, an SSH channel in production).
   no-op re-run     its wall time over the baseline's, both with the rollout's --parallel: the
                    baseline is the `ssh NODE true` of these nodes, one helper round trip each.
 With --profile FILE the large rollout runs under cProfile, every thread of it (pstats format);
