@@ -5,7 +5,9 @@ Phases, in order (colmena's Goal, for a rollout):
             before anything changed
   lock      take each node's rollout lock (released on every way out, Ctrl-C included); a lock
             left by a controller process provably gone (it ran in this very process table) is
-            taken over, others need --break-lock; the node swaps only the lock judged here
+            taken over, others need --break-lock; the node swaps only the lock judged here. A
+            run that would write nothing (every node settled, nothing pending, no lock held)
+            takes none: a no-op re-run is a status and a health check per node
   reconcile read each node's real state (booted, committed, one-shot pending, trial) and plan
             from it: skip nodes already on the image (committed and healthy), resume ones an
             interrupted run left booted on it, clear one-shot entries it left pending
@@ -54,7 +56,7 @@ from rollout.inventory import CheckSpec, Inventory
 from rollout.journal import Journal, check_rollout_id, state_dir
 from rollout.locks import LockClaim, default_owner, describe_lock, may_take_over, new_rollout_id
 from rollout.node import GroupResult, Node, NodeStatus, for_each
-from rollout.plan import Action, NodePlan, bootstrap_node, plan_rollback, plan_rollout
+from rollout.plan import Action, NodePlan, bootstrap_node, only_reads, plan_rollback, plan_rollout
 from rollout.plan import batches as plan_batches
 from rollout.policy import BatchOutcome, NodeResult, OnFailure, decide, exit_code
 from rollout.stage import StageProgress, check_release_files, stage_all
@@ -253,9 +255,10 @@ class Rollout:
         self.check_release(release)
         statuses = self._connect()
         try:
-            self._lock_all(statuses)
             plan = [plan_rollout(statuses[name], release.id, image.sha256, image.size) for name in self.nodes]
             bootstrap = self._bootstrap(plan)
+            if not only_reads(plan, bootstrap):
+                self._lock_all(statuses)
             self._journal_plan(plan)
             before = self._settle(plan, bootstrap)
             sent: dict[str, int] = {}
@@ -275,7 +278,8 @@ class Rollout:
             raise InputError("cannot roll back: " + "; ".join(f"node {p.node}: {p.error}" for p in missing),
                              nodes=[p.node for p in missing])
         try:
-            self._lock_all(statuses)
+            if not only_reads(plan, None):
+                self._lock_all(statuses)
             self._journal_plan(plan)
             before = self._settle(plan, None)
             return self._activate_all("rollback", to, plan, before, start, {}, None)
@@ -339,7 +343,8 @@ class Rollout:
                 self.events.record("takeover", node=n.name, rollout=broken.get("rollout"), lock=broken, why=why)
 
         got = self._for_each(list(self.nodes), lock, o.parallel)
-        self._locked = [n for name, n in self.nodes.items() if name in got.succeeded]
+        succeeded = got.succeeded  # a new dict each time it is asked for
+        self._locked = [n for name, n in self.nodes.items() if name in succeeded]
         if got.failed:
             errors = got.failed
             cls = LockedError if any(isinstance(e, LockedError) for e in errors.values()) else NodeError

@@ -71,9 +71,21 @@ def test_second_run_is_a_no_op(release: StoredRelease, fleet: Fleet) -> None:
     assert [r.outcome for r in result.nodes] == ["skipped"] * 3
     assert result.exit_code == 0 and result.bytes_sent == 0
     for n in nodes:
-        assert actions(n, "put", "set-next", "reboot", "commit", "stage-info") == []
-        assert actions(n, "health")  # the gate still vouches for them
+        # Nothing is written, so no lock is taken either: a status and a health check.
+        assert actions(n) == [("status", ""), ("health", NEW)]
         assert machine(n).boots == 2
+
+
+def test_a_no_op_run_still_refuses_a_node_another_run_holds(release: StoredRelease, fleet: Fleet) -> None:
+    nodes = fleet(2)
+    Rollout(nodes, options()).run(release)
+    nodes[1].lock(LockClaim("r-other", "x", "y", holder=None))
+    clear_log(nodes)
+    with pytest.raises(LockedError, match="node n2: locked by rollout r-other"):
+        Rollout(nodes, options()).run(release)
+    # The usual way: every lock taken before anything else, and the ones taken given back.
+    assert [a for a, _ in actions(nodes[0], "lock", "unlock", "health")] == ["lock", "unlock"]
+    assert state(nodes[0]).lock is None
 
 
 def unhealthy(node: HelperNode, image: str) -> None:
