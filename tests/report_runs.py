@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from imagetool.store import StoredRelease
@@ -27,7 +28,7 @@ OLD, NEW = "web-1.0", "web-1.1"
 # report did not escape it.
 HOSTILE = "<script>alert('pwned')</script></svg><b>&amp; not bold</b>"
 # The inventory's command check: `app-check` is a program of the booted image.
-APP_CHECK = CheckSpec(name="app", kind="command", target="app-check", retries=1, interval=0)
+APP_CHECK = CheckSpec(name="app", kind="command", target="app-check", retries=1, interval=0, timeout=30)
 
 
 def releases(store: Path) -> tuple[StoredRelease, StoredRelease]:
@@ -51,7 +52,7 @@ def machines(base: Path, count: int, old: StoredRelease) -> list[LocalMachine]:
 
 def run(nodes: list[HelperNode], release: StoredRelease, state_dir: Path, rollout_id: str,
             events: object = None, **options: object) -> RolloutResult:
-    opts = RolloutOptions(**{"health_timeout": 0, "health_interval": 0, "confirm_timeout": 5,
+    opts = RolloutOptions(**{"health_timeout": 0, "health_interval": 0, "confirm_timeout": 30,
                              "rollout_id": rollout_id, **options})  # type: ignore[arg-type]
     journal = Journal(state_dir, rollout_id)
     try:
@@ -71,14 +72,24 @@ def failing_rollout(base: Path, state_dir: Path, rollout_id: str) -> tuple[Rollo
 
 
 def killed_rollout(base: Path, state_dir: Path, rollout_id: str) -> None:
-    """Three nodes in batches 1,2; n2's check takes 3 s on NEW; the controller is killed when n3
-    commits, with n2 still in its gate."""
+    """Three nodes in batches 1,2; n2's check takes 10 s on NEW; n3 starts its gate once n2 is in
+    its own, and the controller is killed when n3 commits, with n2 still in its gate."""
     old, new = releases(base / "store")
     fleet = machines(base, 3, old)
-    fleet[1].programs[NEW] = {"app-check": "sleep 3; echo slow"}
+    fleet[1].programs[NEW] = {"app-check": "sleep 10; echo slow"}
+    n2_in_gate = threading.Event()
 
     def events(node: str, step: str, detail: str) -> None:
+        # Called in the node's own worker thread, right after the event is journaled.
+        if node == "n2" and step == "verify":
+            n2_in_gate.set()
+        if node == "n3" and step == "verify":
+            n2_in_gate.wait(60)
         if node == "n3" and step == "commit":
+            # The machines' dead-man switches outlive the controller, as on real nodes: say where
+            # they are, for the test to power the machines off after.
+            pids = [m._deadman.pid for m in fleet if m._deadman is not None and m._deadman.poll() is None]
+            (base / "deadman.pids").write_text("".join(f"{pid}\n" for pid in pids))
             os.kill(os.getpid(), signal.SIGKILL)
 
     run(local_nodes(fleet), new, state_dir, rollout_id, events=events, batches="1,2")

