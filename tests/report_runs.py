@@ -71,6 +71,16 @@ def failing_rollout(base: Path, state_dir: Path, rollout_id: str) -> tuple[Rollo
     return result, fleet
 
 
+def rollback(machines: list[LocalMachine], state_dir: Path, rollout_id: str) -> RolloutResult:
+    """`imagetool rollback` of these machines to their previous image, journaled."""
+    journal = Journal(state_dir, rollout_id)
+    opts = RolloutOptions(health_timeout=0, health_interval=0, rollout_id=rollout_id, command="imagetool rollback")
+    try:
+        return Rollout(local_nodes(machines), opts, checks=[APP_CHECK], journal=journal).rollback()
+    finally:
+        journal.close()
+
+
 def killed_rollout(base: Path, state_dir: Path, rollout_id: str) -> None:
     """Three nodes in batches 1,2; n2's check takes 10 s on NEW; n3 starts its gate once n2 is in
     its own, and the controller is killed when n3 commits, with n2 still in its gate."""

@@ -25,7 +25,7 @@ from rollout.journal import find_record
 from rollout.report import LABEL_W, PHASES, PLOT_W, build_report, esc, render_html
 from rollout.update import RolloutResult
 from tests.browser import Browser, chromium
-from tests.report_runs import HOSTILE, NEW, OLD, failing_rollout
+from tests.report_runs import HOSTILE, NEW, OLD, failing_rollout, rollback
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +45,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("rollout.node.BOOT_POLL_INTERVAL", 0.02)  # local machines reboot at once
         result, machines = failing_rollout(base / "fail", state, "r-fail")
+        back = rollback(machines[:2], state, "r-back")
+    assert [r.outcome for r in back.nodes] == ["done", "done"]
     for m in machines:
         m.power_off()
     killed = subprocess.run([sys.executable, "-m", "tests.report_runs", str(base / "killed"), str(state), "r-killed"],
@@ -134,6 +136,20 @@ def test_report_of_an_interrupted_run(runs: Runs, tmp_path: Path) -> None:
     assert rows["n3"].phases[-1].name == "commit" and rows["n3"].phases[-1].open
     page = (tmp_path / "killed.html").read_text()
     assert 'data-state="interrupted"' in page and "Interrupted: the journal has no end" in page
+
+
+def test_report_of_a_rollback(runs: Runs, tmp_path: Path) -> None:
+    summary = report(runs, "r-back", tmp_path / "back.html")
+    assert (summary["kind"], summary["target"], summary["previous"]) == ("rollback", None, [NEW])
+    assert summary["state"] == "ok" and summary["outcomes"] == {"done": 2} and summary["bytes_sent"] == 0
+    rep = build_report(find_record(runs.state, "r-back"), Store(runs.store))
+    assert [(r.name, r.from_id, r.to_id) for r in rep.rows] == [("n1", NEW, OLD), ("n2", NEW, OLD)]
+    assert [p.name for p in rep.rows[0].phases] == ["prepare", "reboot", "health", "commit"]
+    [diff] = rep.diffs  # the way back: what the rollback took away and brought back
+    assert (diff.before, diff.after, diff.added, diff.removed) == (NEW, OLD, [("nano", "7.2-1")],
+                                                                   [("curl", "7.88.1-10")])
+    page = (tmp_path / "back.html").read_text()
+    assert "rollback r-back → previous images" in page and "No node failed." in page
 
 
 def test_release_diff_needs_the_store(runs: Runs, tmp_path: Path) -> None:
