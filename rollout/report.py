@@ -20,8 +20,9 @@ import html
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def esc(value: object) -> str:
 def _time(value: object) -> float | None:
     """A journal time (2026-11-23T12:00:00.123Z) as seconds since the epoch, None if it is not one."""
     try:
-        return datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+        return datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return None
 
@@ -117,8 +118,7 @@ class NodeRow:
 @dataclass
 class BatchMark:
     label: str
-    start: float
-    end: float
+    start: float   # its first node's batch step
 
 
 @dataclass
@@ -203,7 +203,8 @@ def build_report(record: RolloutRecord, store: Store | None = None) -> Report:
             rows[node].failed_gates.append(HealthEvidence(
                 str(ev.get("image")), float(seconds) if isinstance(seconds, (int, float)) else 0.0, checks))
         elif kind == "step" and node in rows:
-            _step(rows[node], current, close, str(ev.get("step")), str(ev.get("detail") or ""), t, batches)
+            _step(rows[node], current, close, str(ev.get("step")), str(ev.get("detail") or ""), t, batches,
+                  len(resumed_at))
         last_t = t
     for name in list(current):
         # No final step: the run stopped (or is still going) with this phase open.
@@ -226,8 +227,8 @@ def _text(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-def _step(row: NodeRow, current: dict[str, Phase], close: Any, step: str, detail: str, t: float,
-          batches: dict[str, BatchMark]) -> None:
+def _step(row: NodeRow, current: dict[str, Phase], close: Callable[..., None], step: str, detail: str, t: float,
+          batches: dict[str, BatchMark], run: int) -> None:
     """One step of one node: open, continue or close its phase."""
     name = row.name
     phase = current.get(name)
@@ -240,16 +241,15 @@ def _step(row: NodeRow, current: dict[str, Phase], close: Any, step: str, detail
     if step == "batch":
         row.batch = detail
         label = "batch " + detail.split("/")[0] + (" (canary)" if "canary" in detail else "")
-        mark = batches.setdefault(label, BatchMark(label, t, t))
-        mark.start = min(mark.start, t)
+        # A run again under the same id has batches of its own.
+        batches.setdefault(f"{run}:{label}", BatchMark(label, t))
     if step == "rollback" and detail and not row.reason:
         row.reason = detail
     if step == "stage":
         # A node's first stage step starts its copy, the second reports it done: then it waits.
-        if phase is not None and phase.name == "stage":
-            close(name, t)
-        else:
-            close(name, t)
+        copying = phase is not None and phase.name == "stage"
+        close(name, t)
+        if not copying:
             current[name] = Phase("stage", t, t)
         return
     want = "prepare" if step in PREPARE_STEPS else STEP_PHASES.get(step)
@@ -280,7 +280,7 @@ def _diffs(rows: list[NodeRow], store: Store | None) -> tuple[list[ReleaseDiff],
 def _duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
-    m, s = divmod(int(round(seconds)), 60)
+    m, s = divmod(round(seconds), 60)
     return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m{s:02d}s"
 
 
@@ -315,11 +315,11 @@ def _timeline(report: Report) -> str:
 
     height = TOP + ROW_H * len(report.rows) + 30
     width = LABEL_W + PLOT_W + 20
-    out = [f'<svg id="timeline" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="timeline of the rollout">',
-           '<defs><pattern id="open-hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
-           'patternTransform="rotate(45)"><rect width="3" height="6" fill="#ffffff" opacity="0.6"/></pattern>'
-           '</defs>']
+    out = [(f'<svg id="timeline" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="timeline of the rollout">'),
+           ('<defs><pattern id="open-hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
+            'patternTransform="rotate(45)"><rect width="3" height="6" fill="#ffffff" opacity="0.6"/></pattern>'
+            '</defs>')]
     bottom = TOP + ROW_H * len(report.rows)
     for i, b in enumerate(report.batches):
         nxt = report.batches[i + 1].start if i + 1 < len(report.batches) else span
@@ -383,8 +383,8 @@ def _legend() -> str:
 
 
 def _nodes_table(report: Report) -> str:
-    out = ['<table id="nodes"><thead><tr><th>node</th><th>batch</th><th>outcome</th><th>bytes sent</th>'
-           '<th>from → to</th><th>time</th><th>why</th></tr></thead><tbody>']
+    out = [('<table id="nodes"><thead><tr><th>node</th><th>batch</th><th>outcome</th><th>bytes sent</th>'
+            '<th>from → to</th><th>time</th><th>why</th></tr></thead><tbody>')]
     for row in report.rows:
         took = sum(p.end - p.start for p in row.phases)
         first_line = row.reason.splitlines()[0] if row.reason else ""

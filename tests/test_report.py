@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -38,10 +37,21 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
-    """Two journaled rollouts on local machines: `r-fail` (n3 rolled back) and `r-killed`."""
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """Journaled runs on local machines, in this order: `r-killed` (the controller killed
+    mid-batch), `r-fail` (n3 rolled back) and `r-back` (a rollback of n1 and n2)."""
     base = tmp_path_factory.mktemp("report")
     state = base / "state"
+    killed = subprocess.run([sys.executable, "-m", "tests.report_runs", str(base / "killed"), str(state), "r-killed"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    # Power off the killed controller's machines: their dead-man switches (in process groups of
+    # their own, waiting out the confirm timeout) outlived it.
+    for pid in (base / "killed" / "deadman.pids").read_text().split():
+        try:
+            os.killpg(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("rollout.node.BOOT_POLL_INTERVAL", 0.02)  # local machines reboot at once
         result, machines = failing_rollout(base / "fail", state, "r-fail")
@@ -49,16 +59,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     assert [r.outcome for r in back.nodes] == ["done", "done"]
     for m in machines:
         m.power_off()
-    killed = subprocess.run([sys.executable, "-m", "tests.report_runs", str(base / "killed"), str(state), "r-killed"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert killed.returncode == -9, killed.stderr
-    yield Runs(state, base / "fail" / "store", result)
-    # Power off the killed controller's machines: their dead-man switches run in groups of their own.
-    for pid in (base / "killed" / "deadman.pids").read_text().split():
-        try:
-            os.killpg(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    return Runs(state, base / "fail" / "store", result)
 
 
 def report(runs: Runs, rollout_id: str, output: Path, *extra: str) -> dict:
@@ -150,6 +151,28 @@ def test_report_of_a_rollback(runs: Runs, tmp_path: Path) -> None:
                                                                    [("curl", "7.88.1-10")])
     page = (tmp_path / "back.html").read_text()
     assert "rollback r-back → previous images" in page and "No node failed." in page
+
+
+def test_a_run_again_under_the_same_id(runs: Runs) -> None:
+    """`rollout --rollout-id` after a killed controller appends to the same journal: the first
+    run's open phases stop where its journal stopped, the second run's are drawn after it."""
+    journals = runs.state / "rollouts"
+    both = journals / "r-again.jsonl"
+    both.write_bytes((journals / "r-killed.jsonl").read_bytes() + (journals / "r-fail.jsonl").read_bytes())
+    try:
+        killed = build_report(find_record(runs.state, "r-killed"))
+        rep = build_report(find_record(runs.state, "r-again"))
+    finally:
+        both.unlink()
+    [again] = rep.resumed_at
+    assert again > killed.duration
+    rows = {r.name: r for r in rep.rows}
+    first_run = [p for p in rows["n2"].phases if p.start < again]
+    assert first_run[-1].open and first_run[-1].end == pytest.approx(killed.duration, abs=1e-6)
+    assert all(not p.open for p in rows["n2"].phases if p.start >= again)
+    assert rows["n3"].outcome == "rolled-back" and rep.state == "exit 3"
+    assert [b.label for b in rep.batches] == ["batch 1 (canary)", "batch 2", "batch 1 (canary)", "batch 2",
+                                              "batch 3"]
 
 
 def test_release_diff_needs_the_store(runs: Runs, tmp_path: Path) -> None:
