@@ -110,6 +110,9 @@ class NodeRow:
     from_id: str | None = None
     to_id: str | None = None
     bytes_sent: int | None = None
+    # How the image travelled ("full" or "delta") and its size, when it did.
+    transfer: str | None = None
+    image_bytes: int | None = None
     reason: str = ""
     phases: list[Phase] = field(default_factory=list)
     failed_gates: list[HealthEvidence] = field(default_factory=list)
@@ -195,6 +198,8 @@ def build_report(record: RolloutRecord, store: Store | None = None) -> Report:
             sent = _int(ev.get("bytes_sent"))
             if sent is not None:
                 rows[node].bytes_sent = (rows[node].bytes_sent or 0) + sent
+            if ev.get("mode") in ("full", "delta"):
+                rows[node].transfer, rows[node].image_bytes = str(ev["mode"]), _int(ev.get("image_bytes"))
         elif kind == "health" and node in rows and ev.get("healthy") is False:
             checks = [Check(str(c.get("name")), c.get("ok") is True, str(c.get("detail") or ""),
                             str(c.get("output") or ""))
@@ -303,6 +308,12 @@ def _tick_step(span: float) -> float:
     return 3600 * max(1, round(span / 3600 / 10))
 
 
+def _sent(row: NodeRow) -> str:
+    if row.transfer == "delta" and row.image_bytes:
+        return f"{_bytes(row.bytes_sent)} (delta of {_bytes(row.image_bytes)})"
+    return _bytes(row.bytes_sent)
+
+
 LABEL_W, PLOT_W, ROW_H, TOP = 170, 900, 22, 58
 
 
@@ -391,7 +402,7 @@ def _nodes_table(report: Report) -> str:
         out.append(
             f'<tr data-node="{esc(row.name)}"><td>{esc(row.name)}</td><td>{esc(row.batch)}</td>'
             f'<td class="outcome-cell"><span class="badge" style="background:{OUTCOME_COLOURS.get(row.outcome, "#ccc")}">'
-            f'{esc(row.outcome)}</span></td><td class="num">{esc(_bytes(row.bytes_sent))}</td>'
+            f'{esc(row.outcome)}</span></td><td class="num">{esc(_sent(row))}</td>'
             f'<td>{esc(row.from_id or "?")} → {esc(row.to_id or "?")}</td><td class="num">{esc(_duration(took))}</td>'
             f'<td class="why">{esc(first_line)}</td></tr>')
     out.append("</tbody></table>")
