@@ -50,7 +50,7 @@ from rollout.batch import DEFAULT_BATCHES, BatchSpec, cover, parse_threshold, sp
 from rollout.checks import KINDS
 from rollout.events import EventFn, Events, Step
 from rollout.fleet import open_nodes
-from rollout.health import HealthGate, check_node
+from rollout.health import HealthGate
 from rollout.hooks import Hooks
 from rollout.inventory import CheckSpec, Inventory
 from rollout.journal import Journal, check_rollout_id, state_dir
@@ -394,7 +394,7 @@ class Rollout:
                 if p.status.next and not dry:
                     self.events.step(p.node, Step.RECONCILE, f"clearing the one-shot boot into {p.status.next}")
                     node.clear_next()
-                check_node(node, gate)
+                self.activator.health_gate(node, p.to_id, gate)
                 if p.node == bootstrap and not dry:
                     self.activator.run_once(node, p.from_id, p.to_id)
             except ImagetoolError as e:
@@ -437,6 +437,8 @@ class Rollout:
             elif r is not None:
                 how = f" ({r.mode}, full {r.full_bytes} bytes)" if r.mode else ""
                 self.events.step(p.node, Step.STAGE, f"{r.outcome}, {r.bytes_sent} bytes{how}")
+            if r is not None:
+                self.events.record("stage", **r.to_dict())
             staged.append(p)
         return staged, failed, {name: r.bytes_sent for name, r in report.results.items()}
 

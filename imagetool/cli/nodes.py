@@ -1,4 +1,4 @@
-"""Commands that work on nodes: stage, rollout, rollback, plan, gc, history, status."""
+"""Commands that work on nodes: stage, rollout, rollback, plan, gc, history, report, status."""
 
 from __future__ import annotations
 
@@ -351,6 +351,29 @@ def history(rollout_id: str | None, count: int, as_json: bool) -> None:
                       "takeover": lambda e: f"took over the lock of {e.get('rollout')}: {e.get('why')}"}[kind](ev)
             t.add_row(safe(str(ev.get("time", ""))[11:23]), safe(ev.get("node")), kind, "", safe(first_line(detail, 100)))
     out.print(t)
+
+
+@main.command()
+@click.argument("rollout_id")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
+@store_option
+@json_option
+@handle_errors
+def report(rollout_id: str, output: str, store: str | None, as_json: bool) -> None:
+    """Write one rollout's report (ROLLOUT_ID or a unique prefix) as a self-contained HTML page:
+    timeline, bytes and outcome per node, health evidence of failed nodes, release diff."""
+    from imagetool.store import Store, default_store_path
+    from rollout.journal import find_record, state_dir
+    from rollout.report import write_report
+
+    rep = write_report(find_record(state_dir(), rollout_id), Path(output), Store(default_store_path(store)))
+    summary = {"output": str(Path(output).resolve()), **rep.summary()}
+    if as_json:
+        print_json(summary)
+        return
+    counts = ", ".join(f"{n} {o}" for o, n in summary["outcomes"].items())
+    out.print(f"wrote {safe(summary['output'])}: {safe(rep.record.kind)} {safe(rep.record.id)} → "
+              f"{safe(rep.record.target or '(previous)')}: {safe(rep.state)} ({safe(counts)})", highlight=False)
 
 
 @main.command()
