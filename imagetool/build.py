@@ -58,10 +58,12 @@ Progress = Callable[[str, str], None]  # (step, detail)
 
 
 def elements_dir() -> Path:
-    """The project's elements: $IMAGETOOL_ELEMENTS, or elements/ beside the package."""
+    """The project's elements: $IMAGETOOL_ELEMENTS; else the copy an installed wheel carries inside
+    the package (imagetool/elements/); else elements/ at the top of a checkout (editable install)."""
     explicit = os.environ.get("IMAGETOOL_ELEMENTS")
+    package = Path(__file__).resolve().parent
     candidates = [Path(explicit)] if explicit else []
-    candidates.append(Path(__file__).resolve().parent.parent / "elements")
+    candidates += [package / "elements", package.parent / "elements"]
     for c in candidates:
         if (c / "imagetool-node").is_dir():
             return c
