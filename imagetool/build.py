@@ -20,10 +20,10 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
 
 from imagetool.errors import AlreadyExistsError, BuildError, HostSetupError, NotFoundError
 from imagetool.layout import image_file_names
@@ -312,7 +312,7 @@ def make_manifest(release: Release, squashfs: Path, packages: list[Package], epo
         name=release.name,
         version=release.version,
         description=release.description,
-        built_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        built_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         source_date_epoch=epoch,
         release_sha256=hashlib.sha256(release.path.read_bytes()).hexdigest(),
         builder=BuilderInfo(

@@ -342,7 +342,8 @@ def _hooks(value: Any, run_once: Any, root: Where) -> Hooks:
         if raw is None:
             continue
         raw = schema.sequence(raw, where / point)
-        specs = [HookSpec(**_hook(item, where / point / i, HOOK_KEYS, f"{point}-{i + 1}")) for i, item in enumerate(raw)]
+        specs = [HookSpec(**_hook(item, where / point / i, HOOK_KEYS, f"{point}-{i + 1}"))
+                 for i, item in enumerate(raw)]
         names = [h.name for h in specs]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:

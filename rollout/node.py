@@ -482,7 +482,7 @@ class HelperNode:
                 self.transport.close()
                 raise
             if st.boot_id == old_boot_id:
-                raise _SameBoot()
+                raise _SameBoot
             return st
 
         try:
@@ -622,6 +622,7 @@ def for_each(nodes: Sequence[N], fn: Callable[[N], T], parallel: int = 8, *,
 
 
 __all__ = [
-    "BootTimeoutError", "CorruptNodeError", "GroupResult", "HelperError", "NodeVerificationError", "HelperNode", "Node", "NodeImage", "NodeStatus",
+    "BootTimeoutError", "CorruptNodeError", "GroupResult", "HelperError", "NodeVerificationError", "HelperNode", "Node",
+    "NodeImage", "NodeStatus",
     "StageInfo", "for_each", "helper_argv", "incoming_paths", "parse_answer", "ssh_nodes",
 ]

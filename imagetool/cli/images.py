@@ -29,7 +29,8 @@ from imagetool.cli.common import (
 @click.argument("release_file", type=click.Path(dir_okay=False))
 @store_option
 @click.option("--force", is_flag=True, help="Rebuild a release that is already in the store.")
-@click.option("--sign-key", type=click.Path(dir_okay=False), default=None, help="ed25519 private key (PEM) to sign the manifest.")
+@click.option("--sign-key", type=click.Path(dir_okay=False), default=None,
+              help="ed25519 private key (PEM) to sign the manifest.")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None, help="Scratch space (default /var/tmp).")
 @click.option("--keep-work", is_flag=True, help="Keep the scratch directory (root tree, DIB output).")
 @json_option
@@ -49,7 +50,8 @@ def build(release_file: str, store: str | None, force: bool, sign_key: str | Non
     started = time.monotonic()
     with console.status(f"building {safe(release.id)}") as status:
         def progress(step: str, detail: str) -> None:
-            status.update(f"building {safe(release.id)}: [bold]{safe(step)}[/] {safe(detail)}  ({time.monotonic() - started:.0f}s)")
+            status.update(f"building {safe(release.id)}: [bold]{safe(step)}[/] {safe(detail)}  "
+                          f"({time.monotonic() - started:.0f}s)")
         stored = do_build(release, st, options, progress)
     m = stored.manifest
     if as_json:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 from rich.table import Table
@@ -60,8 +61,8 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     options = [
         click.option("--batch", "batches", default=DEFAULT_BATCHES, show_default=True,
-                     help="Batch sizes, Ansible serial style: '1,2,25%' (the last repeats; percentages of the nodes that "
-                          "move). The first batch is the canary."),
+                     help="Batch sizes, Ansible serial style: '1,2,25%' (the last repeats; percentages of the "
+                          "nodes that move). The first batch is the canary."),
         click.option("--pause", type=Seconds(0), default=0, show_default=True, help="Seconds between batches."),
         click.option("--max-failures", default="0", show_default=True, metavar="N|P%",
                      help="Failed nodes tolerated (over the whole run) before stopping."),
@@ -74,7 +75,8 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--health-timeout", type=Seconds(0), default=120, show_default=True,
                      help="Seconds a freshly booted node may take to become healthy."),
         *check_options(),
-        click.option("--rollout-id", default=None, help="Carry on an interrupted run under its id (its locks are taken over when its controller "
+        click.option("--rollout-id", default=None,
+                     help="Carry on an interrupted run under its id (its locks are taken over when its controller "
                           "process is provably gone, else with --break-lock)."),
         click.option("--break-lock", is_flag=True,
                      help="Take over node locks of other runs older than --lock-max-age (says whose it broke)."),
@@ -144,7 +146,8 @@ def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[s
         for col in ("node", "outcome", "time", "bytes", "error"):
             t.add_column(col)
         for r in report.results.values():
-            t.add_row(safe(r.node), safe(r.outcome), f"{r.seconds:.0f}s", human_bytes(r.bytes_sent), safe(r.error or ""))
+            t.add_row(safe(r.node), safe(r.outcome), f"{r.seconds:.0f}s", human_bytes(r.bytes_sent),
+                      safe(r.error or ""))
         out.print(t)
     failed = report.failed
     if failed:
@@ -179,7 +182,8 @@ def rollout(release: str, inventory: str, store: str | None, as_json: bool, **kw
 
 @main.command()
 @inventory_option
-@click.option("--to", "to", default=None, metavar="RELEASE", help="Roll back to this release (staged on the nodes) instead of each node's previous one.")
+@click.option("--to", "to", default=None, metavar="RELEASE",
+              help="Roll back to this release (staged on the nodes) instead of each node's previous one.")
 @rollout_options
 @handle_errors
 def rollback(inventory: str, to: str | None, as_json: bool, **kw: Any) -> None:
@@ -309,7 +313,8 @@ def history(rollout_id: str | None, count: int, as_json: bool) -> None:
             detail = {"plan": lambda e: f"{e.get('action')}: {e.get('reason')}",
                       "hook": lambda e: f"{e.get('point')} {e.get('hook')}: exit {e.get('exit_status')}",
                       "takeover": lambda e: f"took over the lock of {e.get('rollout')}: {e.get('why')}"}[kind](ev)
-            t.add_row(safe(str(ev.get("time", ""))[11:23]), safe(ev.get("node")), kind, "", safe(first_line(detail, 100)))
+            t.add_row(safe(str(ev.get("time", ""))[11:23]), safe(ev.get("node")), kind, "",
+                      safe(first_line(detail, 100)))
     out.print(t)
 
 

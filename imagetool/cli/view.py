@@ -78,8 +78,8 @@ class LiveView:
                     row["since"] = time.monotonic()
                 row["step"], row["detail"] = step, detail
         if not self.interactive:
-            console.print(f"{time.monotonic() - self.started:6.1f}s  {safe(f'{node:<16}')} {safe(f'{step:<12}')} {safe(detail)}",
-                          highlight=False)
+            console.print(f"{time.monotonic() - self.started:6.1f}s  {safe(f'{node:<16}')} {safe(f'{step:<12}')} "
+                          f"{safe(detail)}", highlight=False)
 
     # rollout.stage.StageProgress
     def stage_start(self, node: str, total: int) -> None:
@@ -105,7 +105,8 @@ class LiveView:
     def stage_end(self, node: str, result: Any) -> None:
         if self.stage_events:
             self.event(node, "failed" if result.error else "staged",
-                       f"{result.outcome}, {human_bytes(result.bytes_sent)}" + (f": {result.error}" if result.error else ""))
+                       f"{result.outcome}, {human_bytes(result.bytes_sent)}"
+                       + (f": {result.error}" if result.error else ""))
 
 
 def first_line(text: str | None, width: int = 60) -> str:
@@ -150,8 +151,10 @@ def show_result(result: Any, as_json: bool) -> None:
             console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; {human_bytes(to_stage)} to stage")
         else:
             console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" in {result.seconds:.0f}s, "
-                          f"{human_bytes(result.bytes_sent)} sent; journal: imagetool history {safe(result.rollout_id)}")
+                          f"{human_bytes(result.bytes_sent)} sent; "
+                          f"journal: imagetool history {safe(result.rollout_id)}")
     if result.exit_code:
         from imagetool.errors import RolloutFailedError
 
-        raise RolloutFailedError(result.reason or f"{result.kind} {result.rollout_id}: not every node reached its target")
+        raise RolloutFailedError(result.reason
+                                 or f"{result.kind} {result.rollout_id}: not every node reached its target")
