@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_fixed
+from tenacity.stop import stop_base
 
 from imagetool import schema
 from imagetool.errors import HostKeyError, ImagetoolError, LockedError, NodeError, UnreachableError, VerificationError
@@ -463,7 +464,7 @@ class HelperNode:
     def wait_for_boot(self, old_boot_id: str | None, timeout: float,
                       cancel: threading.Event | None = None) -> NodeStatus:
         """Reconnect until the node answers `status` with a boot id other than `old_boot_id`."""
-        stop = stop_after_delay(timeout)
+        stop: stop_base = stop_after_delay(timeout)
         if cancel is not None:
             stop = stop | stop_when_event_set(cancel)
 
