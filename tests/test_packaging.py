@@ -146,3 +146,16 @@ def test_python_m_imagetool_runs_every_command(words: tuple[str, ...]) -> None:
                        check=False, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"Usage: python -m imagetool {' '.join(words)} "), r.stdout
+
+
+def test_python_m_imagetool_runs_commands_not_only_their_help(tmp_path: Path) -> None:
+    """keygen does its work, and a lab command's error is the CLI's message and exit code."""
+    def run(*words: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "imagetool", *words], capture_output=True, text=True,
+                              check=False, cwd=REPO)
+
+    r = run("keygen", "--private", str(tmp_path / "k.pem"), "--public", str(tmp_path / "k.pub"))
+    assert r.returncode == 0, r.stderr
+    assert "PRIVATE KEY" in (tmp_path / "k.pem").read_text() and "PUBLIC KEY" in (tmp_path / "k.pub").read_text()
+    r = run("lab", "status", "--lab", "nolab", "--lab-dir", str(tmp_path / "labs"))
+    assert r.returncode == 2 and "error: no lab named 'nolab'" in r.stderr, (r.returncode, r.stderr)
