@@ -281,7 +281,8 @@ def run(args: argparse.Namespace, n: int, small: int, root: Path) -> int:
 
         state = root / "state"
         first = measure(rollout(small_fleet, new, options("small"), state), meter)
-        print(f"rollout to {small} nodes: {first.wall:.1f} s, controller CPU {first.controller_cpu / small * 1000:.2f} ms "
+        print(f"rollout to {small} nodes: {first.wall:.1f} s, "
+              f"controller CPU {first.controller_cpu / small * 1000:.2f} ms "
               f"per node, memory +{first.growth_kib / 1024:.1f} MiB", flush=True)
         big = measure(rollout(fleet, new, options("large"), state, args.profile), meter)
         print(f"rollout to {n} nodes: {big.wall:.1f} s, controller CPU {big.controller_cpu / n * 1000:.2f} ms "
@@ -313,7 +314,8 @@ def run(args: argparse.Namespace, n: int, small: int, root: Path) -> int:
               f"{'done' if big.result.exit_code == 0 else 'FAILED'} on "
               f"{sum(r.outcome == 'done' for r in big.result.nodes)} of {n} nodes in {big.wall:.1f} s")
         for i in sorted(big.batch_starts):
-            print(f"  batch {i:2d} ({big.batch_sizes[i]:4d} nodes): {big.batch_ends.get(i, 0) - big.batch_starts[i]:6.1f} s")
+            took = big.batch_ends.get(i, 0) - big.batch_starts[i]
+            print(f"  batch {i:2d} ({big.batch_sizes[i]:4d} nodes): {took:6.1f} s")
         if args.profile:
             print(f"  (under cProfile: CPU figures include the profiler; stats in {args.profile})")
         print(f"controller CPU per node:          {cpu_ms:7.2f} ms   goal <= {CPU_GOAL_MS:g} ms: "

@@ -20,10 +20,10 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
 
 from imagetool.errors import AlreadyExistsError, BuildError, HostSetupError, NotFoundError
 from imagetool.layout import image_file_names
@@ -58,10 +58,12 @@ Progress = Callable[[str, str], None]  # (step, detail)
 
 
 def elements_dir() -> Path:
-    """The project's elements: $IMAGETOOL_ELEMENTS, or elements/ beside the package."""
+    """The project's elements: $IMAGETOOL_ELEMENTS; else the copy an installed wheel carries inside
+    the package (imagetool/elements/); else elements/ at the top of a checkout (editable install)."""
     explicit = os.environ.get("IMAGETOOL_ELEMENTS")
+    package = Path(__file__).resolve().parent
     candidates = [Path(explicit)] if explicit else []
-    candidates.append(Path(__file__).resolve().parent.parent / "elements")
+    candidates += [package / "elements", package.parent / "elements"]
     for c in candidates:
         if (c / "imagetool-node").is_dir():
             return c
@@ -309,7 +311,7 @@ def make_manifest(release: Release, squashfs: Path, packages: list[Package], epo
         name=release.name,
         version=release.version,
         description=release.description,
-        built_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        built_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         source_date_epoch=epoch,
         release_sha256=hashlib.sha256(release.path.read_bytes()).hexdigest(),
         builder=BuilderInfo(

@@ -351,7 +351,8 @@ def parse_hooks(value: Any, where: Where, run_once: Any, run_once_where: Where) 
         if raw is None:
             continue
         raw = schema.sequence(raw, where / point)
-        specs = [HookSpec(**_hook(item, where / point / i, HOOK_KEYS, f"{point}-{i + 1}")) for i, item in enumerate(raw)]
+        specs = [HookSpec(**_hook(item, where / point / i, HOOK_KEYS, f"{point}-{i + 1}"))
+                 for i, item in enumerate(raw)]
         names = [h.name for h in specs]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:

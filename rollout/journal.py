@@ -128,7 +128,7 @@ class RolloutRecord:
         return "dry-run" if self.dry_run else "ok"
 
     def to_dict(self, events: bool = False) -> dict[str, Any]:
-        d = {"id": self.id, "kind": self.kind, "target": self.target, "command": self.command,
+        d: dict[str, Any] = {"id": self.id, "kind": self.kind, "target": self.target, "command": self.command,
              "owner": self.owner, "nodes": self.nodes, "started": self.started, "ended": self.ended,
              "state": self.state, "exit_code": self.exit_code, "reason": self.reason,
              "resumes": self.resumes, "outcomes": self.outcomes, "journal": str(self.path)}

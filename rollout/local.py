@@ -603,6 +603,7 @@ class LocalTransport:
             if crash is not None or target is None or not target.parent.is_dir():
                 why = crash or f"sh: 1: cannot create {remote}: Directory nonexistent"
                 self._result(command, 2, "", why).check(f"writing {remote}")
+            assert target is not None  # check() raised above otherwise
             room = m.free_bytes()
             fills = m.disk_fills_after is not None and m.disk_fills_after < room
             if fills:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_fixed
+from tenacity.stop import stop_base
 
 from imagetool import schema
 from imagetool.errors import (
@@ -256,9 +257,9 @@ class StageInfo:
     @classmethod
     def from_answer(cls, doc: dict[str, Any], name: str = "?") -> StageInfo:
         w = Where(f"node {name}: imagetool-node stage-info", style="path", error=NodeError)
-        delta = doc.get("delta") if isinstance(doc.get("delta"), dict) else {}
-        seeds = delta.get("seeds") if isinstance(delta.get("seeds"), list) else []
-        partials = delta.get("partials") if isinstance(delta.get("partials"), dict) else {}
+        delta: dict[str, Any] = doc["delta"] if isinstance(doc.get("delta"), dict) else {}
+        seeds: list[Any] = delta["seeds"] if isinstance(delta.get("seeds"), list) else []
+        partials: dict[str, Any] = delta["partials"] if isinstance(delta.get("partials"), dict) else {}
         return cls(present=bool(doc.get("present")), sha256=_opt(doc, w, "sha256", _text),
                    partial_bytes=_count(doc.get("partial_bytes") or 0, w / "partial_bytes"),
                    free_bytes=_count(doc.get("free_bytes") or 0, w / "free_bytes"),
@@ -517,7 +518,7 @@ class HelperNode:
     def wait_for_boot(self, old_boot_id: str | None, timeout: float,
                       cancel: threading.Event | None = None) -> NodeStatus:
         """Reconnect until the node answers `status` with a boot id other than `old_boot_id`."""
-        stop = stop_after_delay(timeout)
+        stop: stop_base = stop_after_delay(timeout)
         if cancel is not None:
             stop = stop | stop_when_event_set(cancel)
 
@@ -536,7 +537,7 @@ class HelperNode:
                 self.transport.close()
                 raise
             if st.boot_id == old_boot_id:
-                raise _SameBoot()
+                raise _SameBoot
             return st
 
         try:
@@ -680,6 +681,7 @@ def for_each(nodes: Sequence[N], fn: Callable[[N], T], parallel: int = 8, *,
 
 
 __all__ = [
-    "BootTimeoutError", "CorruptNodeError", "GroupResult", "HelperError", "NodeVerificationError", "HelperNode", "Node", "NodeImage", "NodeStatus",
+    "BootTimeoutError", "CorruptNodeError", "GroupResult", "HelperError", "NodeVerificationError", "HelperNode", "Node",
+    "NodeImage", "NodeStatus",
     "StageInfo", "for_each", "helper_argv", "incoming_paths", "parse_answer", "ssh_nodes",
 ]

@@ -403,7 +403,8 @@ def _nodes_table(report: Report) -> str:
         first_line = row.reason.splitlines()[0] if row.reason else ""
         out.append(
             f'<tr data-node="{esc(row.name)}"><td>{esc(row.name)}</td><td>{esc(row.batch)}</td>'
-            f'<td class="outcome-cell"><span class="badge" style="background:{OUTCOME_COLOURS.get(row.outcome, "#ccc")}">'
+            f'<td class="outcome-cell">'
+            f'<span class="badge" style="background:{OUTCOME_COLOURS.get(row.outcome, "#ccc")}">'
             f'{esc(row.outcome)}</span></td><td class="num">{esc(_sent(row))}</td>'
             f'<td>{esc(row.from_id or "?")} → {esc(row.to_id or "?")}</td><td class="num">{esc(_duration(took))}</td>'
             f'<td class="why">{esc(first_line)}</td></tr>')
@@ -414,7 +415,7 @@ def _nodes_table(report: Report) -> str:
 def _summary(report: Report) -> str:
     rec = report.record
     begin = next((e for e in rec.events if e.get("event") == "begin"), {})
-    options = begin.get("options") if isinstance(begin.get("options"), dict) else {}
+    options: dict[str, Any] = begin["options"] if isinstance(begin.get("options"), dict) else {}
     outcome = {"ok": "succeeded", "interrupted": "interrupted"}.get(report.state, report.state)
     counts = ", ".join(f"{n} {o}" for o, n in Counter(r.outcome for r in report.rows).items())
     rows = [
@@ -492,7 +493,8 @@ body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color
 h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 h3{font-size:14px;margin:14px 0 6px}
 table{border-collapse:collapse;font-size:13px} th,td{padding:3px 8px;text-align:left;vertical-align:top}
-#summary th{color:#555;font-weight:normal;white-space:nowrap} #nodes thead th,.checks th,.diff th{border-bottom:1px solid #bbb}
+#summary th{color:#555;font-weight:normal;white-space:nowrap}
+#nodes thead th,.checks th,.diff th{border-bottom:1px solid #bbb}
 #nodes tbody tr:nth-child(even){background:#f7f7f7} .num{text-align:right;white-space:nowrap}
 .badge{display:inline-block;padding:0 6px;border-radius:3px;color:#fff;border:1px solid #999}
 .badge[style*="#ffffff"]{color:#222} .why{max-width:420px;overflow-wrap:anywhere}

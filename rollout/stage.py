@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from imagetool.chunks import ChunkStore, DeltaPlan
 from imagetool.errors import ImagetoolError, LockedError, NodeError, UnreachableError, VerificationError
 from imagetool.signing import TrustedKey, load_trusted_keys, signed_by
-from imagetool.chunks import ChunkStore, DeltaPlan
 from imagetool.store import Store, StoredRelease
 from imagetool.units import human_bytes
 from rollout.node import Node, StageInfo, for_each, incoming_paths, under_lock

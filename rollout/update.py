@@ -540,7 +540,7 @@ class Rollout:
                 self.events.step(p.node, Step.ROLLBACK, f"rollback-all: back to {p.from_id}")
 
             def one(node: Node) -> NodeResult:
-                p = back[node.name]
+                p = back[node.name]  # noqa: B023 - runs within this iteration
                 return self.activator.activate(node, p.from_id or "", p.to_id)
 
             for name, got in self._for_each(list(back), one, len(batch)).items():

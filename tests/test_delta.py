@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from imagetool.store import StoredRelease
 from imagetool.chunks import ChunkStore, read_index
+from imagetool.store import StoredRelease
 from rollout.local import LocalMachine, local_nodes
 from rollout.node import HelperNode
 from rollout.stage import stage

@@ -373,7 +373,7 @@ def test_two_controllers_race(cluster, pair):
     codes = sorted(p.returncode for p in procs)
     assert codes in ([0, 0], [0, 8]), (codes, [o[1][-1500:] for o in outs])
     done = {}
-    for (stdout, _), p in zip(outs, procs):
+    for (stdout, _), p in zip(outs, procs, strict=True):
         if p.returncode == 0:
             for r in json.loads(stdout)["nodes"]:
                 if r["outcome"] == "done":

@@ -168,8 +168,8 @@ def test_images_show_and_list_show_manifest_markup_as_text(tmp_path: Path) -> No
         assert "[/x][link=https://evil.example]click[/link]" in r.output and "\x1b" not in r.output
 
 
-@pytest.mark.parametrize("content", ["{broken", "[]", '{"name": "x"}', '{"name": 1, "subnet": "a", "bridge": "b", '
-                                     '"gateway": "c", "release": "d"}'])
+@pytest.mark.parametrize("content", ["{broken", "[]", '{"name": "x"}', ('{"name": 1, "subnet": "a", "bridge": "b", '
+                                      '"gateway": "c", "release": "d"}')])
 def test_a_damaged_lab_record_is_a_clear_error(tmp_path: Path, content: str) -> None:
     lab = tmp_path / "labs" / "t1"
     lab.mkdir(parents=True)

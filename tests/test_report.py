@@ -95,7 +95,7 @@ def test_report_of_a_rollout_with_a_failed_node(runs: Runs, tmp_path: Path) -> N
     assert [p.name for p in rows["n3"].phases] == ["prepare", "stage", "reboot", "health", "rollback"]
     assert [p.name for p in rows["n1"].phases] == ["prepare", "stage", "reboot", "health", "commit"]
     for row in rep.rows:
-        assert all(a.end <= b.start + 1e-9 for a, b in zip(row.phases, row.phases[1:])), row
+        assert all(a.end <= b.start + 1e-9 for a, b in zip(row.phases, row.phases[1:], strict=False)), row
         assert not any(p.open for p in row.phases)
     assert [b.label for b in rep.batches] == ["batch 1 (canary)", "batch 2", "batch 3"]
     assert rep.batches[0].start < rep.batches[1].start < rep.batches[2].start
@@ -249,7 +249,7 @@ def test_the_page_in_a_real_browser(runs: Runs, tmp_path: Path) -> None:
         for node, phases in by_node.items():
             # Left to right in time order, one row per node, inside the drawing.
             assert [p["start"] for p in phases] == sorted(p["start"] for p in phases)
-            assert all(a["x"] < b["x"] for a, b in zip(phases, phases[1:])), node
+            assert all(a["x"] < b["x"] for a, b in zip(phases, phases[1:], strict=False)), node
             assert len({round(p["y"]) for p in phases}) == 1
             assert all(svg["x"] <= p["x"] and p["x"] + p["w"] <= svg["x"] + svg["w"] for p in phases)
         rows = sorted({round(ps[0]["y"]) for ps in by_node.values()})
@@ -265,7 +265,7 @@ def test_the_page_in_a_real_browser(runs: Runs, tmp_path: Path) -> None:
         _, _, pixels = browser.screenshot(rollback["x"] + rollback["w"] / 2 - 1, rollback["y"] + rollback["h"] / 2 - 1,
                                           2, 2)
         red = bytes.fromhex(PHASES["rollback"][1][1:])
-        assert all(abs(a - b) <= 3 for a, b in zip(pixels[0][:3], red)), pixels[0][:3]
+        assert all(abs(a - b) <= 3 for a, b in zip(pixels[0][:3], red, strict=False)), pixels[0][:3]
         commit = next(p for p in by_node["n1"] if p["phase"] == "commit")
         _, _, pixels = browser.screenshot(commit["x"] + commit["w"] / 2 - 1, commit["y"] + commit["h"] / 2 - 1, 2, 2)
         assert abs(pixels[0][0] - red[0]) > 60  # a node that succeeded shows no failure colour

@@ -21,9 +21,9 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console

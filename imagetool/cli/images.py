@@ -31,7 +31,8 @@ from imagetool.cli.common import (
 @click.argument("release_file", type=click.Path(dir_okay=False))
 @store_option
 @click.option("--force", is_flag=True, help="Rebuild a release that is already in the store.")
-@click.option("--sign-key", type=click.Path(dir_okay=False), default=None, help="ed25519 private key (PEM) to sign the manifest.")
+@click.option("--sign-key", type=click.Path(dir_okay=False), default=None,
+              help="ed25519 private key (PEM) to sign the manifest.")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None, help="Scratch space (default /var/tmp).")
 @click.option("--keep-work", is_flag=True, help="Keep the scratch directory (root tree, DIB output).")
 @json_option
@@ -130,8 +131,8 @@ def publish(release: str, store: str | None, to: str, as_json: bool) -> None:
     """Put RELEASE's chunks, index, manifest and signature where nodes fetch them with plain HTTP
     GETs (`stage`/`rollout --source URL`). Chunks shared with releases published before are kept once."""
     from imagetool.chunks import publish as publish_release
-    from rollout.stage import check_release_files
     from imagetool.store import Store, default_store_path, resolve_release
+    from rollout.stage import check_release_files
 
     stored = resolve_release(Store(default_store_path(store)), release)
     check_release_files(stored)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 from rich.table import Table
@@ -25,9 +26,11 @@ from imagetool.cli.common import (
 )
 from imagetool.errors import ImagetoolError
 
-lab_option = click.option("--lab", "lab_name", default="default", show_default=True, help="Lab name (labs coexist by name).")
+lab_option = click.option("--lab", "lab_name", default="default", show_default=True,
+                          help="Lab name (labs coexist by name).")
 lab_root_option = click.option("--lab-dir", type=click.Path(file_okay=False), default=None,
-                               help="Where labs keep their state (default: $IMAGETOOL_LAB_DIR or /var/lib/imagetool-lab).")
+                               help="Where labs keep their state "
+                                    "(default: $IMAGETOOL_LAB_DIR or /var/lib/imagetool-lab).")
 
 
 @main.group()
@@ -44,7 +47,8 @@ def lab() -> None:
 @click.option("--vm-nodes", type=click.IntRange(min=0), default=None, metavar="K",
               help="Make the K highest-numbered nodes VMs, the others containers.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
-              help="VM accelerator; auto: $IMAGETOOL_LAB_ACCEL if set, else KVM if a short probe runs under it, else TCG.")
+              help="VM accelerator; auto: $IMAGETOOL_LAB_ACCEL if set, else KVM if a short probe runs under it, "
+                   "else TCG.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="PEM",
               help="Release signing public key the nodes trust (repeatable), on their /var as `imagetool disk "
                    "--trusted-key` puts it; RELEASE must be signed by one of them.")
@@ -82,7 +86,8 @@ def lab_up(n_nodes: int, release_ref: str, var_size: str, all_vms: bool, vm_node
         return
     out.print(f"inventory:   {safe(the_lab.inventory)}\nknown_hosts: {safe(the_lab.known_hosts)}")
     n = the_lab.nodes[0]
-    out.print(f"try: ssh -i {safe(the_lab.key)} -o UserKnownHostsFile={safe(the_lab.known_hosts)} root@{safe(n.address)}")
+    out.print(f"try: ssh -i {safe(the_lab.key)} -o UserKnownHostsFile={safe(the_lab.known_hosts)} "
+              f"root@{safe(n.address)}")
 
 
 @lab.command("status")
@@ -158,12 +163,12 @@ def _on_node(node: str, fn: Callable[[], Any]) -> Any:
         raise
 
 
-_lab_node_command("reset", "Hard reset NODE (no clean shutdown); it boots again.", lambda m, l, n: m.reset(l, n))
-_lab_node_command("kill", "Crash NODE: it stays down until `lab start`.", lambda m, l, n: m.kill(l, n))
-_lab_node_command("start", "Power NODE on.", lambda m, l, n: m.start(l, n))
-_lab_node_command("cut", "Cut NODE's network.", lambda m, l, n: m.cut(l, n))
-_lab_node_command("heal", "Restore NODE's network.", lambda m, l, n: m.heal(l, n))
-_lab_node_command("unfill", "Remove the filler from NODE's /var.", lambda m, l, n: m.unfill(l, n))
+_lab_node_command("reset", "Hard reset NODE (no clean shutdown); it boots again.", lambda m, lab, n: m.reset(lab, n))
+_lab_node_command("kill", "Crash NODE: it stays down until `lab start`.", lambda m, lab, n: m.kill(lab, n))
+_lab_node_command("start", "Power NODE on.", lambda m, lab, n: m.start(lab, n))
+_lab_node_command("cut", "Cut NODE's network.", lambda m, lab, n: m.cut(lab, n))
+_lab_node_command("heal", "Restore NODE's network.", lambda m, lab, n: m.heal(lab, n))
+_lab_node_command("unfill", "Remove the filler from NODE's /var.", lambda m, lab, n: m.unfill(lab, n))
 
 
 @lab.command("fill")

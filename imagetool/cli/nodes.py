@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 from rich.table import Table
@@ -73,8 +73,8 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     options = [
         click.option("--batch", "batches", default=DEFAULT_BATCHES, show_default=True,
-                     help="Batch sizes, Ansible serial style: '1,2,25%' (the last repeats; percentages of the nodes that "
-                          "move). The first batch is the canary."),
+                     help="Batch sizes, Ansible serial style: '1,2,25%' (the last repeats; percentages of the "
+                          "nodes that move). The first batch is the canary."),
         click.option("--pause", type=Seconds(0), default=0, show_default=True, help="Seconds between batches."),
         click.option("--max-failures", default="0", show_default=True, metavar="N|P%",
                      help="Failed nodes tolerated (over the whole run) before stopping."),
@@ -87,7 +87,8 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--health-timeout", type=Seconds(0), default=120, show_default=True,
                      help="Seconds a freshly booted node may take to become healthy."),
         *check_options(),
-        click.option("--rollout-id", default=None, help="Carry on an interrupted run under its id (its locks are taken over when its controller "
+        click.option("--rollout-id", default=None,
+                     help="Carry on an interrupted run under its id (its locks are taken over when its controller "
                           "process is provably gone, else with --break-lock)."),
         click.option("--break-lock", is_flag=True,
                      help="Take over node locks of other runs older than --lock-max-age (says whose it broke)."),
@@ -145,12 +146,12 @@ def _command_line() -> str:
 def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[str, ...], limit: tuple[str, ...],
           parallel: int, delta: bool, source: str | None, accept_new_host_keys: bool, as_json: bool) -> None:
     """Copy RELEASE to the nodes without disturbing them (skips nodes that have it, resumes partial copies)."""
+    from imagetool.chunks import check_source
     from imagetool.errors import LockedError, NodeError, UnreachableError, VerificationError
     from imagetool.store import Store, default_store_path, resolve_release
     from rollout.fleet import open_nodes
     from rollout.inventory import load_inventory
     from rollout.locks import default_owner, new_rollout_id
-    from imagetool.chunks import check_source
     from rollout.stage import stage_all
 
     stored = resolve_release(Store(default_store_path(store)), release)
@@ -214,7 +215,8 @@ def rollout(release: str, inventory: str, store: str | None, as_json: bool, **kw
 
 @main.command()
 @inventory_option
-@click.option("--to", "to", default=None, metavar="RELEASE", help="Roll back to this release (staged on the nodes) instead of each node's previous one.")
+@click.option("--to", "to", default=None, metavar="RELEASE",
+              help="Roll back to this release (staged on the nodes) instead of each node's previous one.")
 @rollout_options
 @handle_errors
 def rollback(inventory: str, to: str | None, as_json: bool, **kw: Any) -> None:
@@ -349,7 +351,8 @@ def history(rollout_id: str | None, count: int, as_json: bool) -> None:
             detail = {"plan": lambda e: f"{e.get('action')}: {e.get('reason')}",
                       "hook": lambda e: f"{e.get('point')} {e.get('hook')}: exit {e.get('exit_status')}",
                       "takeover": lambda e: f"took over the lock of {e.get('rollout')}: {e.get('why')}"}[kind](ev)
-            t.add_row(safe(str(ev.get("time", ""))[11:23]), safe(ev.get("node")), kind, "", safe(first_line(detail, 100)))
+            t.add_row(safe(str(ev.get("time", ""))[11:23]), safe(ev.get("node")), kind, "",
+                      safe(first_line(detail, 100)))
     out.print(t)
 
 
@@ -414,7 +417,8 @@ def status(inventory: str, limit: tuple[str, ...], no_health: bool, parallel: in
             for r in reports:
                 s = r.status
                 if s is None:
-                    t.add_row(safe(r.name), f"[bold red]{state(r)}[/]: {safe(r.error or '')}", "", "", "", "", "", "", "")
+                    t.add_row(safe(r.name), f"[bold red]{state(r)}[/]: {safe(r.error or '')}",
+                              "", "", "", "", "", "", "")
                     continue
                 booted = safe(s.booted or "-")
                 if s.booted != s.committed:

@@ -215,10 +215,12 @@ def show_result(result: Any, as_json: bool) -> None:
             console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; {human_bytes(to_stage)} to stage")
         else:
             console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" in {result.seconds:.0f}s, "
-                          f"{sent_of(result.bytes_sent, result.full_bytes)} sent; journal: imagetool history {safe(result.rollout_id)}")
+                          f"{sent_of(result.bytes_sent, result.full_bytes)} sent; "
+                          f"journal: imagetool history {safe(result.rollout_id)}")
     if result.exit_code:
         from imagetool.errors import RolloutFailedError
         from rollout.policy import OK_OUTCOMES
 
-        raise RolloutFailedError(result.reason or f"{result.kind} {result.rollout_id}: not every node reached its target",
+        raise RolloutFailedError(result.reason
+                                 or f"{result.kind} {result.rollout_id}: not every node reached its target",
                                  nodes=[r.node for r in result.nodes if r.outcome not in OK_OUTCOMES])
