@@ -149,6 +149,37 @@ def clamp_mtimes(tree: Path, epoch: int) -> int:
     return changed
 
 
+# The shadow files whose "last password change" field is the day the account was made.
+SHADOW_FILES = ("etc/shadow", "etc/shadow-")
+
+
+def clamp_password_dates(tree: Path, epoch: int) -> int:
+    """Clamp each account's last-change day (shadow's third field) to SOURCE_DATE_EPOCH's day.
+
+    The accounts debootstrap makes carry the build's own day: diskimage-builder runs debootstrap
+    through `sudo sh -c`, which drops SOURCE_DATE_EPOCH, so passwd stamps today (accounts that
+    packages add later, in the chroot, get the epoch's day). Two builds on different days would
+    otherwise differ in /etc/shadow. Returns the number of entries changed.
+    """
+    day = epoch // 86400
+    changed = 0
+    for rel in SHADOW_FILES:
+        path = tree / rel
+        if not path.is_file() or path.is_symlink():
+            continue
+        lines = path.read_bytes().split(b"\n")
+        for i, line in enumerate(lines):
+            fields = line.split(b":")
+            if len(fields) >= 3 and fields[2].isdigit() and int(fields[2]) > day:
+                fields[2] = str(day).encode()
+                lines[i] = b":".join(fields)
+                changed += 1
+        with open(path, "r+b") as f:  # in place: the file keeps its owner and mode
+            f.write(b"\n".join(lines))
+            f.truncate()
+    return changed
+
+
 # diskimage-builder's tar leaves out the API filesystems' mount points; a root needs them.
 MOUNT_POINTS = {"proc": 0o555, "sys": 0o555, "dev": 0o755, "run": 0o755, "tmp": 0o1777, "var": 0o755}
 
@@ -262,6 +293,7 @@ def _build_locked(release: Release, store: Store, options: BuildOptions, progres
             remove_build_noise(tree)
             ensure_mount_points(tree)
             if epoch is not None:
+                clamp_password_dates(tree, epoch)
                 clamp_mtimes(tree, epoch)
 
             progress("squashfs", release.squashfs.compression)

@@ -71,3 +71,21 @@ def test_build_noise_and_leftover_device_nodes_are_removed(tmp_path):
     ensure_mount_points(tmp_path)
     assert sorted(removed) == ["dev/loop19", "var/lib/apt/lists/x_Packages", "var/log/dpkg.log"]
     assert (tmp_path / "etc/keep").exists() and (tmp_path / "dev").is_dir() and (tmp_path / "proc").is_dir()
+
+
+def test_password_dates_are_clamped_to_the_epoch_day(tmp_path):
+    from imagetool.build import clamp_password_dates
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    epoch_day = 1763856000 // 86400
+    shadow = etc / "shadow"
+    shadow.write_text(f"root:*:{epoch_day + 368}:0:99999:7:::\nsshd:!:{epoch_day - 3}::::::\nodd:x\nnone:*::0:99999:7:::\n")
+    shadow.chmod(0o640)
+    (etc / "shadow-").write_text(f"root:*:{epoch_day + 368}:0:99999:7:::\n")
+    assert clamp_password_dates(tmp_path, 1763856000) == 2
+    assert shadow.read_text() == (f"root:*:{epoch_day}:0:99999:7:::\nsshd:!:{epoch_day - 3}::::::\nodd:x\n"
+                                  "none:*::0:99999:7:::\n")
+    assert (etc / "shadow-").read_text() == f"root:*:{epoch_day}:0:99999:7:::\n"
+    assert shadow.stat().st_mode & 0o777 == 0o640
+    assert clamp_password_dates(tmp_path / "nothing-here", 1763856000) == 0
