@@ -11,12 +11,14 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import platform
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import time
@@ -146,6 +148,40 @@ def clamp_mtimes(tree: Path, epoch: int) -> int:
             if st.st_mtime > epoch:
                 os.utime(path, (epoch, epoch), follow_symlinks=False)
                 changed += 1
+    return changed
+
+
+def clamp_pyc_source_times(tree: Path, epoch: int) -> int:
+    """Keep timestamp-checked .pyc files valid when clamp_mtimes clamps their sources.
+
+    Such a .pyc records its source's mtime and size, and Python recompiles the module when the
+    source's differ. Packages built after SOURCE_DATE_EPOCH (Python's own standard library, for
+    one) ship sources newer than the epoch; clamping them made their .pyc stale, so every Python
+    process on a node (the node helper, health checks) recompiled what it imports, in memory, on
+    a read-only root. A .pyc that matched its source gets the clamped time too; one that did not
+    stays as it was (stale either way). Returns the number of .pyc files changed.
+    """
+    changed = 0
+    for pyc in tree.rglob("__pycache__/*.pyc"):
+        if pyc.is_symlink() or not pyc.is_file():
+            continue
+        try:
+            source = Path(importlib.util.source_from_cache(str(pyc)))
+            src = os.lstat(source)
+        except (ValueError, OSError):
+            continue
+        with open(pyc, "r+b") as f:
+            header = f.read(16)
+            if len(header) < 16:
+                continue
+            flags, mtime, size = struct.unpack("<III", header[4:16])
+            if flags != 0 or mtime <= epoch:  # hash-checked, or not clamped
+                continue
+            if mtime != int(src.st_mtime) & 0xFFFFFFFF or size != src.st_size & 0xFFFFFFFF:
+                continue
+            f.seek(8)
+            f.write(struct.pack("<I", epoch))
+            changed += 1
     return changed
 
 
@@ -294,6 +330,7 @@ def _build_locked(release: Release, store: Store, options: BuildOptions, progres
             ensure_mount_points(tree)
             if epoch is not None:
                 clamp_password_dates(tree, epoch)
+                clamp_pyc_source_times(tree, epoch)  # before clamp_mtimes: it compares with the sources
                 clamp_mtimes(tree, epoch)
 
             progress("squashfs", release.squashfs.compression)
