@@ -4,7 +4,9 @@ own, against the session's webapp-1 (tests/conftest.py), which may be hours or d
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,9 +39,10 @@ def initramfs(release: StoredRelease) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def rebuilt(release1, tmp_path_factory) -> StoredRelease:
-    store = Store(tmp_path_factory.mktemp("rebuild-store"))
-    return build(load_release(EXAMPLES / "webapp-1.yaml"), store, BuildOptions())
+def rebuilt(release1, tmp_path_factory) -> Iterator[StoredRelease]:
+    store_dir = tmp_path_factory.mktemp("rebuild-store")
+    yield build(load_release(EXAMPLES / "webapp-1.yaml"), Store(store_dir), BuildOptions())
+    shutil.rmtree(store_dir)  # an image and its chunks: 600 MB that no later test reads
 
 
 def test_a_rebuild_of_the_same_release_differs_in_at_most_one_percent_of_its_bytes(release1, rebuilt):
