@@ -514,9 +514,12 @@ class Rollout:
                     self.events.step(p.node, Step.PLANNED, f"batch {i}: {p.from_id} → {p.to_id}: {detail}")
                     results[p.node] = NodeResult(p.node, "planned", p.from_id, p.to_id, batch=i,
                                                  detail=detail, stage_bytes=p.stage_bytes)
-            failed = [r for r in before.values() if r.failed]
+            failed = [r.node for r in before.values() if r.failed]
             if decision != "continue":
-                reason = f"the rollout would stop: {self._before_reason(len(failed))}"
+                reason = f"the rollout would stop before any reboot: {self._before_reason(len(failed))}"
+            elif failed:
+                reason = (f"{len(failed)} node(s) cannot take part ({', '.join(failed)}); within what --max-failures "
+                          f"{o.max_failures} tolerates of all selected nodes, the rollout would go on without them")
             return self._result(kind, target, plan, results, batches, False, reason, start)
 
         batches_left = batches
