@@ -358,3 +358,48 @@ def test_ctrl_c_while_waiting_releases_the_locks(release: StoredRelease, fleet: 
         approving(nodes, release, tmp_path, None)
     assert all(state(n).lock is None for n in nodes)
     assert [state(n).committed for n in nodes] == [NEW, OLD]
+
+
+@pytest.mark.parametrize("typed, verdict", [("y\n", "approved"), ("n\n", "rejected")])
+def test_answered_at_the_rollouts_own_terminal(release: StoredRelease, fleet: Fleet, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, typed: str, verdict: str) -> None:
+    """With a terminal on stdin the command asks y/n itself and writes the answer where every
+    answer goes."""
+    import io
+
+    from imagetool.cli import nodes as cli_nodes
+    from imagetool.cli.view import LiveView
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal(typed))
+    nodes = fleet(2)
+    opts = options(batches="1", approve=True, state_dir=str(tmp_path))
+    view = LiveView([n.name for n in nodes], "rollout")
+    listener = cli_nodes._asking(view, opts)
+    assert opts.rollout_id is not None  # fixed before the run, so the answer file is known
+    result = Rollout(nodes, opts, events=listener).run(release)
+    assert result.approval == verdict
+    assert outcomes(result) == (["done", "done"] if verdict == "approved" else ["done", "not-started"])
+
+
+def test_a_plan_shows_unreachable_nodes_and_what_the_rollout_would_do(release: StoredRelease, fleet: Fleet) -> None:
+    nodes = fleet(3)
+    machine(nodes[1]).network_cut = True
+    plan = Rollout(nodes, options(dry_run=True)).run(release)
+    assert outcomes(plan) == ["planned", "unreachable", "planned"] and plan.exit_code == 3
+    assert (plan.reason or "").startswith("the rollout would stop before any reboot: 1 of 3 node(s) failed")
+    within = Rollout(nodes, options(dry_run=True, max_failures="1")).run(release)
+    assert "the rollout would go on without them" in (within.reason or "") and "n2" in (within.reason or "")
+
+
+def test_a_rollback_goes_on_without_an_unreachable_node(release: StoredRelease, fleet: Fleet) -> None:
+    nodes = fleet(3)
+    assert Rollout(nodes, options()).run(release).exit_code == 0
+    machine(nodes[1]).network_cut = True
+    result = Rollout(nodes, options(batches="1", max_failures="1")).rollback()
+    assert outcomes(result) == ["done", "unreachable", "done"] and result.exit_code == 3
+    machine(nodes[1]).network_cut = False
+    assert [state(n).committed for n in nodes] == [OLD, NEW, OLD]
