@@ -70,11 +70,11 @@ __all__ = [
 
 # The largest value each option in seconds may take: a day for waits (a node that has not booted
 # or settled in a day will not), ten years for lock ages (an old lock is still a lock).
-# Seconds between the lines a --pause of up to two minutes prints while it runs.
-PAUSE_TICK = 10.0
-
 LIMITS = {"pause": 86400.0, "confirm_timeout": 86400.0, "boot_timeout": 86400.0, "health_timeout": 86400.0,
           "health_interval": 3600.0, "lock_max_age": 10 * 365 * 86400.0}
+
+# Seconds between the lines a --pause of up to two minutes prints while it runs (a minute beyond).
+PAUSE_TICK = 10.0
 
 
 @dataclass

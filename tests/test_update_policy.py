@@ -54,8 +54,9 @@ def outcomes(result: RolloutResult) -> list[str]:
 
 
 def cli_rollout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, release: StoredRelease, nodes: list[HelperNode],
-                *args: str) -> tuple[int, dict]:
-    """`imagetool rollout ... --json` over these local nodes (the inventory names them)."""
+                *args: str) -> tuple[int, dict, str]:
+    """`imagetool rollout ... --json` over these local nodes (the inventory names them): exit code,
+    JSON, what it said on stderr."""
     inv = tmp_path / "inv.yaml"
     inv.write_text("nodes:\n" + "".join(f"  {n.name}: {{host: 10.0.0.{i}}}\n" for i, n in enumerate(nodes, 1)))
     by_name = {n.name: n for n in nodes}
@@ -63,7 +64,7 @@ def cli_rollout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, release: Stored
     monkeypatch.setenv("IMAGETOOL_STATE_DIR", str(tmp_path / "state"))
     r = CliRunner().invoke(main, ["rollout", NEW, "--store", str(release.manifest_path.parent), "-i", str(inv),
                                   "--health-timeout", "0", "--json", *args])
-    return r.exit_code, json.loads(r.stdout)
+    return r.exit_code, json.loads(r.stdout), r.stderr
 
 
 # --- a node out of reach is a failed node -------------------------------------------------------------
@@ -112,7 +113,7 @@ def test_every_node_unreachable_exits_4(release: StoredRelease, fleet: Fleet, tm
         machine(n).network_cut = True
     result = Rollout(nodes, options(max_failures="100%")).run(release)
     assert outcomes(result) == ["unreachable", "unreachable"] and result.exit_code == 4
-    code, doc = cli_rollout(monkeypatch, tmp_path, release, nodes)
+    code, doc, _ = cli_rollout(monkeypatch, tmp_path, release, nodes)
     assert code == 4 and doc["exit_code"] == 4
     assert [n["outcome"] for n in doc["nodes"]] == ["unreachable", "unreachable"]
     assert "all 2 node(s) unreachable" in doc["reason"]
@@ -403,3 +404,36 @@ def test_a_rollback_goes_on_without_an_unreachable_node(release: StoredRelease, 
     assert outcomes(result) == ["done", "unreachable", "done"] and result.exit_code == 3
     machine(nodes[1]).network_cut = False
     assert [state(n).committed for n in nodes] == [OLD, NEW, OLD]
+
+
+def test_the_command_exits_9_when_rejected(release: StoredRelease, fleet: Fleet, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """No terminal (CI): the command prints how to approve, and a rejection written into the
+    approval file ends it with exit 9, the later nodes untouched."""
+    from tests.conftest import wait_for
+
+    nodes = fleet(2)
+    journal = tmp_path / "state/rollouts/r-ci.jsonl"
+
+    def ci_job() -> None:
+        assert wait_for(lambda: journal.exists() and '"step": "approve"' in journal.read_text(), 120, 0.1)
+        approval_path(tmp_path / "state", "r-ci").write_text("reject\n")
+
+    job = threading.Thread(target=ci_job)
+    job.start()
+    code, doc, said = cli_rollout(monkeypatch, tmp_path, release, nodes, "--batch", "1", "--approve",
+                                  "--rollout-id", "r-ci")
+    job.join()
+    assert code == 9 and doc["exit_code"] == 9 and doc["approval"] == "rejected", doc
+    assert "imagetool approve r-ci" in said and str(approval_path(tmp_path / "state", "r-ci")) in said, said
+    assert "rejected by the operator after the canary" in said
+    assert [n["outcome"] for n in doc["nodes"]] == ["done", "not-started"]
+
+
+def test_approve_timeout_must_be_a_positive_number_of_seconds() -> None:
+    from imagetool.errors import InputError
+    from rollout.update import RolloutOptions
+
+    for bad in (0, -1, float("nan"), float("inf"), True):
+        with pytest.raises(InputError, match="--approve-timeout"):
+            RolloutOptions(approve=True, approve_timeout=bad)  # type: ignore[arg-type]
