@@ -90,6 +90,8 @@ class RolloutOptions:
     health_interval: float = 2.0
     # Nodes staged (or connected to) at once; a batch's nodes always activate together.
     parallel: int = 4
+    # Stage by delta where a node holds images to take chunks from (rollout.delta).
+    delta: bool = True
     dry_run: bool = False
     accept_new_host_keys: bool = False
     # The id of an interrupted rollout, to carry it on under that id. Its locks are still another
@@ -161,6 +163,9 @@ class RolloutResult:
     seconds: float = 0.0
     # With --approve, the operator's answer after the canary: approved, rejected, timed-out.
     approval: Verdict | None = None
+    # What sending every staged node its whole image would have cost: bytes_sent against this
+    # says what delta staging saved.
+    full_bytes: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -178,7 +183,7 @@ class RolloutResult:
             "rollout_id": self.rollout_id, "kind": self.kind, "target": self.target,
             "exit_code": self.exit_code, "stopped": self.stopped, "reason": self.reason,
             "dry_run": self.dry_run, "seconds": round(self.seconds, 1), "bytes_sent": self.bytes_sent,
-            "approval": self.approval,
+            "approval": self.approval, "full_bytes": self.full_bytes,
             "batches": self.batches, "nodes": [r.to_dict() for r in self.nodes],
         }
 
@@ -209,6 +214,7 @@ class Rollout:
         self._progress = progress
         self._cancel = threading.Event()
         self._locked: list[Node] = []
+        self._full_bytes = 0
         o = self.options
         self.approval_file = approval_path(state_dir(o.state_dir), self.rollout_id)
         self.trusted_keys = [*trusted_keys, *o.trusted_keys]
@@ -470,7 +476,9 @@ class Rollout:
             return plan, {}, {}
         for name in todo:
             self.events.step(name, Step.STAGE, release.id)
-        report = stage_all([self.nodes[n] for n in todo], release, self.options.parallel, self._progress)
+        report = stage_all([self.nodes[n] for n in todo], release, self.options.parallel, self._progress,
+                           delta=self.options.delta)
+        self._full_bytes += sum(r.image_bytes for r in report.results.values() if r.mode)
         staged: list[NodePlan] = []
         failed: dict[str, NodeResult] = {}
         for p in plan:
@@ -486,7 +494,8 @@ class Rollout:
                                             r.seconds, why, r.bytes_sent)
                 p = p.failed(why)
             elif r is not None:
-                self.events.step(p.node, Step.STAGE, f"{r.outcome}, {r.bytes_sent} bytes")
+                how = f" ({r.mode}, image {r.image_bytes} bytes)" if r.mode else ""
+                self.events.step(p.node, Step.STAGE, f"{r.outcome}, {r.bytes_sent} bytes{how}")
             staged.append(p)
         return staged, failed, {name: r.bytes_sent for name, r in report.results.items()}
 
@@ -674,7 +683,7 @@ class Rollout:
         return RolloutResult(
             rollout_id=self.rollout_id, kind=kind, target=target, nodes=ordered,
             batches=[[p.node for p in b] for b in batches], stopped=stopped, reason=reason,
-            dry_run=self.options.dry_run, seconds=time.monotonic() - start,
+            dry_run=self.options.dry_run, seconds=time.monotonic() - start, full_bytes=self._full_bytes,
         )
 
 
