@@ -325,6 +325,13 @@ def test_reject_with_the_approve_command_then_it_refuses_an_ended_rollout(
     assert got == [0] and result.exit_code == 9 and outcomes(result) == ["done", "not-started"]
     late = CliRunner().invoke(main, ["approve", "r-approve"])
     assert late.exit_code == 2 and "has ended" in late.output
+    # A rollout still running, but without --approve, waits for no answer.
+    plain_journal = Journal(tmp_path, "r-plain")
+    plain_journal.write("begin", kind="rollout", options={"approve": False})
+    plain_journal.close()
+    plain = CliRunner().invoke(main, ["approve", "r-plain"])
+    assert plain.exit_code == 2 and "runs without --approve" in plain.output
+    assert not approval_path(tmp_path, "r-plain").exists()
 
 
 def test_no_answer_within_the_timeout_stops(release: StoredRelease, fleet: Fleet, tmp_path: Path) -> None:

@@ -242,6 +242,9 @@ def approve(rollout_id: str, reject: bool) -> None:
     rec = find_record(directory, rollout_id)
     if rec.ended is not None:
         raise InputError(f"rollout {rec.id} has ended ({rec.state}): nothing waits for an answer")
+    begin = next((e for e in rec.events if e.get("event") == "begin"), {})
+    if rec.dry_run or not (begin.get("options") or {}).get("approve"):
+        raise InputError(f"rollout {rec.id} runs without --approve: nothing waits for an answer")
     path = approval_path(directory, rec.id)
     answer(path, "reject" if reject else "approve")
     console.print(f"{'rejected' if reject else 'approved'}: rollout {safe(rec.id)} ({safe(path)})", highlight=False)
