@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from imagetool.build import BuildOptions, build  # noqa: E402
+from imagetool.chunks import read_index  # noqa: E402
 from imagetool.release import load_release  # noqa: E402
 from imagetool.store import Store  # noqa: E402
-from rollout.delta import read_index
 
 
 def file_table(root: Path) -> dict[str, tuple]:
@@ -49,7 +49,7 @@ def file_table(root: Path) -> dict[str, tuple]:
 
 def casync_chunks(image: Path, chunk_store: Path) -> list:
     """The image's content-defined chunks as casync cuts them (~64 KiB average): what delta
-    staging (rollout/delta.py) sends a node that lacks them."""
+    staging (imagetool/chunks.py) sends a node that lacks them."""
     index = chunk_store / f"{image.name}.{os.getpid()}.caibx"
     subprocess.run(["casync", "make", f"--store={chunk_store / 'chunks'}", str(index), str(image)],
                    check=True, stdout=subprocess.DEVNULL)

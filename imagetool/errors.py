@@ -91,6 +91,13 @@ class LockedError(ImagetoolError):
     exit_code = 8
 
 
+class NotApprovedError(ImagetoolError):
+    """A rollout run with --approve stopped after its canary: the operator rejected going on, or
+    no answer came within --approve-timeout. The nodes after the canary were not touched."""
+
+    exit_code = 9
+
+
 class NodeError(ImagetoolError):
     """A node helper command failed on the node."""
 
@@ -118,10 +125,11 @@ EXIT_CODES = {
     2: "bad input (release file, inventory, name or option)",
     3: "rollout or rollback: nodes failed (a node refusing the image included) and were put back where possible; "
        "status: a node is unhealthy",
-    4: "nodes unreachable (status: a node is unreachable)",
+    4: "nodes unreachable (a rollout or rollback: every selected node; status: a node is unreachable)",
     5: "verification failed (sha256 or signature): verify, disk, stage, or a release refused before any node",
     6: "build failed",
     7: "missing system tool or privilege",
     8: "node locked by another rollout",
+    9: "rollout stopped after the canary: approval rejected or timed out (--approve); later nodes untouched",
     130: "interrupted (Ctrl-C); nodes in flight were put back",
 }

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from imagetool.errors import ImagetoolError, NodeError, VerificationError
+from imagetool.errors import ImagetoolError, NodeError, UnreachableError, VerificationError
 from rollout.events import Events, Step
 from rollout.health import HealthGate, HealthGateError, HealthReport, check_node
 from rollout.hooks import Hooks, HookSpec, hook_env, run_hook
@@ -39,6 +39,10 @@ class UndoStack:
 
     def clear(self) -> None:
         self._steps.clear()
+
+    @property
+    def empty(self) -> bool:
+        return not self._steps
 
     def unwind(self) -> list[str]:
         """Run every undo step, newest first; a failing step does not stop the others.
@@ -119,6 +123,8 @@ class Activator:
             step(name, Step.DONE, f"{committed} → {target}")
             return NodeResult(name, "done", committed, target, time.monotonic() - start)
         except BaseException as e:
+            # Unreachable before its boot was touched: nothing to put back on the node.
+            unreached = isinstance(e, UnreachableError) and undo.empty
             step(name, Step.ROLLBACK, f"{e}")
             problems = undo.unwind()
             if not isinstance(e, Exception):
@@ -135,6 +141,10 @@ class Activator:
                 step(name, Step.FAILED, "; ".join(problems))
                 return NodeResult(name, "failed", committed, target, time.monotonic() - start,
                                   f"{why}; putting it back failed: {'; '.join(problems)}")
+            if unreached:
+                step(name, Step.UNREACHABLE, why)
+                return NodeResult(name, "unreachable", committed, target, time.monotonic() - start,
+                                  f"{why}; nothing was done on it")
             step(name, Step.ROLLED_BACK, f"back on {committed}")
             return NodeResult(name, "rolled-back", committed, target, time.monotonic() - start, why)
 

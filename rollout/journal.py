@@ -32,7 +32,7 @@ from imagetool.errors import InputError
 ROLLOUT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Steps that end a node's part in a rollout; their outcome is the step itself.
-FINAL_STEPS = {"done", "skipped", "failed", "rolled-back", "not-started", "planned"}
+FINAL_STEPS = {"done", "skipped", "failed", "rolled-back", "unreachable", "not-started", "planned"}
 
 
 def check_rollout_id(value: str, where: str = "rollout id") -> str:

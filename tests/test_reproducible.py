@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from imagetool.build import BuildOptions, build
+from imagetool.chunks import ChunkStore
 from imagetool.release import load_release
 from imagetool.store import Store, StoredRelease
-from rollout.delta import ChunkStore
 from tests.conftest import EXAMPLES
 
 pytestmark = pytest.mark.build

@@ -77,7 +77,16 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "nodes that move). The first batch is the canary."),
         click.option("--pause", type=Seconds(0), default=0, show_default=True, help="Seconds between batches."),
         click.option("--max-failures", default="0", show_default=True, metavar="N|P%",
-                     help="Failed nodes tolerated (over the whole run) before stopping."),
+                     help="Failed nodes tolerated per batch (P% of that batch's size, rounded down, as Ansible's "
+                          "max_fail_percentage): the run stops when a batch's failures exceed it."),
+        click.option("--canary-failures-allowed", is_flag=True,
+                     help="A failure in the canary (first) batch does not stop the run by itself: the canary is "
+                          "judged by --max-failures like any batch."),
+        click.option("--approve", is_flag=True,
+                     help="After the canary batch, wait (locks held) for the operator: y/n here, "
+                          "`imagetool approve ID [--reject]`, or approve/reject written into the approval file."),
+        click.option("--approve-timeout", type=Seconds(1, 7 * 86400), default=None, metavar="S",
+                     help="Stop (not go on) when no approval came within S seconds."),
         click.option("--on-failure", type=click.Choice(["rollback-node", "rollback-all"]), default="rollback-node",
                      show_default=True, help="When stopping: leave moved nodes, or move every one back too."),
         click.option("--confirm-timeout", type=Seconds(1), default=300, show_default=True,
@@ -209,8 +218,64 @@ def rollout(release: str, inventory: str, store: str | None, as_json: bool, **kw
     options = _make_options(kw, _command_line())
     names = [n.name for n in select(inv.nodes, options.limit)]
     with LiveView(names, f"rollout {stored.id}") as view:
-        result = run_rollout(stored, inv, options, events=view.event, progress=view)
+        result = run_rollout(stored, inv, options, events=_asking(view, options), progress=view)
     show_result(result, as_json)
+
+
+def _asking(view: LiveView, options: Any) -> Callable[[str, str, str], None]:
+    """The view's event receiver; with --approve and a terminal on stdin, it also asks y/n there
+    when the rollout waits for approval, and writes the answer where every answer goes
+    (rollout.approval). The rollout id is fixed here so the answer file is known."""
+    import threading
+
+    from rollout.approval import answer, approval_path
+    from rollout.journal import state_dir
+    from rollout.locks import new_rollout_id
+
+    if not options.approve or options.dry_run or not sys.stdin.isatty():
+        return view.event
+    options.rollout_id = options.rollout_id or new_rollout_id()
+    path = approval_path(state_dir(options.state_dir), options.rollout_id)
+
+    def ask(detail: str) -> None:
+        if view.live is not None:
+            view.live.stop()
+            console.print(safe(detail), highlight=False)
+        yes = click.confirm("go on after the canary?", default=None, err=True)
+        answer(path, "approve" if yes else "reject")
+
+    def event(node: str, step: str, detail: str) -> None:
+        if node == "*" and step == "approve" and detail.startswith("waiting"):
+            view.event(node, step, detail)
+            threading.Thread(target=ask, args=(detail,), daemon=True).start()
+            return
+        if view.live is not None and not view.live.is_started:
+            view.live.start()
+        view.event(node, step, detail)
+
+    return event
+
+
+@main.command()
+@click.argument("rollout_id")
+@click.option("--reject", is_flag=True, help="Stop the rollout instead: the nodes after the canary stay untouched.")
+@handle_errors
+def approve(rollout_id: str, reject: bool) -> None:
+    """Let a rollout waiting after its canary (--approve) go on, or stop it with --reject."""
+    from imagetool.errors import InputError
+    from rollout.approval import answer, approval_path
+    from rollout.journal import find_record, state_dir
+
+    directory = state_dir()
+    rec = find_record(directory, rollout_id)
+    if rec.ended is not None:
+        raise InputError(f"rollout {rec.id} has ended ({rec.state}): nothing waits for an answer")
+    begin = next((e for e in rec.events if e.get("event") == "begin"), {})
+    if rec.dry_run or not (begin.get("options") or {}).get("approve"):
+        raise InputError(f"rollout {rec.id} runs without --approve: nothing waits for an answer")
+    path = approval_path(directory, rec.id)
+    answer(path, "reject" if reject else "approve")
+    console.print(f"{'rejected' if reject else 'approved'}: rollout {safe(rec.id)} ({safe(path)})", highlight=False)
 
 
 @main.command()
@@ -229,7 +294,7 @@ def rollback(inventory: str, to: str | None, as_json: bool, **kw: Any) -> None:
     options = _make_options(kw, _command_line())
     names = [n.name for n in select(inv.nodes, options.limit)]
     with LiveView(names, "rollback" + (f" to {to}" if to else "")) as view:
-        result = run_rollback(inv, options, to=to, events=view.event)
+        result = run_rollback(inv, options, to=to, events=_asking(view, options))
     show_result(result, as_json)
 
 

@@ -46,6 +46,8 @@ class LiveView:
         self.lines = self.shown and (not self.interactive or verbosity.verbose)
         self.live: Any = None
         self.ticker: Ticker | None = None
+        # The latest event about the whole rollout (node "*") and when it came.
+        self.rollout_line: tuple[str, float] | None = None
         # `imagetool stage` has no rollout events: staging results are its only news.
         self.stage_events = stage_events
         # Staging as plain numbers, for the lines in a log: node -> bytes to send, bytes sent.
@@ -81,9 +83,13 @@ class LiveView:
             now = time.monotonic()
             for name, row in self.rows.items():
                 style = {"done": "green", "skipped": "green", "failed": "bold red", "rolled-back": "yellow",
-                         "rollback": "yellow", "not-started": "dim"}.get(row["step"], "")
+                         "rollback": "yellow", "unreachable": "bold red", "not-started": "dim"}.get(row["step"], "")
                 step = f"[{style}]{safe(row['step'])}[/]" if style else safe(row["step"])
                 t.add_row(safe(name), safe(row["batch"]), step, safe(row["detail"][-80:]), f"{now - row['since']:.0f}s")
+            if self.rollout_line is not None:
+                line, since = self.rollout_line
+                t.caption = f"{safe(line)}  ({now - since:.0f}s)"
+                t.caption_justify = "left"
             return Group(self.progress, t) if self.tasks else t
 
     def _line(self, text: str) -> None:
@@ -91,6 +97,12 @@ class LiveView:
 
     def event(self, node: str, step: str, detail: str) -> None:
         with self.lock:
+            if node == "*":
+                # About the whole rollout (a pause, the wait for approval): one line under the table,
+                # until the next batch starts.
+                self.rollout_line = (detail, time.monotonic())
+            elif step == "batch":
+                self.rollout_line = None
             row = self.rows.get(node)
             if step == "stage":
                 self.staging.add(node)
@@ -184,7 +196,7 @@ def show_result(result: Any, as_json: bool) -> None:
         what = f"{result.kind} {safe(result.rollout_id)}" + (f" → {safe(result.target)}" if result.target else "")
         t = Table(title=what + (" (dry run: nothing was changed)" if result.dry_run else ""))
         styles = {"done": "green", "skipped": "green", "planned": "cyan", "failed": "bold red",
-                  "rolled-back": "yellow", "not-started": "dim"}
+                  "rolled-back": "yellow", "unreachable": "bold red", "not-started": "dim"}
         if result.dry_run:
             for col in ("node", "batch", "from", "to", "action", "to stage"):
                 t.add_column(col)
@@ -218,9 +230,9 @@ def show_result(result: Any, as_json: bool) -> None:
                           f"{sent_of(result.bytes_sent, result.full_bytes)} sent; "
                           f"journal: imagetool history {safe(result.rollout_id)}")
     if result.exit_code:
-        from imagetool.errors import RolloutFailedError
+        from imagetool.errors import NotApprovedError, RolloutFailedError, UnreachableError
         from rollout.policy import OK_OUTCOMES
 
-        raise RolloutFailedError(result.reason
-                                 or f"{result.kind} {result.rollout_id}: not every node reached its target",
-                                 nodes=[r.node for r in result.nodes if r.outcome not in OK_OUTCOMES])
+        cls = {4: UnreachableError, 9: NotApprovedError}.get(result.exit_code, RolloutFailedError)
+        raise cls(result.reason or f"{result.kind} {result.rollout_id}: not every node reached its target",
+                  nodes=[r.node for r in result.nodes if r.outcome not in OK_OUTCOMES])
