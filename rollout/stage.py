@@ -189,10 +189,6 @@ def delta_plan(release: StoredRelease, info: StageInfo) -> tuple[DeltaPlan | Non
     return plan, None if plan is not None else "a delta would not be smaller"
 
 
-class _DiskFull(NodeError):
-    pass
-
-
 def _space_for(node: Node, release: StoredRelease, info: StageInfo, need: int) -> None:
     if info.free_bytes < need:
         raise NodeError(
@@ -212,7 +208,7 @@ def _on_full_disk(node: Node, release: StoredRelease, e: ImagetoolError) -> None
         what = "the partial transfer was removed"
     except ImagetoolError as abort_error:
         what = f"removing the partial transfer failed too: {abort_error}"
-    raise _DiskFull(f"node {node.name}: /var filled up while staging {release.id} ({e}); {what}; "
+    raise NodeError(f"node {node.name}: /var filled up while staging {release.id} ({e}); {what}; "
                     "the running image is untouched") from None
 
 
