@@ -127,6 +127,8 @@ def squashfs_command(tree: Path, output: Path, sq: SquashfsOptions, epoch: int |
         flag = {"zstd": "-Xcompression-level", "gzip": "-Xcompression-level", "xz": "-Xdict-size"}[sq.compression]
         if sq.compression != "xz":
             argv += [flag, str(sq.level)]
+    if not sq.fragments:
+        argv += ["-no-fragments"]
     if epoch is not None:
         argv += ["-mkfs-time", str(epoch)]
     argv += ["-processors", str(os.cpu_count() or 1), "-no-progress"]

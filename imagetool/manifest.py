@@ -105,6 +105,7 @@ class Manifest:
                 "compression": self.squashfs.compression,
                 "level": self.squashfs.level,
                 "block_size": self.squashfs.block_size,
+                "fragments": self.squashfs.fragments,
             },
             "packages": [
                 {"name": p.name, "version": p.version, "arch": p.arch}
@@ -169,6 +170,8 @@ class Manifest:
             compression=_get(sd, wsd, "compression", schema.string),
             level=_get(sd, wsd, "level", schema.integer, optional=True),
             block_size=_get(sd, wsd, "block_size", schema.integer),
+            # Manifests written before the key existed describe images built with fragments.
+            fragments=schema.boolean(sd.get("fragments", True), wsd / "fragments"),
         )
         packages = []
         for i, p in enumerate(_get(doc, w, "packages", schema.sequence)):

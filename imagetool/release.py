@@ -76,7 +76,7 @@ TOP_KEYS = (
 BASE_KEYS = ("distribution", "release")
 MIRROR_KEYS = ("distribution", "security")
 HEALTH_KEYS = ("name", "command", "timeout")
-SQUASHFS_KEYS = ("compression", "level", "block_size")
+SQUASHFS_KEYS = ("compression", "level", "block_size", "fragments")
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,11 @@ class SquashfsOptions:
     compression: str = DEFAULT_COMPRESSION
     level: int | None = DEFAULT_LEVELS[DEFAULT_COMPRESSION]
     block_size: int = DEFAULT_BLOCK_SIZE
+    # Small files packed together into shared fragment blocks: one file added shifts every later
+    # fragment, so the next release's image differs in far more than what changed (measured:
+    # webapp-1 -> webapp-2, 2.1% of the image in new chunks with fragments, 0.8% without, for an
+    # image 2% larger). Off by default: delta staging is what the layout is for.
+    fragments: bool = False
 
 
 @dataclass(frozen=True)
@@ -341,7 +346,8 @@ def _parse_squashfs(value: Any, w: Where) -> SquashfsOptions:
     block = schema.integer(value.get("block_size", DEFAULT_BLOCK_SIZE), w / "block_size")
     if not (4096 <= block <= 1048576) or block & (block - 1):
         raise (w / "block_size").error(f"{block} is not a power of two between 4096 and 1048576")
-    return SquashfsOptions(compression=comp, level=level, block_size=block)
+    fragments = schema.boolean(value.get("fragments", False), w / "fragments")
+    return SquashfsOptions(compression=comp, level=level, block_size=block, fragments=fragments)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,6 +161,13 @@ def string_list(value: Any, where: Where, pattern: re.Pattern[str] | None = None
     return tuple(items)
 
 
+def boolean(value: Any, where: Where) -> bool:
+    """true or false (YAML's booleans), not a string or a number."""
+    if not isinstance(value, bool):
+        raise where.got("true or false", value)
+    return value
+
+
 def integer(value: Any, where: Where, *, minimum: int | None = None, maximum: int | None = None,
             what: str = "an integer") -> int:
     """An integer (not a boolean, not a string of digits) in [minimum, maximum]."""

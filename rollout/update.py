@@ -408,14 +408,20 @@ class Rollout:
                 self.events.step(n.name, Step.WARNING, f"broke the lock of {describe_lock(broken)}: {why}")
                 self.events.record("takeover", node=n.name, rollout=broken.get("rollout"), lock=broken, why=why)
 
-        got = self._for_each(list(statuses), lock, o.parallel)
-        succeeded = got.succeeded  # a new dict each time it is asked for
+        # Two controllers started together on the same nodes must not each lock half of them and
+        # both give up: the first node by name is locked alone, before the others, so whoever gets
+        # it goes on and the other stops there, holding nothing.
+        names = sorted(statuses)
+        got = self._for_each(names[:1], lock, o.parallel)
+        if all(isinstance(e, UnreachableError) for e in got.failed.values()):
+            got.update(self._for_each(names[1:], lock, o.parallel))
+        failed, succeeded = got.failed, got.succeeded
         self._locked = [n for name, n in self.nodes.items() if name in succeeded]
         lost = {name: self._unreachable(name, target, str(e), statuses[name].committed or statuses[name].default)
-                for name, e in got.failed.items() if isinstance(e, UnreachableError)}
+                for name, e in failed.items() if isinstance(e, UnreachableError)}
         for name in lost:
             del statuses[name]
-        errors = {name: e for name, e in got.failed.items() if name not in lost}
+        errors = {name: e for name, e in failed.items() if name not in lost}
         if errors:
             cls = LockedError if any(isinstance(e, LockedError) for e in errors.values()) else NodeError
             raise cls("; ".join(str(e) for e in errors.values()) + " (nothing was changed)", nodes=list(errors))

@@ -34,6 +34,17 @@ def journal_dir(tmp_path_factory) -> Iterator[Path]:
         os.environ["IMAGETOOL_STATE_DIR"] = old
 
 
+BUILT_RELEASES = {"release1", "release2", "release3"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs a built image is a build test, whichever file it is in: `-m "not build"`
+    then runs without diskimage-builder and without minutes of building."""
+    for item in items:
+        if BUILT_RELEASES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.build)
+
+
 def needs_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (diskimage-builder, mounts, network namespaces)")

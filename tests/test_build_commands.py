@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -28,6 +29,10 @@ def test_squashfs_command_is_gzip_with_the_epoch():
     assert argv[:10] == ["mksquashfs", "/w/root", "/s/webapp-2.squashfs", "-noappend", "-comp", "gzip",
                          "-b", "131072", "-Xcompression-level", "6"]
     assert argv[argv.index("-mkfs-time") + 1] == "1763856000"
+    # No shared fragment blocks by default: a file added to the next release shifts no other file.
+    assert "-no-fragments" in argv
+    packed = dataclasses.replace(release.squashfs, fragments=True)
+    assert "-no-fragments" not in squashfs_command(Path("/w/root"), Path("/s/x.squashfs"), packed, None)
 
 
 def test_environment_for_elements(tmp_path):

@@ -45,6 +45,7 @@ squashfs:
   compression: zstd
   level: 19
   block_size: 262144
+  fragments: true
 source_date_epoch: 1700000000
 """
 
@@ -70,6 +71,7 @@ def release_to_dict(release: Release) -> dict[str, Any]:
             "compression": release.squashfs.compression,
             "level": release.squashfs.level,
             "block_size": release.squashfs.block_size,
+            "fragments": release.squashfs.fragments,
         },
         "source_date_epoch": release.source_date_epoch,
     }
@@ -103,7 +105,7 @@ def test_full_release(tmp_path: Path) -> None:
         HealthCheck("disk", "test -w /var", 10),
     )
     assert r.environment == {"DIB_FOO": "bar", "DIB_NUM": "3", "DIB_FLAG": "1"}
-    assert r.squashfs == SquashfsOptions("zstd", 19, 262144)
+    assert r.squashfs == SquashfsOptions("zstd", 19, 262144, fragments=True)
     assert r.source_date_epoch == 1700000000
     assert r.path == (tmp_path / "webapp.yaml").absolute()
     d = release_to_dict(r)
@@ -189,7 +191,7 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
             "health_checks[0].retries",
             "name, command, timeout",
         ),
-        ("squashfs: {compresion: xz}\n", "squashfs.compresion", "compression, level, block_size"),
+        ("squashfs: {compresion: xz}\n", "squashfs.compresion", "compression, level, block_size, fragments"),
         ("mirrors: {main: http://x}\n", "mirrors.main", "distribution, security"),
     ],
 )
@@ -276,6 +278,11 @@ def test_element_path_is_relative_to_yaml_dir(tmp_path: Path, monkeypatch: pytes
     p = write(sub, minimal("element_paths: [els]\n"))
     monkeypatch.chdir(tmp_path)
     assert load_release(Path("rel") / p.name).element_paths == ((sub / "els").resolve(),)
+
+
+@pytest.mark.parametrize("value", ["'no'", "0", "null"])
+def test_fragments_is_a_boolean(tmp_path: Path, value: str) -> None:
+    expect_error(tmp_path, minimal(f"squashfs: {{fragments: {value}}}\n"), "key 'squashfs.fragments'")
 
 
 @pytest.mark.parametrize("block", ["4095", "100000", "2097152", "'131072'"])

@@ -57,11 +57,12 @@ def test_rollout_in_batches_moves_every_node(cluster, inventory, release1, relea
     assert result.exit_code == 0, result.to_dict()
     assert result.batches == [["node1"], ["node2", "node3"], ["node4"]]
     assert [r.outcome for r in result.nodes] == ["done"] * 4
-    # Every node held webapp-1: each was sent only the chunks of webapp-2 it lacked.
+    # Every node held webapp-1: each was sent only the chunks of webapp-2 it lacked, at most 2% of
+    # the image (issue 9's goal; webapp-2 adds curl).
     from rollout.stage import needed_bytes
 
     full = 4 * needed_bytes(release2, 0)  # the image, its manifest and signature, to each node
-    assert result.full_bytes == full and 0 < result.bytes_sent < full / 2, (result.bytes_sent, full)
+    assert result.full_bytes == full and 0 < result.bytes_sent <= 0.02 * full, (result.bytes_sent, full)
     assert_all_on(cluster, release2.id, previous=release1.id)
     after = boot_ids(cluster)
     assert all(after[n] != before[n] for n in before), "every node rebooted into the new image"
