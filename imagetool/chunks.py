@@ -26,6 +26,7 @@ import shutil
 import struct
 import subprocess
 import tarfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,6 +91,10 @@ class DeltaPlan:
         return self.pack.name
 
 
+_plans: dict[tuple[str, str, tuple[tuple[str, str], ...]], DeltaPlan | None] = {}
+_plans_lock = threading.Lock()
+
+
 class ChunkStore:
     """The store's casync side: indexes and chunks of its images, and the packs made of them."""
 
@@ -125,7 +130,20 @@ class ChunkStore:
         return path
 
     def plan(self, release: StoredRelease, seeds: Sequence[StoredRelease]) -> DeltaPlan | None:
-        """The delta from `seeds` to `release`, or None when it would not be smaller than the image."""
+        """The delta from `seeds` to `release`, or None when it would not be smaller than the image.
+        Worked out once per image and seed set in this process: a batch of nodes holding the same
+        images (the usual case) shares one plan and one pack."""
+        key = (str(self.root), release.manifest.image.sha256,
+               tuple(sorted((s.id, s.manifest.image.sha256) for s in seeds)))
+        with _plans_lock:
+            if key in _plans:
+                cached = _plans[key]
+                if cached is None or cached.pack.exists():  # a pack gc removed since is made again
+                    return cached
+            _plans[key] = plan = self._plan(release, seeds)
+            return plan
+
+    def _plan(self, release: StoredRelease, seeds: Sequence[StoredRelease]) -> DeltaPlan | None:
         index = self.index(release)
         target = read_index(index)
         have: set[str] = set()

@@ -7,6 +7,7 @@ still boot as real images on lab nodes (same systemd, same sshd, same node helpe
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import subprocess
 import tempfile
@@ -19,6 +20,14 @@ from imagetool.store import Store, StoredRelease
 
 
 def derive_release(store: Store, base: StoredRelease, version: str, mutate: Callable[[Path], None]) -> StoredRelease:
+    # Two test runs side by side (scripts/test runs the VM tests beside the others) share the
+    # store: one derives, the other waits and finds it done.
+    with open(store.path / ".derive.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _derive(store, base, version, mutate)
+
+
+def _derive(store: Store, base: StoredRelease, version: str, mutate: Callable[[Path], None]) -> StoredRelease:
     rid = f"{base.manifest.name}-{version}"
     # Derived again whenever the base image was rebuilt.
     stamp = store.path / f".{rid}.base"

@@ -103,6 +103,19 @@ def test_a_corrupt_seed_on_the_node_falls_back_to_the_whole_image(node: HelperNo
     assert installed(node, new).read_bytes() == new.squashfs_path.read_bytes()
 
 
+def test_nodes_holding_the_same_images_share_one_plan(new: StoredRelease, old: StoredRelease,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    chunks = ChunkStore(new.squashfs_path.parent)
+    first = chunks.plan(new, [old])
+    assert first is not None and first.new_chunks < first.chunks
+    monkeypatch.setattr(ChunkStore, "_plan", lambda *a: pytest.fail("planned again for the same seed set"))
+    assert ChunkStore(new.squashfs_path.parent).plan(new, [old]) is first
+    monkeypatch.undo()
+    first.pack.unlink()  # gone (gc): made again, the same bytes under the same name
+    again = chunks.plan(new, [old])
+    assert again is not None and again.pack == first.pack and again.pack.exists()
+
+
 def test_a_cut_delta_resumes_where_it_stopped(node: HelperNode, new: StoredRelease, old: StoredRelease) -> None:
     plan = ChunkStore(new.squashfs_path.parent).plan(new, [old])
     assert plan is not None
