@@ -169,11 +169,16 @@ def delta_plan(release: StoredRelease, info: StageInfo) -> tuple[DeltaPlan | Non
     """The delta for this node, or None and why not (None: the node has nothing to seed from)."""
     if not info.casync:
         return None, "the node has no casync"
+    return _delta_from(release, info.seeds)
+
+
+def _delta_from(release: StoredRelease, held: Sequence[tuple[str, str | None]]) -> tuple[DeltaPlan | None, str | None]:
+    """The delta to `release` from the images (id, sha256) a node holds that the store has too."""
     if shutil.which("casync") is None:
         return None, "casync is not installed here"
     store = Store(release.squashfs_path.parent)
     seeds = []
-    for seed_id, sha256 in info.seeds:
+    for seed_id, sha256 in held:
         try:
             seed = store.get(seed_id) if store.has(seed_id) else None
         except ImagetoolError:
@@ -187,6 +192,17 @@ def delta_plan(release: StoredRelease, info: StageInfo) -> tuple[DeltaPlan | Non
     except (ImagetoolError, OSError) as e:
         return None, f"no delta: {e}"
     return plan, None if plan is not None else "a delta would not be smaller"
+
+
+def estimate(release: StoredRelease, held: Sequence[tuple[str, str | None]], *, delta: bool = True) -> tuple[int, str]:
+    """What staging `release` on a node holding `held` (id, sha256) would send, and how: for plans,
+    before any node is asked for more than its status. The pack a delta would send (the node's
+    own casync and its seeds' health are known only when staging), else the whole image."""
+    plan = _delta_from(release, [(i, s) for i, s in held if i != release.id])[0] if delta else None
+    if plan is not None:
+        extra = needed_bytes(release, release.manifest.image.size)  # manifest and signature
+        return plan.pack_bytes + extra, f"delta from {', '.join(plan.seeds)}"
+    return needed_bytes(release, 0), "whole image"
 
 
 def _space_for(node: Node, release: StoredRelease, info: StageInfo, need: int) -> None:

@@ -35,6 +35,7 @@ rollout.policy to each batch's results (data, as fabric's GroupResult) to decide
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -63,7 +64,7 @@ from rollout.node import GroupResult, Node, NodeStatus, for_each
 from rollout.plan import Action, NodePlan, bootstrap_node, only_reads, plan_rollback, plan_rollout
 from rollout.plan import batches as plan_batches
 from rollout.policy import BatchOutcome, NodeResult, OnFailure, decide, exit_code
-from rollout.stage import StageProgress, check_release_files, stage_all
+from rollout.stage import StageProgress, check_release_files, estimate, stage_all
 
 __all__ = [
     "EventFn", "Interrupted", "Rollout", "RolloutOptions", "RolloutResult", "Step", "default_owner",
@@ -283,7 +284,8 @@ class Rollout:
         if not self.options.dry_run and self._stops(lost):
             return self._stopped_at_start("rollout", release.id, statuses, lost, start)
         try:
-            plan = [plan_rollout(statuses[name], release.id, image.sha256, image.size) for name in statuses]
+            plan = [self._estimated(release, plan_rollout(statuses[name], release.id, image.sha256, image.size))
+                    for name in statuses]
             bootstrap = self._bootstrap(plan)
             # A run that would only read (every node settled on the target) takes no locks.
             if not only_reads(plan, bootstrap):
@@ -323,6 +325,16 @@ class Rollout:
     def _for_each(self, names: Sequence[str], fn: Callable[[Node], Any], parallel: int) -> GroupResult:
         """fn over the named nodes in threads; Ctrl-C tells the workers to put their nodes back."""
         return for_each([self.nodes[n] for n in names], fn, parallel, on_interrupt=self._cancel.set)
+
+    def _estimated(self, release: StoredRelease, p: NodePlan) -> NodePlan:
+        """A node to stage, with what staging it would send: the delta from the images it holds."""
+        if not p.stage_bytes:
+            return p
+        if self.options.source:
+            return dataclasses.replace(p, reason=f"pull from {self.options.source}, then activate")
+        held = [(i.id, i.sha256) for i in p.status.images]
+        size, how = estimate(release, held, delta=self.options.delta)
+        return dataclasses.replace(p, stage_bytes=size, reason=f"stage ({how}), then activate")
 
     # --- connect, lock --------------------------------------------------------------------
 

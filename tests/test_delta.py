@@ -17,8 +17,9 @@ from imagetool.chunks import ChunkStore, read_index
 from imagetool.store import StoredRelease
 from rollout.local import LocalMachine, local_nodes
 from rollout.node import HelperNode
-from rollout.stage import stage
-from tests.local_fleet import OLD, Fleet, fleet, machine, state  # noqa: F401 - fixtures
+from rollout.stage import needed_bytes, stage
+from rollout.update import Rollout
+from tests.local_fleet import OLD, Fleet, fleet, machine, options, state  # noqa: F401 - fixtures
 from tests.samples import make_release
 
 pytestmark = pytest.mark.skipif(shutil.which("casync") is None, reason="casync is not installed (scripts/setup)")
@@ -101,6 +102,17 @@ def test_a_corrupt_seed_on_the_node_falls_back_to_the_whole_image(node: HelperNo
     assert result.mode == "full" and result.bytes_sent >= SIZE, result
     assert result.note and "delta failed" in result.note and "casync" in result.note, result.note
     assert installed(node, new).read_bytes() == new.squashfs_path.read_bytes()
+
+
+def test_a_plan_estimates_the_delta_and_the_rollout_sends_it(node: HelperNode, new: StoredRelease,
+                                                              old: StoredRelease) -> None:
+    planned = Rollout([node], options(dry_run=True)).run(new).node(node.name)
+    assert planned.outcome == "planned" and planned.detail == f"stage (delta from {old.id}), then activate"
+    assert 0 < planned.stage_bytes < 0.15 * SIZE, planned
+    whole = Rollout([node], options(dry_run=True, delta=False)).run(new).node(node.name)
+    assert whole.stage_bytes == needed_bytes(new, 0) and whole.detail == "stage (whole image), then activate"
+    done = stage(node, new)
+    assert done.mode == "delta" and done.bytes_sent == planned.stage_bytes, (done, planned)
 
 
 def test_nodes_holding_the_same_images_share_one_plan(new: StoredRelease, old: StoredRelease,

@@ -16,7 +16,7 @@ from rollout.hooks import Hooks, HookSpec, RunOnceSpec
 from rollout.journal import Journal, find_record, list_records
 from rollout.locks import LockClaim, this_process
 from rollout.node import HelperError, HelperNode
-from rollout.stage import stage, stage_all
+from rollout.stage import needed_bytes, stage, stage_all
 from rollout.update import Rollout
 from tests.local_fleet import (  # noqa: F401 - fixtures
     NEW,
@@ -73,7 +73,7 @@ def test_journal_records_every_step_and_the_end(release: StoredRelease, fleet: F
     for step in ("connect", "reconcile", "lock", "stage", "activate", "boot", "verify", "commit", "done"):
         assert ("n1", step) in steps
     plans = {e["node"]: e for e in rec.events if e["event"] == "plan"}
-    assert plans["n2"]["action"] == "activate" and plans["n2"]["stage_bytes"] == release.manifest.image.size
+    assert plans["n2"]["action"] == "activate" and plans["n2"]["stage_bytes"] == needed_bytes(release, 0)
     assert result.exit_code == 0  # type: ignore[attr-defined]
 
 
@@ -232,7 +232,8 @@ def test_plan_changes_nothing_and_says_why(release: StoredRelease, fleet: Fleet)
     assert {a for n in nodes for a, _ in actions(n)} <= {"status", "run-shell", "health"}
     r1, r2, _ = result.nodes
     assert r1.outcome == "planned" and r1.stage_bytes == 0 and "already staged" in (r1.detail or "")
-    assert r2.stage_bytes == release.manifest.image.size and r2.batch == 2
+    assert r2.stage_bytes == needed_bytes(release, 0) and r2.batch == 2  # no seed: the whole image
+    assert "stage (whole image)" in (r2.detail or "")
 
 
 # --- hooks and run-once ------------------------------------------------------------------------------
