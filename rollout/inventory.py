@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paramiko
-
 from imagetool import schema
 from imagetool.errors import InputError
 from imagetool.schema import Where
@@ -26,6 +24,7 @@ from imagetool.yamlfile import load_yaml
 from rollout.checks import CHECK_NAME_RE, CheckSpec, parse_checks
 from rollout.hooks import HOOK_POINTS, Hooks, HookSpec, RunOnceSpec
 from rollout.nodespec import DEFAULT_KNOWN_HOSTS, DEFAULT_PORT, DEFAULT_USER, NodeSpec, host_problem, user_problem
+from rollout.sshconfig import HostConfig, expand_path, expand_tokens, parse_hop, resolve
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Groups are matched against --limit values alongside node names, so they share the alphabet.
@@ -39,8 +38,10 @@ HOOKS_KEYS = HOOK_POINTS
 # Not "on": YAML 1.1 reads an unquoted `on` key as the boolean true.
 HOOK_KEYS = ("name", "run", "where", "timeout")
 RUN_ONCE_KEYS = (*HOOK_KEYS, "node")
-DEFAULT_KEYS = ("user", "port", "key", "known_hosts", "proxy_jump", "vars", "reset_command")
-NODE_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "groups", "vars", "reset_command")
+BECOME_KEYS = ("become", "become_user", "become_method")
+DEFAULT_KEYS = ("user", "port", "key", "known_hosts", "proxy_jump", "vars", "reset_command", *BECOME_KEYS)
+NODE_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "groups", "vars", "reset_command",
+             *BECOME_KEYS)
 
 
 @dataclass
@@ -125,14 +126,35 @@ def _groups(value: Any, where: Where) -> tuple[str, ...]:
 
 
 def _proxy_jump(value: Any, where: Where) -> str | None:
+    """ProxyJump: "none" or hops "[user@]host[:port],..." (ssh's -J), each checked here."""
     text = _str(value, where).strip()
     if text.lower() == "none":
         return None
-    if "," in text:
-        raise where.error(f"{text!r}: only one jump host is supported")
-    if text.startswith("-") or any(c.isspace() or ord(c) < 32 for c in text):
-        raise where.error(f"{schema.short(text)}: expected [user@]host[:port], without spaces or a leading '-'")
+    for hop in text.split(","):
+        try:
+            user, host, _ = parse_hop(hop, DEFAULT_USER)
+        except ValueError:
+            user, host = "", ""
+        if hop.startswith("-") or any(c.isspace() or ord(c) < 32 for c in hop) or host_problem(host) \
+                or user_problem(user):
+            raise where.error(f"{schema.short(text)}: expected [user@]host[:port] hops separated by ',', "
+                              "without spaces or a leading '-'")
     return text
+
+
+def _become(spec: dict[str, Any], defaults: dict[str, Any], w: Where, d: Where) -> tuple[bool, str]:
+    """`become`, `become_user` and `become_method` (only sudo), the node's over the defaults'."""
+    def pick(key: str) -> tuple[Any, Where] | None:
+        return (spec[key], w / key) if key in spec else (defaults[key], d / key) if key in defaults else None
+
+    become = pick("become")
+    if become is not None and not isinstance(become[0], bool):
+        raise become[1].got("true or false", become[0])
+    user = pick("become_user")
+    method = pick("become_method")
+    if method is not None and method[0] != "sudo":
+        raise method[1].error(f"{method[0]!r}: the only become_method is 'sudo'")
+    return bool(become and become[0]), _user(user[0], user[1]) if user else DEFAULT_USER
 
 
 def _reset_command(value: Any, where: Where) -> str:
@@ -147,25 +169,15 @@ def _reset_command(value: Any, where: Where) -> str:
 # --- ~/.ssh/config ----------------------------------------------------------------------------
 
 
-def _ssh_config(path: str | os.PathLike[str] | None) -> paramiko.SSHConfig | None:
+def _ssh_config_path(path: str | os.PathLike[str] | None) -> str | None:
+    """The config `ssh -G` reads: the one named (a missing file means none), else ssh's own
+    choice (~/.ssh/config and /etc/ssh/ssh_config)."""
     if path is None:
-        path = os.environ.get(SSH_CONFIG_ENV) or DEFAULT_SSH_CONFIG
-    p = Path(path).expanduser()
-    if not p.is_file():
+        path = os.environ.get(SSH_CONFIG_ENV)
+    if path is None:
         return None
-    try:
-        return paramiko.SSHConfig.from_path(str(p))
-    except (OSError, paramiko.ssh_exception.ConfigParseError, ValueError) as e:
-        raise InputError(f"{p}: cannot parse ssh config: {e}") from None
-
-
-def _ssh_options(config: paramiko.SSHConfig | None, alias: str) -> dict[str, Any]:
-    if config is None:
-        return {}
-    try:
-        return dict(config.lookup(alias))
-    except Exception as e:  # paramiko raises several types for bad Match/token lines
-        raise InputError(f"ssh config: cannot look up {alias!r}: {e}") from None
+    p = Path(path).expanduser()
+    return str(p) if p.is_file() else os.devnull
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -208,7 +220,7 @@ def load_inventory(
             raise (root / "nodes").error("missing: the inventory lists no nodes")
         raise (root / "nodes").got("a mapping of node names to node settings", raw_nodes)
 
-    config = _ssh_config(ssh_config)
+    config = _ssh_config_path(ssh_config)
     nodes: list[NodeSpec] = []
     for name, raw in raw_nodes.items():
         w = root / "nodes" / name
@@ -217,52 +229,62 @@ def load_inventory(
         spec = schema.mapping(raw, w, NODE_KEYS)
 
         # `ssh ALIAS` semantics: the alias looked up is what one would type, the host if the
-        # inventory gives one, else the node name. The inventory wins over the ssh config.
+        # inventory gives one, else the node name. The inventory wins over the ssh config, as
+        # ssh's command line does (its user and port reach `ssh -G` as -l and -p, so Match user
+        # sees them).
         host = _host(spec["host"], w / "host") if "host" in spec else None
-        opts = _ssh_options(config, host or name)
+        given_port = schema.port(spec["port"], w / "port") if "port" in spec else default_port
+        given_user = _user(spec["user"], w / "user") if "user" in spec else default_user
+        alias = host or name
+        opts = resolve(alias, config, given_user, given_port)
         if host is None:
-            # paramiko echoes the alias back as hostname when no HostName line matched.
-            resolved = opts.get("hostname")
-            if not resolved or resolved == name:
+            if not opts.has_hostname:
                 raise w.error("missing 'host' (and no HostName for it in the ssh config)")
-            host = _host(resolved, Where("ssh config", (name, "HostName"), style="path"))
+            host = _host(opts.hostname, Where("ssh config", (name, "HostName"), style="path"))
+        elif opts.has_hostname:
+            host = _host(opts.hostname, Where("ssh config", (host, "HostName"), style="path"))
+        port = given_port or opts.port or DEFAULT_PORT
+        user = given_user or (_user(opts.user, Where("ssh config", (alias, "User"), style="path"))
+                              if opts.user else DEFAULT_USER)
+        tokens = {"host": host, "port": port, "user": user, "alias": alias}
 
-        if "port" in spec:
-            port = schema.port(spec["port"], w / "port")
-        elif default_port is not None:
-            port = default_port
-        elif "port" in opts:
-            port = schema.port(opts["port"], Where("ssh config", (host, "Port"), style="path"))
-        else:
-            port = DEFAULT_PORT
-
-        if "user" in spec:
-            user = _user(spec["user"], w / "user")
-        elif default_user:
-            user = default_user
-        elif opts.get("user"):
-            user = _user(opts["user"], Where("ssh config", (host, "User"), style="path"))
-        else:
-            user = DEFAULT_USER
-
+        identities: list[Path] = []
         if "key" in spec:
             key: Path | None = _path(spec["key"], w / "key", base)
         elif default_key is not None:
             key = default_key
         else:
-            identities = [Path(p).expanduser() for p in opts.get("identityfile", [])]
             # Like ssh, skip IdentityFile lines whose file is absent (a shared config may list
             # keys for other machines); none present means agent and default keys.
-            key = next((p for p in identities if p.is_file()), None)
+            identities = [p for p in (expand_path(f, what="IdentityFile", **tokens) for f in opts.identity_files)
+                          if p.is_file()]
+            key = identities.pop(0) if identities else None
+        certificates = tuple(p for p in (expand_path(f, what="CertificateFile", **tokens)
+                                         for f in opts.certificate_files) if p.is_file())
 
+        proxy_command = None
         if "proxy_jump" in spec:
             jump = _proxy_jump(spec["proxy_jump"], w / "proxy_jump")
         elif "proxy_jump" in defaults:
             jump = default_jump
-        elif "proxyjump" in opts:
-            jump = _proxy_jump(opts["proxyjump"], Where("ssh config", (host, "ProxyJump"), style="path"))
+        elif opts.proxy_jump:
+            jump = _proxy_jump(opts.proxy_jump, Where("ssh config", (alias, "ProxyJump"), style="path"))
         else:
             jump = None
+            if opts.proxy_command:
+                proxy_command = expand_tokens(opts.proxy_command, what="ProxyCommand", **tokens)
+
+        if "known_hosts" in spec or "known_hosts" in defaults:
+            node_known_hosts = _path(spec["known_hosts"], w / "known_hosts", base) if "known_hosts" in spec \
+                else known_hosts
+            known_hosts_also: tuple[Path, ...] = ()
+        else:
+            # OpenSSH reads every UserKnownHostsFile and GlobalKnownHostsFile, and adds new keys
+            # to the first user file.
+            user_files = list(opts.user_known_hosts) or [known_hosts, Path("~/.ssh/known_hosts2").expanduser()]
+            node_known_hosts = user_files[0]
+            known_hosts_also = tuple(dict.fromkeys([*user_files[1:], *opts.global_known_hosts]))
+        become, become_user = _become(spec, defaults, w, d)
 
         nodes.append(
             NodeSpec(
@@ -274,14 +296,20 @@ def load_inventory(
                 groups=_groups(spec.get("groups"), w / "groups"),
                 vars={**default_vars, **_vars(spec.get("vars"), w / "vars")},
                 proxy_jump=jump,
-                known_hosts=(
-                    _path(spec["known_hosts"], w / "known_hosts", base)
-                    if "known_hosts" in spec else known_hosts
-                ),
+                known_hosts=node_known_hosts,
                 reset_command=(
                     _reset_command(spec["reset_command"], w / "reset_command")
                     if "reset_command" in spec else default_reset
                 ),
+                proxy_command=proxy_command,
+                identities=tuple(identities),
+                certificates=certificates,
+                identities_only=opts.identities_only,
+                known_hosts_also=known_hosts_also,
+                strict_host_key_checking=opts.strict_host_key_checking,
+                ssh_config=config,
+                become=become,
+                become_user=become_user,
             )
         )
 
