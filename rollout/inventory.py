@@ -24,7 +24,7 @@ from imagetool.yamlfile import load_yaml
 from rollout.checks import CHECK_NAME_RE, CheckSpec, parse_checks
 from rollout.hooks import HOOK_POINTS, Hooks, HookSpec, RunOnceSpec
 from rollout.nodespec import DEFAULT_KNOWN_HOSTS, DEFAULT_PORT, DEFAULT_USER, NodeSpec, host_problem, user_problem
-from rollout.sshconfig import HostConfig, expand_path, expand_tokens, parse_hop, resolve
+from rollout.sshconfig import expand_path, expand_tokens, parse_hop, resolve
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Groups are matched against --limit values alongside node names, so they share the alphabet.

@@ -15,7 +15,8 @@ from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from imagetool.errors import HostKeyError, InputError, NodeError, UnreachableError
 from rollout.inventory import load_inventory
-from rollout.transport import CommandResult, CommandTimeoutError, SSHTransport, known_hosts_name
+from rollout.knownhosts import known_hosts_name
+from rollout.transport import CommandResult, CommandTimeoutError, SSHTransport
 from tests.sshd_fixture import DEAD_ADDR, NODE_ADDR, SshdServer, keygen, sshd_node, sshd_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
