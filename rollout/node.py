@@ -33,6 +33,8 @@ from rollout.nodespec import NodeSpec
 from rollout.transport import CommandResult, ProgressFn, SSHTransport, Transport
 
 HELPER = "imagetool-node"
+# The helper protocol that can `receive` a transfer (what `become` stages through).
+RECEIVE_PROTOCOL = 4
 # Seconds a helper command may take. Most answer at once; stage-commit hashes the whole image
 # (a few seconds per GiB) and health runs the image's own checks.
 QUICK_TIMEOUT = 60
@@ -297,6 +299,28 @@ def helper_argv(command: str, /, *args: str, **options: Any) -> list[str]:
     return argv
 
 
+def become_argv(spec: NodeSpec, argv: list[str]) -> list[str]:
+    """argv as the node's login user runs it: as is, or through `sudo -n` (never a password
+    prompt: there is no one to answer it) when the inventory says `become`.
+
+    become_argv(NodeSpec("n", "h", user="deploy", become=True), ["imagetool-node", "status"])
+      == ["sudo", "-n", "-u", "root", "--", "imagetool-node", "status"]
+    """
+    if not spec.become:
+        return list(argv)
+    return ["sudo", "-n", "-u", spec.become_user, "--", *argv]
+
+
+def _check_sudo(spec: NodeSpec, stderr: str) -> None:
+    """sudo -n refuses rather than prompt: say what the node's sudoers needs."""
+    if "a password is required" in stderr:
+        raise NodeError(
+            f"node {spec.name}: sudo asks {spec.user!r} for a password to run {HELPER} as {spec.become_user!r} "
+            f"(become); allow it without one in the node's sudoers, e.g. "
+            f"`{spec.user} ALL=({spec.become_user}) NOPASSWD: /usr/sbin/{HELPER}`"
+        )
+
+
 def incoming_paths(incoming: str, image_id: str) -> dict[str, str]:
     """Where the three files of a release go while they travel (the helper's .incoming)."""
     return image_paths(incoming, image_id)
@@ -420,7 +444,9 @@ class HelperNode:
         return bool(self.spec.reset_command)
 
     def _call(self, command: str, /, *args: str, timeout: float = QUICK_TIMEOUT, **options: Any) -> dict[str, Any]:
-        result = self.transport.run(helper_argv(command, *args, **options), timeout=timeout)
+        result = self.transport.run(become_argv(self.spec, helper_argv(command, *args, **options)), timeout=timeout)
+        if self.spec.become:
+            _check_sudo(self.spec, result.stderr)
         return parse_answer(self.name, command, result)
 
     # --- what the node is ----------------------------------------------------------------
@@ -437,7 +463,20 @@ class HelperNode:
         return StageInfo.from_answer(self._call("stage-info", image_id), self.name)
 
     def put(self, local: Path, remote: str, offset: int = 0, progress: ProgressFn | None = None) -> int:
-        return self.transport.put_file(Path(local), remote, offset=offset, progress=progress, timeout=TRANSFER_TIMEOUT)
+        if not self.spec.become:
+            return self.transport.put_file(Path(local), remote, offset=offset, progress=progress,
+                                           timeout=TRANSFER_TIMEOUT)
+        # The login user cannot write /var/lib/imagetool: the helper receives the bytes as root.
+        if self.protocol < RECEIVE_PROTOCOL:
+            raise NodeError(f"node {self.name}: its {HELPER} (protocol {self.protocol}) cannot receive a transfer "
+                            f"for `become` (needs protocol {RECEIVE_PROTOCOL}): stage as root, or update its image")
+        receiver = shlex.join(become_argv(self.spec, helper_argv("receive", remote, offset=offset or None)))
+        try:
+            return self.transport.put_file(Path(local), remote, offset=offset, progress=progress,
+                                           timeout=TRANSFER_TIMEOUT, receiver=receiver)
+        except NodeError as e:
+            _check_sudo(self.spec, str(e))
+            raise
 
     def stage_commit(self, image_id: str) -> dict[str, Any]:
         return self._call("stage-commit", image_id, timeout=STAGE_COMMIT_TIMEOUT)
@@ -623,5 +662,5 @@ def for_each(nodes: Sequence[N], fn: Callable[[N], T], parallel: int = 8, *,
 
 __all__ = [
     "BootTimeoutError", "CorruptNodeError", "GroupResult", "HelperError", "NodeVerificationError", "HelperNode", "Node", "NodeImage", "NodeStatus",
-    "StageInfo", "for_each", "helper_argv", "incoming_paths", "parse_answer", "ssh_nodes",
+    "StageInfo", "become_argv", "for_each", "helper_argv", "incoming_paths", "parse_answer", "ssh_nodes",
 ]

@@ -109,9 +109,10 @@ class Transport(Protocol):
         ...
 
     def put_file(self, local: Path, remote: str, *, offset: int = 0, progress: ProgressFn | None = None,
-                 timeout: float = 600) -> int:
+                 timeout: float = 600, receiver: str | None = None) -> int:
         """Append local[offset:] to `remote` on the node (offset 0 truncates it first); returns the
-        bytes sent, calling `progress` with the bytes sent so far."""
+        bytes sent, calling `progress` with the bytes sent so far. `receiver`: the node command
+        that writes its stdin there instead of `cat` (the helper, through sudo, for `become`)."""
         ...
 
     def reconnect(self, timeout: float) -> None:
@@ -379,6 +380,7 @@ class SSHTransport:
         offset: int = 0,
         progress: Callable[[int], None] | None = None,
         timeout: float = 600,
+        receiver: str | None = None,
     ) -> int:
         """Send local[offset:] to the node and append it to `remote` (offset 0 truncates it).
 
@@ -388,6 +390,7 @@ class SSHTransport:
         """
         local = Path(local)
         size, command = upload_command(local, remote, offset)
+        command = receiver or command
         deadline = time.monotonic() + timeout
         chan = self._session(min(timeout, self.connect_timeout))
         sent = 0
