@@ -17,7 +17,7 @@ import os
 import shlex
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
@@ -38,7 +38,7 @@ class Endpoint:
     """One SSH server to log in to (a node or a jump host), as resolved: hashable, so a chain of
     them names a shared jump connection."""
 
-    label: str
+    label: str = field(compare=False)  # "node web1 (10.0.0.1:22)", "jump host u@j1:22": for messages
     host: str
     port: int
     user: str
@@ -59,7 +59,7 @@ class Endpoint:
         )
 
 
-def jump_chain(node: NodeSpec, label: str, accept_new: bool) -> tuple[Endpoint, ...]:
+def jump_chain(node: NodeSpec, accept_new: bool) -> tuple[Endpoint, ...]:
     """The node's ProxyJump hops, first to last, each resolved through the ssh config (HostName,
     User, Port, IdentityFile) like `ssh -J`; a hop the config says nothing about is reached
     with the node's user, keys and known_hosts."""
@@ -74,7 +74,7 @@ def jump_chain(node: NodeSpec, label: str, accept_new: bool) -> tuple[Endpoint, 
         keys = tuple(p for p in (Path(os.path.expanduser(f)) for f in cfg.identity_files if "%" not in f)
                      if p.is_file())
         hops.append(Endpoint(
-            label=f"{label} via jump host {user}@{cfg.hostname}:{port}", host=cfg.hostname, port=port,
+            label=f"jump host {user}@{cfg.hostname}:{port}", host=cfg.hostname, port=port,
             user=user, keys=keys or tuple(k for k in (node.key, *node.identities) if k is not None),
             certificates=node.certificates, identities_only=cfg.identities_only or node.identities_only,
             known_hosts=(Path(node.known_hosts).expanduser(), *node.known_hosts_also),
@@ -130,23 +130,23 @@ def check_host_key(ep: Endpoint, kh: KnownHosts, key: paramiko.PKey) -> None:
         verdict = kh.check(ep.host, ep.port, key)
     except ChangedHostKey as e:
         raise HostKeyError(
-            f"node {ep.label}: {e} — refusing; someone may be intercepting the connection, or the "
+            f"{ep.label}: {e} — refusing; someone may be intercepting the connection, or the "
             f"node was reinstalled: check, then remove the old key from {e.entry.path}"
         ) from None
     except HostKeyError as e:
-        raise HostKeyError(f"node {ep.label}: {e}") from None
+        raise HostKeyError(f"{ep.label}: {e}") from None
     if verdict != "unknown":
         return
     if kh.has_ca_for(name):
         raise HostKeyError(
-            f"node {ep.label}: a @cert-authority line in {', '.join(map(str, ep.known_hosts))} trusts a CA for "
+            f"{ep.label}: a @cert-authority line in {', '.join(map(str, ep.known_hosts))} trusts a CA for "
             f"{name}, but the node presented a plain host key ({key.get_name()} {key.fingerprint}), no "
             "certificate, and no plain entry matches it; give its sshd a HostCertificate or add the key"
         )
     if not ep.accept_new:
         skipped = f" ({len(kh.skipped)} unreadable line(s) skipped, first: {kh.skipped[0]})" if kh.skipped else ""
         raise HostKeyError(
-            f"node {ep.label}: host key is not in {', '.join(map(str, ep.known_hosts))} "
+            f"{ep.label}: host key is not in {', '.join(map(str, ep.known_hosts))} "
             f"({key.get_name()} {key.fingerprint}){skipped}; add it or pass --accept-new-host-keys"
         )
     append(ep.known_hosts[0], name, key)
@@ -253,14 +253,16 @@ class JumpPool:
                 make_transport) -> tuple[paramiko.Channel, tuple[Endpoint, ...]]:  # type: ignore[no-untyped-def]
         """A direct-tcpip channel to host:port through the chain (connecting the hops that are
         not up yet); returns it and the chain, which the caller `release`s when done."""
-        last = self._transport(chain, timeout, make_transport)
-        try:
-            chan = last.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout)
-        except paramiko.ChannelException as e:
-            raise UnreachableError(f"jump host {chain[-1].host}:{chain[-1].port} cannot reach {host}:{port}: "
-                                   f"{e.text or e}") from None
         with self._lock:
             self._users[chain] = self._users.get(chain, 0) + 1
+        try:
+            last = self._transport(chain, timeout, make_transport)
+            # A ChannelException (the node refuses or is down: rebooting behind its jump host)
+            # is left as it is: the transport retries it like a refused TCP connection.
+            chan = last.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout)
+        except BaseException:
+            self.release(chain)  # the last one out closes the hops it alone opened
+            raise
         return chan, chain
 
     def _transport(self, chain: tuple[Endpoint, ...], timeout: float, make_transport) -> paramiko.Transport:  # type: ignore[no-untyped-def]
@@ -278,6 +280,9 @@ class JumpPool:
                 sock = prev.open_channel("direct-tcpip", (ep.host, ep.port), ("127.0.0.1", 0), timeout=timeout)
             try:
                 t = open_ssh(ep, sock, timeout, make_transport)
+            except paramiko.AuthenticationException as e:
+                sock.close()
+                raise UnreachableError(f"{ep.label}: authentication as {ep.user!r} failed: {e}") from None
             except BaseException:
                 sock.close()
                 raise

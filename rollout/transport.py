@@ -24,7 +24,7 @@ from typing import Callable, Protocol, runtime_checkable
 import paramiko
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
-from imagetool.errors import HostKeyError, InputError, NodeError, UnreachableError
+from imagetool.errors import InputError, NodeError, UnreachableError
 from rollout.nodespec import NodeSpec
 from rollout.sshconnect import JUMPS, Endpoint, jump_chain, open_ssh, proxy_command, tcp_socket
 
@@ -231,15 +231,15 @@ class SSHTransport:
                     # No single attempt may outlive the overall budget.
                     remaining = max(0.5, min(self.connect_timeout, deadline - time.monotonic()))
                     self._connect_once(remaining)
-        except UnreachableError:
-            raise
+        except UnreachableError as e:  # HostKeyError too; a jump host's says which hop
+            if str(e).startswith(f"node {self.label}"):
+                raise
+            raise type(e)(f"node {self.label}: {e}") from None
         except paramiko.AuthenticationException as e:
             how = f"key {self.node.key}" if self.node.key else "ssh-agent and default keys"
             raise UnreachableError(
                 f"node {self.label}: authentication as {self.node.user!r} failed with {how}: {e}"
             ) from None
-        except HostKeyError:
-            raise
         except Exception as e:  # noqa: BLE001 - every connect failure is reported the same way
             raise UnreachableError(f"node {self.label}: cannot connect: {_describe(e)}") from e
 
@@ -247,10 +247,10 @@ class SSHTransport:
         node = self.node
         if node.key is not None and not Path(node.key).is_file():
             raise UnreachableError(f"node {self.label}: key file {node.key} does not exist")
-        endpoint = Endpoint.of_node(node, self.label, self.accept_new_host_keys)
+        endpoint = Endpoint.of_node(node, f"node {self.label}", self.accept_new_host_keys)
         jump = None
         if node.proxy_jump:
-            chain = jump_chain(node, self.label, self.accept_new_host_keys)
+            chain = jump_chain(node, self.accept_new_host_keys)
             sock, jump = JUMPS.channel(chain, node.host, node.port, timeout, _fast_transport)
         elif node.proxy_command:
             sock = proxy_command(node.proxy_command, timeout)

@@ -16,6 +16,7 @@ from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 from imagetool.errors import HostKeyError, InputError, NodeError, UnreachableError
 from rollout.inventory import load_inventory
 from rollout.knownhosts import known_hosts_name
+from rollout.sshconnect import JUMPS
 from rollout.transport import CommandResult, CommandTimeoutError, SSHTransport
 from tests.sshd_fixture import DEAD_ADDR, NODE_ADDR, SshdServer, keygen, sshd_node, sshd_server  # noqa: F401
 
@@ -293,3 +294,225 @@ def test_proxy_jump(sshd_node) -> None:  # type: ignore[no-untyped-def]
     with SSHTransport(node) as t:
         assert t.run(["echo", "via jump"]).stdout == "via jump\n"
         assert t._jump is not None  # noqa: SLF001
+
+
+def test_proxy_jump_chain_is_shared_by_the_nodes_behind_it(sshd_node) -> None:  # type: ignore[no-untyped-def]
+    # Two hops (the throwaway sshd twice, the second reached through the first), two nodes.
+    spec = dataclasses.replace(sshd_node, proxy_jump=f"root@{NODE_ADDR},{NODE_ADDR}:22", ssh_config=os.devnull)
+    a = SSHTransport(dataclasses.replace(spec, name="a"))
+    b = SSHTransport(dataclasses.replace(spec, name="b"))
+    try:
+        # The node sees the connection come from the last hop (itself), not from the controller.
+        assert a.run(["sh", "-c", "echo ${SSH_CONNECTION%% *}"]).stdout == f"{NODE_ADDR}\n"
+        assert b.run(["true"]).ok
+        assert a._jump == b._jump and len(a._jump) == 2  # noqa: SLF001
+        assert JUMPS.open_chains() == 2  # one connection per hop, not per node
+        a.close()
+        assert JUMPS.open_chains() == 2 and b.run(["true"]).ok
+    finally:
+        a.close()
+        b.close()
+    assert JUMPS.open_chains() == 0
+
+
+def test_jump_host_failures_name_the_node_and_the_hop(sshd_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "empty").write_text("")
+    spec = dataclasses.replace(sshd_node, proxy_jump=f"root@{NODE_ADDR}", ssh_config=os.devnull,
+                               known_hosts=tmp_path / "empty")
+    with pytest.raises(HostKeyError, match=rf"node itest \({NODE_ADDR}:22\): jump host root@{NODE_ADDR}:22: "
+                                           "host key is not in"):
+        SSHTransport(spec).connect()
+    # The second hop fails (its user is refused): the first one, already up, is closed again.
+    spec = dataclasses.replace(sshd_node, proxy_jump=f"root@{NODE_ADDR},nobody@{NODE_ADDR}", ssh_config=os.devnull)
+    with pytest.raises(UnreachableError, match=rf"node itest \({NODE_ADDR}:22\): jump host nobody@{NODE_ADDR}:22: "
+                                               "authentication as 'nobody' failed"):
+        SSHTransport(spec).connect()
+    assert JUMPS.open_chains() == 0
+    # The jump host answers, the node behind it does not (port 2999): retried, then reported.
+    spec = dataclasses.replace(sshd_node, port=2999, proxy_jump=f"root@{NODE_ADDR}", ssh_config=os.devnull)
+    with pytest.raises(UnreachableError, match=rf"node itest \({NODE_ADDR}:2999\): cannot connect: "):
+        SSHTransport(spec, connect_timeout=1, connect_retries=2).connect()
+    assert JUMPS.open_chains() == 0
+
+
+def test_direct_connection_comes_from_the_controller(ssh: SSHTransport) -> None:
+    # The other half of the proof above: without a jump host the node sees the host side.
+    assert ssh.run(["sh", "-c", "echo ${SSH_CONNECTION%% *}"]).stdout == "10.250.254.1\n"
+
+
+# --- known_hosts as OpenSSH reads it ---------------------------------------------------------
+
+
+def _node_with_known_hosts(server: SshdServer, tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
+    kh = tmp_path / "known_hosts"
+    kh.write_text(text)
+    return dataclasses.replace(server.node, known_hosts=kh), kh
+
+
+def test_cert_authority_and_unreadable_lines_do_not_break_the_host_entry(sshd_server: SshdServer, tmp_path: Path) -> None:
+    # Before: one @cert-authority line made every node unreachable ("Incorrect padding").
+    node, _ = _node_with_known_hosts(sshd_server, tmp_path, (
+        f"@cert-authority *.elsewhere {sshd_server.ca_pubkey_line}\n"
+        "@future-marker x ssh-ed25519 AAAA\n"
+        "10.250.254.9 ssh-ed25519 %%%not-base64\n"
+        f"{NODE_ADDR} {sshd_server.host_pubkey_line}\n"
+    ))
+    with SSHTransport(node) as t:
+        assert t.run(["true"]).ok
+
+
+def test_host_certificate_signed_by_a_trusted_ca(sshd_server: SshdServer, tmp_path: Path) -> None:
+    # The CA line is the only trust anchor: the node's certificate (ssh-keygen -s -h) is checked.
+    node, _ = _node_with_known_hosts(sshd_server, tmp_path, f"@cert-authority 10.250.254.* {sshd_server.ca_pubkey_line}\n")
+    with SSHTransport(node) as t:
+        assert t.run(["true"]).ok
+        key = t._transport().get_remote_server_key()  # noqa: SLF001
+        assert key.public_blob.key_type == "ssh-ed25519-cert-v01@openssh.com"
+
+
+def test_host_certificate_of_another_ca_is_refused(sshd_server: SshdServer, tmp_path: Path) -> None:
+    other = keygen(tmp_path / "other_ca")
+    node, _ = _node_with_known_hosts(sshd_server, tmp_path, f"@cert-authority * {other}\n")
+    with pytest.raises(HostKeyError, match=r"host certificate not accepted: it is signed by a CA that no "
+                                           r"@cert-authority line for this host names"):
+        SSHTransport(node).connect()
+
+
+def test_revoked_host_key_is_refused_naming_file_and_line(sshd_server: SshdServer, tmp_path: Path) -> None:
+    node, kh = _node_with_known_hosts(sshd_server, tmp_path, (
+        f"{NODE_ADDR} {sshd_server.host_pubkey_line}\n@revoked * {sshd_server.host_pubkey_line}\n"
+    ))
+    for accept in (False, True):
+        with pytest.raises(HostKeyError, match=rf"node itest .*REVOKED host key .*marked @revoked at {kh}:2; refusing"):
+            SSHTransport(node, accept_new_host_keys=accept).connect()
+
+
+def test_negated_pattern_excludes_the_host(sshd_server: SshdServer, tmp_path: Path) -> None:
+    node, _ = _node_with_known_hosts(sshd_server, tmp_path, f"10.250.254.*,!{NODE_ADDR} {sshd_server.host_pubkey_line}\n")
+    with pytest.raises(HostKeyError, match="host key is not in"):
+        SSHTransport(node).connect()
+    node, _ = _node_with_known_hosts(sshd_server, tmp_path, f"10.250.254.*,!10.250.254.9 {sshd_server.host_pubkey_line}\n")
+    with SSHTransport(node) as t:
+        assert t.run(["true"]).ok
+
+
+# --- ssh_config: ProxyCommand, Include, known hosts files, strictness -------------------------
+
+
+def _inventory_node(tmp_path: Path, config: str, name: str = "n1"):  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(textwrap.dedent(config))
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text(f"nodes: {{{name}: {{}}}}\n")
+    (node,) = load_inventory(inv, ssh_config=cfg).nodes
+    return node
+
+
+def test_proxy_command_from_ssh_config(sshd_server: SshdServer, tmp_path: Path) -> None:
+    # `ssh -W` through the sshd itself carries the connection; the node then sees it coming from
+    # its own address. %h and %p are expanded, the command runs in the shell as ssh runs it.
+    node = _inventory_node(tmp_path, f"""
+        Include {tmp_path}/conf.d/*.conf
+        Host n1
+            HostName {NODE_ADDR}
+            IdentityFile {sshd_server.client_key}
+            UserKnownHostsFile {tmp_path}/empty {sshd_server.known_hosts}
+            ProxyCommand ssh -F /dev/null -i {sshd_server.client_key} -o BatchMode=yes -o UserKnownHostsFile={sshd_server.known_hosts} -W %h:%p root@%h 2>/dev/null
+    """)
+    assert node.proxy_command and f"-W {NODE_ADDR}:22 root@{NODE_ADDR}" in node.proxy_command
+    with SSHTransport(node) as t:
+        assert t.run(["sh", "-c", "echo ${SSH_CONNECTION%% *}"]).stdout == f"{NODE_ADDR}\n"
+    assert not (tmp_path / "empty").exists()  # known in the second file: nothing written
+
+
+def test_include_and_accept_new_from_ssh_config(sshd_server: SshdServer, tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "nodes.conf").write_text(
+        f"Host n1\n  HostName {NODE_ADDR}\n  IdentityFile {sshd_server.client_key}\n")
+    node = _inventory_node(tmp_path, f"""
+        Include {tmp_path}/conf.d/*.conf
+        Host *
+            UserKnownHostsFile {tmp_path}/kh_new
+            StrictHostKeyChecking accept-new
+    """)
+    assert (node.host, node.strict_host_key_checking) == (NODE_ADDR, "accept-new")
+    with SSHTransport(node) as t:
+        assert t.run(["true"]).ok
+    assert (tmp_path / "kh_new").read_text() == f"{NODE_ADDR} {sshd_server.host_pubkey_line}\n"
+
+
+def test_strict_host_key_checking_yes_refuses_unknown(sshd_server: SshdServer, tmp_path: Path) -> None:
+    node = _inventory_node(tmp_path, f"""
+        Host n1
+            HostName {NODE_ADDR}
+            IdentityFile {sshd_server.client_key}
+            UserKnownHostsFile {tmp_path}/kh_new
+            StrictHostKeyChecking yes
+    """)
+    with pytest.raises(HostKeyError, match="host key is not in"):
+        SSHTransport(node).connect()
+
+
+# --- ssh-agent ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A real ssh-agent; SSH_AUTH_SOCK points at it for the test."""
+    sock = tmp_path / "agent.sock"
+    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    Retrying(stop=stop_after_delay(10), wait=wait_fixed(0.05), retry=retry_if_result(lambda r: not r))(sock.exists)
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+    yield sock
+    proc.terminate()
+    proc.wait(timeout=5)
+
+
+@pytest.fixture
+def passphrase_key(sshd_server: SshdServer, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A passphrase-protected key the sshd accepts (authorized for the test only)."""
+    key = tmp_path / "id_secret"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret", "-C", "secret", "-f", str(key)], check=True)
+    before = sshd_server.authorized_keys.read_text()
+    sshd_server.authorized_keys.write_text(before + Path(f"{key}.pub").read_text())
+    yield key
+    sshd_server.authorized_keys.write_text(before)
+
+
+def ssh_add(key: Path, passphrase: str, tmp_path: Path) -> None:
+    askpass = tmp_path / "askpass"
+    askpass.write_text(f"#!/bin/sh\necho {passphrase}\n")
+    askpass.chmod(0o700)
+    subprocess.run(["ssh-add", str(key)], check=True, capture_output=True, stdin=subprocess.DEVNULL,
+                   env={**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"})
+
+
+def test_passphrase_key_named_in_the_inventory_uses_the_agent(sshd_server: SshdServer, passphrase_key: Path,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              request: pytest.FixtureRequest) -> None:
+    node = dataclasses.replace(sshd_server.node, key=passphrase_key)
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    with pytest.raises(UnreachableError, match=rf"{passphrase_key} needs a passphrase and ssh-agent does not hold it"):
+        SSHTransport(node).connect()
+    request.getfixturevalue("agent")
+    ssh_add(passphrase_key, "s3cret", tmp_path)
+    with SSHTransport(node) as t:
+        assert t.run(["true"]).ok
+
+
+def test_agent_key_without_a_key_file(sshd_server: SshdServer, passphrase_key: Path, agent: Path,
+                                      tmp_path: Path) -> None:
+    ssh_add(passphrase_key, "s3cret", tmp_path)
+    with SSHTransport(dataclasses.replace(sshd_server.node, key=None)) as t:
+        assert t.run(["true"]).ok
+
+
+def test_identities_only_offers_no_other_agent_key(sshd_server: SshdServer, passphrase_key: Path, agent: Path,
+                                                   tmp_path: Path) -> None:
+    ssh_add(passphrase_key, "s3cret", tmp_path)
+    keygen(tmp_path / "stranger")
+    node = dataclasses.replace(sshd_server.node, key=tmp_path / "stranger")
+    with SSHTransport(node) as t:  # the agent's key gets in after the stranger is refused
+        assert t.run(["true"]).ok
+    with pytest.raises(UnreachableError, match=r"authentication as 'root' failed .*refused: .*stranger"):
+        SSHTransport(dataclasses.replace(node, identities_only=True)).connect()
