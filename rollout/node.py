@@ -470,7 +470,8 @@ class HelperNode:
         if self.protocol < RECEIVE_PROTOCOL:
             raise NodeError(f"node {self.name}: its {HELPER} (protocol {self.protocol}) cannot receive a transfer "
                             f"for `become` (needs protocol {RECEIVE_PROTOCOL}): stage as root, or update its image")
-        receiver = shlex.join(become_argv(self.spec, helper_argv("receive", remote, offset=offset or None)))
+        # Its answer goes to stderr, which is what a failed transfer reports.
+        receiver = shlex.join(become_argv(self.spec, helper_argv("receive", remote, offset=offset or None))) + " >&2"
         try:
             return self.transport.put_file(Path(local), remote, offset=offset, progress=progress,
                                            timeout=TRANSFER_TIMEOUT, receiver=receiver)

@@ -177,6 +177,9 @@ def throwaway_sshd() -> Iterator[SshdServer]:
         client_pub = keygen(client_key)
         authorized = tmp / "authorized_keys"
         authorized.write_text(client_pub + "\n")
+        # sshd reads authorized_keys as the user logging in: tests log in as users other than root.
+        tmp.chmod(0o711)
+        authorized.chmod(0o644)
         config = tmp / "sshd_config"
         config.write_text(_sshd_config(tmp, host_key, authorized))
         known_hosts = tmp / "known_hosts"

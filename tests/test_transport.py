@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import itertools
 import os
 import subprocess
 import textwrap
@@ -16,8 +18,12 @@ from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 from imagetool.errors import HostKeyError, InputError, NodeError, UnreachableError
 from rollout.inventory import load_inventory
 from rollout.knownhosts import known_hosts_name
+from rollout.local import LocalMachine
+from rollout.node import HelperNode
+from rollout.stage import needed_bytes, stage
 from rollout.sshconnect import JUMPS
 from rollout.transport import CommandResult, CommandTimeoutError, SSHTransport
+from tests.samples import make_release
 from tests.sshd_fixture import DEAD_ADDR, NODE_ADDR, SshdServer, keygen, sshd_node, sshd_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
@@ -516,3 +522,85 @@ def test_identities_only_offers_no_other_agent_key(sshd_server: SshdServer, pass
         assert t.run(["true"]).ok
     with pytest.raises(UnreachableError, match=r"authentication as 'root' failed .*refused: .*stranger"):
         SSHTransport(dataclasses.replace(node, identities_only=True)).connect()
+
+
+# --- become: a login user other than root, the helper through sudo -n ------------------------
+
+
+_USERS = itertools.count(1)
+
+
+@pytest.fixture
+def login_user():  # type: ignore[no-untyped-def]
+    """A throwaway user on this machine (the sshd's namespace shares its users and files) and
+    the sudoers.d file the test writes for it; both removed afterwards."""
+    name = f"itest-become-{os.getpid() % 100000}-{next(_USERS)}"
+    subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True, capture_output=True)
+    # sshd without PAM refuses a locked account ('!' password), even for a key.
+    subprocess.run(["usermod", "-p", "*", name], check=True, capture_output=True)
+    sudoers = Path("/etc/sudoers.d") / name
+    try:
+        yield name, sudoers
+    finally:
+        sudoers.unlink(missing_ok=True)
+        # -f: the user's last sshd session may still be on its way out.
+        subprocess.run(["userdel", "-f", "-r", name], capture_output=True)
+
+
+def allow_helper(sudoers: Path, user: str, machine: LocalMachine, *, nopasswd: bool) -> None:
+    """sudoers for `user`: the machine's helper (found through secure_path, as /usr/sbin's would
+    be on a node), with or without a password."""
+    text = (f"Defaults:{user} secure_path={machine.bin}:/usr/sbin:/usr/bin:/sbin:/bin\n"
+            f"{user} ALL=(root) {'NOPASSWD: ' if nopasswd else ''}{machine.bin}/imagetool-node\n")
+    draft = sudoers.with_name(f".{sudoers.name}.draft")
+    draft.write_text(text)
+    draft.chmod(0o440)
+    subprocess.run(["visudo", "-cqf", str(draft)], check=True)
+    draft.rename(sudoers)
+
+
+@pytest.fixture
+def machine(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The real node helper against a directory (rollout.local), booted on web-1.0; reached here
+    over the throwaway sshd, not through LocalTransport."""
+    m = LocalMachine(tmp_path / "machine", timer_delay=0)
+    m.install_release(make_release(tmp_path / "store", "web", "1.0", b"o" * 1000), commit=True)
+    m.power_on()
+    yield m
+    m.power_off()
+
+
+def test_become_runs_the_helper_and_stages_through_sudo(sshd_server: SshdServer, login_user, machine: LocalMachine,
+                                                        tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    user, sudoers = login_user
+    allow_helper(sudoers, user, machine, nopasswd=True)
+    release = make_release(tmp_path / "store", "web", "1.1", os.urandom(300_000))
+    spec = dataclasses.replace(sshd_server.node, user=user, become=True)
+    node = HelperNode(spec, SSHTransport(spec))
+    try:
+        assert node.transport.run(["id", "-un"]).stdout == f"{user}\n"  # logged in as the user
+        assert node.status().booted == "web-1.0"  # the helper ran, as root
+        result = stage(node, release)
+        assert (result.outcome, result.bytes_sent) == ("staged", needed_bytes(release, 0))
+        image = machine.root / "var/lib/imagetool/images/web-1.1.squashfs"
+        assert image.read_bytes() == release.squashfs_path.read_bytes() and image.stat().st_uid == 0
+        assert stage(node, release).outcome == "present"
+        # The login user alone cannot write there: this is why the helper receives the bytes.
+        incoming = node.stage_info("web-1.2").incoming
+        assert not node.transport.run(["sh", "-c", f"echo x > {incoming}/web-1.2.sig"]).ok
+        # receive writes nothing but a transfer's own files in .incoming
+        with pytest.raises(NodeError, match=r"receive writes only a transfer's files in"):
+            node.put(release.manifest_path, "/etc/passwd.manifest.json")
+    finally:
+        node.close()
+
+
+def test_become_without_nopasswd_says_what_sudoers_needs(sshd_server: SshdServer, login_user,
+                                                         machine: LocalMachine) -> None:  # type: ignore[no-untyped-def]
+    user, sudoers = login_user
+    allow_helper(sudoers, user, machine, nopasswd=False)
+    spec = dataclasses.replace(sshd_server.node, user=user, become=True)
+    with contextlib.closing(HelperNode(spec, SSHTransport(spec))) as node:
+        with pytest.raises(NodeError, match=rf"node itest: sudo asks '{user}' for a password to run imagetool-node as "
+                                            rf"'root' \(become\); allow it without one .*NOPASSWD: /usr/sbin/imagetool-node"):
+            node.status()
