@@ -24,7 +24,7 @@ from imagetool.yamlfile import load_yaml
 from rollout.checks import CHECK_NAME_RE, CheckSpec, parse_checks
 from rollout.hooks import HOOK_POINTS, Hooks, HookSpec, RunOnceSpec
 from rollout.nodespec import DEFAULT_KNOWN_HOSTS, DEFAULT_PORT, DEFAULT_USER, NodeSpec, host_problem, user_problem
-from rollout.sshconfig import expand_path, expand_tokens, parse_hop, resolve
+from rollout.sshconfig import expand_path, expand_tokens, parse_hop, resolve, resolve_all
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Groups are matched against --limit values alongside node names, so they share the alphabet.
@@ -221,20 +221,22 @@ def load_inventory(
         raise (root / "nodes").got("a mapping of node names to node settings", raw_nodes)
 
     config = _ssh_config_path(ssh_config)
-    nodes: list[NodeSpec] = []
+    # `ssh ALIAS` semantics: the alias looked up is what one would type, the host if the
+    # inventory gives one, else the node name. The inventory wins over the ssh config, as ssh's
+    # command line does (its user and port reach `ssh -G` as -l and -p, so Match user sees them).
+    given: dict[str, tuple[Where, dict[str, Any], str | None, int | None, str | None]] = {}
     for name, raw in raw_nodes.items():
         w = root / "nodes" / name
         if not isinstance(name, str) or not NODE_NAME_RE.match(name):
             raise w.error(f"{name!r} is not a valid node name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
         spec = schema.mapping(raw, w, NODE_KEYS)
+        given[name] = (w, spec, _host(spec["host"], w / "host") if "host" in spec else None,
+                       schema.port(spec["port"], w / "port") if "port" in spec else default_port,
+                       _user(spec["user"], w / "user") if "user" in spec else default_user)
+    resolve_all([(host or name, config, user, port) for name, (_, _, host, port, user) in given.items()])
 
-        # `ssh ALIAS` semantics: the alias looked up is what one would type, the host if the
-        # inventory gives one, else the node name. The inventory wins over the ssh config, as
-        # ssh's command line does (its user and port reach `ssh -G` as -l and -p, so Match user
-        # sees them).
-        host = _host(spec["host"], w / "host") if "host" in spec else None
-        given_port = schema.port(spec["port"], w / "port") if "port" in spec else default_port
-        given_user = _user(spec["user"], w / "user") if "user" in spec else default_user
+    nodes: list[NodeSpec] = []
+    for name, (w, spec, host, given_port, given_user) in given.items():
         alias = host or name
         opts = resolve(alias, config, given_user, given_port)
         if host is None:
