@@ -74,7 +74,7 @@ def _run_ssh_g(alias: str, config: str | None, user: str | None, port: int | Non
         argv += ["-p", str(port)]
     argv += ["--", alias]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=RESOLVE_TIMEOUT,
+        proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=RESOLVE_TIMEOUT,
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise InputError(f"ssh config {config or '~/.ssh/config'}: `ssh -G {alias}` took over {RESOLVE_TIMEOUT}s "
@@ -94,7 +94,7 @@ def _defaults() -> dict[str, list[str]]:
     return _run_ssh_g("imagetool-defaults", os.devnull, None, None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve(alias: str, config: str | None, user: str | None = None, port: int | None = None) -> HostConfig:
     """The ssh config's settings for `alias` (as `ssh -F config [-l user] [-p port] alias`
     would see it: the inventory's user and port are ssh's command line, so Match user sees them)."""

@@ -25,7 +25,7 @@ import paramiko
 from imagetool.errors import HostKeyError, UnreachableError
 from rollout.knownhosts import ChangedHostKey, KnownHosts, append, known_hosts_name
 from rollout.nodespec import NodeSpec
-from rollout.sshconfig import parse_hop, resolve
+from rollout.sshconfig import expand_path, parse_hop, resolve
 
 # What ssh offers when no IdentityFile is configured (the ones paramiko can use).
 DEFAULT_IDENTITIES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
@@ -71,8 +71,8 @@ def jump_chain(node: NodeSpec, accept_new: bool) -> tuple[Endpoint, ...]:
         cfg = resolve(host, node.ssh_config, given_user or None, port if port != 22 else None)
         user = given_user or cfg.user or node.user
         port = port if port != 22 else (cfg.port or 22)
-        keys = tuple(p for p in (Path(os.path.expanduser(f)) for f in cfg.identity_files if "%" not in f)
-                     if p.is_file())
+        keys = tuple(p for p in (expand_path(f, host=cfg.hostname, port=port, user=user, alias=host,
+                                             what="IdentityFile") for f in cfg.identity_files) if p.is_file())
         hops.append(Endpoint(
             label=f"jump host {user}@{cfg.hostname}:{port}", host=cfg.hostname, port=port,
             user=user, keys=keys or tuple(k for k in (node.key, *node.identities) if k is not None),
@@ -155,13 +155,13 @@ def check_host_key(ep: Endpoint, kh: KnownHosts, key: paramiko.PKey) -> None:
 # --- authentication -----------------------------------------------------------------------------
 
 
-def _agent_keys() -> list[paramiko.AgentKey]:
+def _agent() -> paramiko.Agent | None:
     if not os.environ.get("SSH_AUTH_SOCK"):
-        return []
+        return None
     try:
-        return list(paramiko.Agent().get_keys())
+        return paramiko.Agent()
     except paramiko.SSHException:
-        return []  # a stale SSH_AUTH_SOCK: no agent, as for ssh
+        return None  # a stale SSH_AUTH_SOCK: no agent, as for ssh
 
 
 def _public_half(path: Path) -> bytes | None:
@@ -184,10 +184,9 @@ def _with_certificate(key: paramiko.PKey, path: Path, certificates: tuple[Path, 
     return key
 
 
-def identities(ep: Endpoint) -> tuple[list[tuple[str, paramiko.PKey]], list[str]]:
+def identities(ep: Endpoint, agent: list[paramiko.AgentKey]) -> tuple[list[tuple[str, paramiko.PKey]], list[str]]:
     """The keys to offer, in ssh's order (named files, each through the agent when it holds them,
     then the agent's other keys unless IdentitiesOnly), and why named keys could not be used."""
-    agent = _agent_keys()
     by_blob = {k.asbytes(): k for k in agent}
     offered: list[tuple[str, paramiko.PKey]] = []
     problems: list[str] = []
@@ -221,17 +220,22 @@ def identities(ep: Endpoint) -> tuple[list[tuple[str, paramiko.PKey]], list[str]
 
 
 def authenticate(t: paramiko.Transport, ep: Endpoint, timeout: float) -> None:
-    offered, problems = identities(ep)
-    tried = []
-    for what, key in offered:
-        try:
-            t.auth_publickey(ep.user, key)
-            return
-        except paramiko.BadAuthenticationType as e:
-            raise paramiko.AuthenticationException(
-                f"the server does not take public keys (it allows {', '.join(e.allowed_types)})") from None
-        except paramiko.AuthenticationException:
-            tried.append(what)
+    agent = _agent()
+    try:
+        offered, problems = identities(ep, list(agent.get_keys()) if agent else [])
+        tried = []
+        for what, key in offered:
+            try:
+                t.auth_publickey(ep.user, key)
+                return
+            except paramiko.BadAuthenticationType as e:
+                raise paramiko.AuthenticationException(
+                    f"the server does not take public keys (it allows {', '.join(e.allowed_types)})") from None
+            except paramiko.AuthenticationException:
+                tried.append(what)
+    finally:
+        if agent is not None:
+            agent.close()  # agent keys sign through it: only once authentication is over
     detail = "; ".join(([f"refused: {', '.join(tried)}"] if tried else []) + problems)
     raise paramiko.AuthenticationException(detail or "no key to offer (no key file, no ssh-agent key)")
 
