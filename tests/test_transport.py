@@ -329,9 +329,9 @@ def test_jump_host_failures_name_the_node_and_the_hop(sshd_node, tmp_path: Path)
                                            "host key is not in"):
         SSHTransport(spec).connect()
     # The second hop fails (its user is refused): the first one, already up, is closed again.
-    spec = dataclasses.replace(sshd_node, proxy_jump=f"root@{NODE_ADDR},nobody@{NODE_ADDR}", ssh_config=os.devnull)
-    with pytest.raises(UnreachableError, match=rf"node itest \({NODE_ADDR}:22\): jump host nobody@{NODE_ADDR}:22: "
-                                               "authentication as 'nobody' failed"):
+    spec = dataclasses.replace(sshd_node, proxy_jump=f"root@{NODE_ADDR},no-such-user@{NODE_ADDR}", ssh_config=os.devnull)
+    with pytest.raises(UnreachableError, match=rf"node itest \({NODE_ADDR}:22\): jump host no-such-user@{NODE_ADDR}:22: "
+                                               "authentication as 'no-such-user' failed"):
         SSHTransport(spec).connect()
     assert JUMPS.open_chains() == 0
     # The jump host answers, the node behind it does not (port 2999): retried, then reported.
