@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 from imagetool.errors import AlreadyExistsError, BuildError, HostSetupError, NotFoundError
 from imagetool.layout import image_file_names
 from imagetool.manifest import BuilderInfo, ImageInfo, KeyInfo, Manifest, Package, parse_dpkg_manifest, sha256_file
-from imagetool.release import Release, effective_mirrors
+from imagetool.release import Release, SquashfsOptions, effective_mirrors
 from imagetool.signing import load_trusted_keys, sign_file
 from imagetool.store import Store, StoredRelease
 from imagetool.systools import disk_image_create, require, require_root
@@ -117,8 +117,7 @@ def dib_command(release: Release, output: Path) -> list[str]:
     return argv
 
 
-def squashfs_command(tree: Path, output: Path, release: Release, epoch: int | None) -> list[str]:
-    sq = release.squashfs
+def squashfs_command(tree: Path, output: Path, sq: SquashfsOptions, epoch: int | None) -> list[str]:
     argv = ["mksquashfs", str(tree), str(output), "-noappend", "-comp", sq.compression, "-b", str(sq.block_size)]
     if sq.compression in ("zstd", "xz", "gzip") and sq.level is not None:
         flag = {"zstd": "-Xcompression-level", "gzip": "-Xcompression-level", "xz": "-Xdict-size"}[sq.compression]
@@ -269,7 +268,7 @@ def _build_locked(release: Release, store: Store, options: BuildOptions, progres
             sq_started = time.monotonic()
             # mksquashfs refuses SOURCE_DATE_EPOCH together with -mkfs-time; we pass the time explicitly.
             sq_env = {k: v for k, v in env.items() if k != "SOURCE_DATE_EPOCH"}
-            _run_logged(squashfs_command(tree, staging.squashfs_path, release, epoch), log, sq_env, progress,
+            _run_logged(squashfs_command(tree, staging.squashfs_path, release.squashfs, epoch), log, sq_env, progress,
                         "squashfs")
             sq_seconds = time.monotonic() - sq_started
 

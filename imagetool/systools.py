@@ -24,6 +24,7 @@ PACKAGES = {
     "losetup": "mount",
     "tar": "tar",
     "zstd": "zstd",
+    "casync": "casync",
     "mkfs.ext4": "e2fsprogs",
     "mkfs.fat": "dosfstools",
     "mcopy": "mtools",

@@ -232,15 +232,28 @@ class StageInfo:
     incoming: str
     # The keys the node trusts, with their public PEM; None: its helper does not say (protocol < 3).
     trusted_keys: tuple[TrustedKey, ...] | None = None
+    # Delta staging: can the node run casync, the images it holds {id: sha256}, and the sizes of
+    # delta packs that arrived in part {file name: bytes}. A helper that does not say: no delta.
+    casync: bool = False
+    seeds: tuple[tuple[str, str], ...] = ()
+    delta_partials: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_answer(cls, doc: dict[str, Any], name: str = "?") -> StageInfo:
         w = Where(f"node {name}: imagetool-node stage-info", style="path", error=NodeError)
+        delta = doc.get("delta") if isinstance(doc.get("delta"), dict) else {}
+        seeds = delta.get("seeds") if isinstance(delta.get("seeds"), list) else []
+        partials = delta.get("partials") if isinstance(delta.get("partials"), dict) else {}
         return cls(present=bool(doc.get("present")), sha256=_opt(doc, w, "sha256", _text),
                    partial_bytes=_count(doc.get("partial_bytes") or 0, w / "partial_bytes"),
                    free_bytes=_count(doc.get("free_bytes") or 0, w / "free_bytes"),
                    incoming=_opt(doc, w, "incoming", _text) or NODE_INCOMING,
-                   trusted_keys=_trusted_keys(doc.get("trusted_keys")))
+                   trusted_keys=_trusted_keys(doc.get("trusted_keys")),
+                   casync=delta.get("casync") is True,
+                   seeds=tuple((_release_id(s.get("id"), w / "delta" / "seeds"), _text(s.get("sha256"), w / "delta"))
+                               for s in seeds if isinstance(s, dict)),
+                   delta_partials=tuple((_text(k, w / "delta"), _count(v, w / "delta" / "partials"))
+                                        for k, v in partials.items()))
 
 
 def _opt(doc: dict[str, Any], w: Where, key: str, check: Callable[[Any, Where], T]) -> T | None:
@@ -372,6 +385,9 @@ class Node(Protocol):
 
     def stage_abort(self, image_id: str) -> dict[str, Any]: ...
 
+    def stage_delta(self, image_id: str, seeds: Sequence[str], *, pack: str | None = None, source: str | None = None,
+                    timeout: float | None = None) -> dict[str, Any]: ...
+
     def set_next(self, image_id: str, confirm_timeout: float, rollout_id: str | None) -> None: ...
 
     def clear_next(self) -> None: ...
@@ -484,6 +500,15 @@ class HelperNode:
 
     def stage_abort(self, image_id: str) -> dict[str, Any]:
         return self._call("stage-abort", image_id)
+
+    def stage_delta(self, image_id: str, seeds: Sequence[str], *, pack: str | None = None, source: str | None = None,
+                    timeout: float | None = None) -> dict[str, Any]:
+        """Rebuild the image in .incoming from `seeds` plus a pushed `pack` or an HTTP `source`."""
+        argv = helper_argv("stage-delta", image_id, pack=pack, source=source, timeout=timeout)
+        for seed in seeds:
+            argv += ["--seed", seed]
+        wait = STAGE_COMMIT_TIMEOUT if timeout is None else timeout + QUICK_TIMEOUT
+        return parse_answer(self.name, "stage-delta", self.transport.run(argv, timeout=wait))
 
     # --- boot control --------------------------------------------------------------------
 

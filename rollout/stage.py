@@ -14,15 +14,17 @@ controller was told.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from imagetool.errors import ImagetoolError, NodeError, VerificationError
+from imagetool.errors import ImagetoolError, LockedError, NodeError, UnreachableError, VerificationError
 from imagetool.signing import TrustedKey, load_trusted_keys, signed_by
-from imagetool.store import StoredRelease
+from imagetool.store import Store, StoredRelease
+from imagetool.chunks import ChunkStore, DeltaPlan
 from rollout.node import Node, StageInfo, for_each, incoming_paths, under_lock
 
 StageOutcome = Literal["present", "staged", "resumed", "failed"]
@@ -58,6 +60,11 @@ class StageResult:
     seconds: float = 0.0
     error: str | None = None
     exception: BaseException | None = field(default=None, repr=False, compare=False)
+    # How the image travelled: pushed whole, pushed as a delta, pulled by the node from an HTTP
+    # store (None: it did not travel).
+    mode: Literal["full", "delta", "pull"] | None = None
+    image_bytes: int = 0  # the image's size, for "sent N of M"
+    note: str | None = None  # why a delta was not used, when it could have been
 
     @property
     def ok(self) -> bool:
@@ -65,6 +72,7 @@ class StageResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"node": self.node, "image": self.image_id, "outcome": self.outcome, "bytes_sent": self.bytes_sent,
+                "image_bytes": self.image_bytes, "mode": self.mode, "note": self.note,
                 "seconds": round(self.seconds, 1), "error": self.error}
 
 
@@ -94,6 +102,9 @@ def needed_bytes(release: StoredRelease, partial: int) -> int:
     return rest + extra
 
 
+# Seconds a node may take to pull an image from an HTTP store: a stalled store is an error, not a hang.
+PULL_TIMEOUT = 1800.0
+
 # Below this many free bytes after a failed write, the node's /var is taken to be full.
 FULL_BELOW = 1024 * 1024
 
@@ -109,47 +120,161 @@ def _disk_full(node: Node, image_id: str, error: ImagetoolError) -> bool:
         return False  # unreachable: nothing to say about its disk
 
 
-def stage(node: Node, release: StoredRelease, progress: StageProgress | None = None) -> StageResult:
-    """Stage `release` on one node; raises on failure (stage_all turns that into data)."""
+def stage(node: Node, release: StoredRelease, progress: StageProgress | None = None, *,
+          delta: bool = True, source: str | None = None) -> StageResult:
+    """Stage `release` on one node; raises on failure (stage_all turns that into data).
+    delta=False: the whole image, even where a delta could be sent. source: the node pulls what
+    it lacks from this HTTP store (`imagetool publish`) itself; the controller sends the manifest."""
     progress = progress or NoProgress()
     start = time.monotonic()
     image = release.manifest.image
     info = node.stage_info(release.id)
     check_for_node(node.name, release, info)
     if info.present and info.sha256 == image.sha256:
-        result = StageResult(node.name, release.id, "present", 0, time.monotonic() - start)
+        result = StageResult(node.name, release.id, "present", 0, time.monotonic() - start, image_bytes=image.size)
         progress.stage_end(node.name, result)
         return result
-    partial = info.partial_bytes if 0 < info.partial_bytes <= image.size else 0
-    need = needed_bytes(release, partial)
+    if source is not None:
+        sent = _pull(node, release, info, source, progress)
+        result = StageResult(node.name, release.id, "staged", sent, time.monotonic() - start, mode="pull",
+                             image_bytes=image.size)
+        progress.stage_end(node.name, result)
+        return result
+    note = None
+    plan, why_not = delta_plan(release, info) if delta else (None, None)
+    if plan is not None:
+        try:
+            sent, resumed = _send_delta(node, release, info, plan, progress)
+            result = StageResult(node.name, release.id, "resumed" if resumed else "staged", sent,
+                                 time.monotonic() - start, mode="delta", image_bytes=image.size)
+            progress.stage_end(node.name, result)
+            return result
+        except (LockedError, UnreachableError, _DiskFull):
+            raise
+        except ImagetoolError as e:
+            # The node could not rebuild the image from its seeds (a seed that rotted, casync
+            # failing): it gets the whole image, as a node without seeds does.
+            note = f"delta failed ({e}); sent the whole image"
+            info = node.stage_info(release.id)
+    sent, resumed = _send_full(node, release, info, progress)
+    result = StageResult(node.name, release.id, "resumed" if resumed else "staged", sent, time.monotonic() - start,
+                         mode="full", image_bytes=image.size, note=note or why_not)
+    progress.stage_end(node.name, result)
+    return result
+
+
+def delta_plan(release: StoredRelease, info: StageInfo) -> tuple[DeltaPlan | None, str | None]:
+    """The delta for this node, or None and why not (None: the node has nothing to seed from)."""
+    if not info.casync:
+        return None, "the node has no casync"
+    if shutil.which("casync") is None:
+        return None, "casync is not installed here"
+    store = Store(release.squashfs_path.parent)
+    seeds = []
+    for seed_id, sha256 in info.seeds:
+        try:
+            seed = store.get(seed_id) if store.has(seed_id) else None
+        except ImagetoolError:
+            continue
+        if seed is not None and seed.manifest.image.sha256 == sha256 and seed.squashfs_path.exists():
+            seeds.append(seed)
+    if not seeds:
+        return None, None
+    try:
+        plan = ChunkStore(store.path).plan(release, seeds)
+    except (ImagetoolError, OSError) as e:
+        return None, f"no delta: {e}"
+    return plan, None if plan is not None else "a delta would not be smaller"
+
+
+class _DiskFull(NodeError):
+    pass
+
+
+def _space_for(node: Node, release: StoredRelease, info: StageInfo, need: int) -> None:
     if info.free_bytes < need:
         raise NodeError(
             f"node {node.name}: not enough space to stage {release.id}: needs {need} bytes, "
             f"{info.free_bytes} free in {info.incoming}"
         )
+
+
+def _on_full_disk(node: Node, release: StoredRelease, e: ImagetoolError) -> None:
+    """Re-raise a failed write; when /var filled up, give the space back first."""
+    if not _disk_full(node, release.id, e):
+        raise e  # a lost connection: the partial file stays for the next run to resume
+    # Something else filled /var while we wrote: give the space back to the running
+    # services rather than keep a partial image they cannot afford.
+    try:
+        node.stage_abort(release.id)
+        what = "the partial transfer was removed"
+    except ImagetoolError as abort_error:
+        what = f"removing the partial transfer failed too: {abort_error}"
+    raise _DiskFull(f"node {node.name}: /var filled up while staging {release.id} ({e}); {what}; "
+                    "the running image is untouched") from None
+
+
+def _send_meta(node: Node, release: StoredRelease, paths: dict[str, str]) -> int:
+    # Manifest and signature first: small, and without them a resumed image cannot be checked.
+    sent = node.put(release.manifest_path, paths["manifest"])
+    if release.sig_path is not None:
+        sent += node.put(release.sig_path, paths["sig"])
+    return sent
+
+
+def _send_delta(node: Node, release: StoredRelease, info: StageInfo, plan: DeltaPlan,
+                progress: StageProgress) -> tuple[int, bool]:
+    """Send the pack (resuming a cut one), let the node rebuild the image, commit it."""
+    pack_bytes = plan.pack_bytes
+    partial = dict(info.delta_partials).get(plan.name, 0)
+    partial = partial if 0 < partial <= pack_bytes else 0
+    # The pack, then the image casync rebuilds beside it.
+    _space_for(node, release, info, pack_bytes - partial + release.manifest.image.size)
     paths = incoming_paths(info.incoming, release.id)
-    total = image.size - partial
-    progress.stage_start(node.name, total)
+    progress.stage_start(node.name, pack_bytes - partial)
+    try:
+        sent = _send_meta(node, release, paths)
+        sent += node.put(plan.pack, f"{info.incoming}/{plan.name}", offset=partial,
+                         progress=lambda n: progress.stage_advance(node.name, n))
+        node.stage_delta(release.id, plan.seeds, pack=plan.name)
+    except ImagetoolError as e:
+        _on_full_disk(node, release, e)
+    node.stage_commit(release.id)
+    return sent, bool(partial)
+
+
+def _pull(node: Node, release: StoredRelease, info: StageInfo, source: str, progress: StageProgress) -> int:
+    """The node fetches the chunks it lacks from the store at `source` (its seeds are every image
+    it holds); the controller sends only the manifest and signature."""
+    if not info.casync:
+        raise NodeError(f"node {node.name}: has no casync, so it cannot pull {release.id} from the store {source}")
+    _space_for(node, release, info, release.manifest.image.size)
+    progress.stage_start(node.name, 0)
+    sent = _send_meta(node, release, incoming_paths(info.incoming, release.id))
+    # The helper's own errors name the store (cannot fetch, casync failed, stalled).
+    node.stage_delta(release.id, [seed for seed, _ in info.seeds], source=source, timeout=PULL_TIMEOUT)
+    try:
+        node.stage_commit(release.id)
+    except VerificationError as e:
+        raise VerificationError(f"the image node {node.name} pulled from the store {source} does not verify: "
+                                f"{e}") from None
+    return sent
+
+
+def _send_full(node: Node, release: StoredRelease, info: StageInfo, progress: StageProgress) -> tuple[int, bool]:
+    """Send the whole image (resuming a cut transfer) and commit it."""
+    image = release.manifest.image
+    partial = info.partial_bytes if 0 < info.partial_bytes <= image.size else 0
+    _space_for(node, release, info, needed_bytes(release, partial))
+    paths = incoming_paths(info.incoming, release.id)
+    progress.stage_start(node.name, image.size - partial)
     sent = 0
     try:
-        # Manifest and signature first: small, and without them a resumed image cannot be checked.
-        sent += node.put(release.manifest_path, paths["manifest"])
-        if release.sig_path is not None:
-            sent += node.put(release.sig_path, paths["sig"])
+        sent += _send_meta(node, release, paths)
         sent += node.put(release.squashfs_path, paths["squashfs"], offset=partial,
                          progress=lambda n: progress.stage_advance(node.name, n))
     except ImagetoolError as e:
-        if not _disk_full(node, release.id, e):
-            raise  # a lost connection: the partial file stays for the next run to resume
-        # Something else filled /var while we wrote: give the space back to the running
-        # services rather than keep a partial image they cannot afford.
-        try:
-            node.stage_abort(release.id)
-            what = "the partial transfer was removed"
-        except ImagetoolError as abort_error:
-            what = f"removing the partial transfer failed too: {abort_error}"
-        raise NodeError(f"node {node.name}: /var filled up while staging {release.id} ({e}); {what}; "
-                        "the running image is untouched") from None
+        _on_full_disk(node, release, e)
     try:
         node.stage_commit(release.id)
     except ImagetoolError:
@@ -158,16 +283,12 @@ def stage(node: Node, release: StoredRelease, progress: StageProgress | None = N
         # The resumed part did not check out (the helper has already thrown the partial file
         # away): send the whole image once more before giving up.
         progress.stage_start(node.name, image.size)
-        sent += node.put(release.manifest_path, paths["manifest"])
-        if release.sig_path is not None:
-            sent += node.put(release.sig_path, paths["sig"])
+        sent += _send_meta(node, release, paths)
         sent += node.put(release.squashfs_path, paths["squashfs"], offset=0,
                          progress=lambda n: progress.stage_advance(node.name, n))
         node.stage_commit(release.id)
         partial = 0
-    result = StageResult(node.name, release.id, "resumed" if partial else "staged", sent, time.monotonic() - start)
-    progress.stage_end(node.name, result)
-    return result
+    return sent, bool(partial)
 
 
 def check_release_files(release: StoredRelease, trusted_keys: Sequence[Path] = ()) -> TrustedKey | None:
@@ -214,7 +335,8 @@ def check_for_node(node: str, release: StoredRelease, info: StageInfo) -> None:
 
 def stage_all(nodes: Sequence[Node], release: StoredRelease, parallel: int = 4,
               progress: StageProgress | None = None, *,
-              lock_as: tuple[str, str, str] | None = None, trusted_keys: Sequence[Path] = ()) -> StageReport:
+              lock_as: tuple[str, str, str] | None = None, trusted_keys: Sequence[Path] = (),
+              delta: bool = True, source: str | None = None) -> StageReport:
     """Stage on every node, `parallel` at a time; each node's result (or failure) is data.
 
     `lock_as` (lock id, owner, command): take each node's rollout lock while staging it, for
@@ -228,8 +350,8 @@ def stage_all(nodes: Sequence[Node], release: StoredRelease, parallel: int = 4,
         start = time.monotonic()
         try:
             if lock_as is None:
-                return stage(node, release, progress)
-            return under_lock(node, *lock_as, lambda n: stage(n, release, progress))
+                return stage(node, release, progress, delta=delta, source=source)
+            return under_lock(node, *lock_as, lambda n: stage(n, release, progress, delta=delta, source=source))
         except Exception as e:  # noqa: BLE001 - a node's failure is data; Ctrl-C is not
             result = StageResult(node.name, release.id, "failed", 0, time.monotonic() - start, str(e), e)
             progress.stage_end(node.name, result)

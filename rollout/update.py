@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from imagetool.chunks import check_source
 from imagetool.errors import ImagetoolError, InputError, LockedError, NodeError, UnreachableError, VerificationError
 from imagetool.names import check_release_id
 from imagetool.store import StoredRelease
@@ -83,6 +84,10 @@ class RolloutOptions:
     health_interval: float = 2.0
     # Nodes staged (or connected to) at once; a batch's nodes always activate together.
     parallel: int = 4
+    # Stage by delta where a node holds images to take chunks from (imagetool.chunks).
+    delta: bool = True
+    # An HTTP(S) store (`imagetool publish`) the nodes pull the image from themselves.
+    source: str | None = None
     dry_run: bool = False
     accept_new_host_keys: bool = False
     # The id of an interrupted rollout, to carry it on under that id. Its locks are still another
@@ -128,6 +133,8 @@ class RolloutOptions:
         parse_threshold(self.max_failures, 1)
         if self.rollout_id is not None:
             check_rollout_id(self.rollout_id, "--rollout-id")
+        if self.source is not None:
+            self.source = check_source(self.source)
 
 
 @dataclass
@@ -141,6 +148,9 @@ class RolloutResult:
     reason: str | None = None
     dry_run: bool = False
     seconds: float = 0.0
+    # What sending every staged node its whole image would have cost: bytes_sent against this
+    # says what delta staging saved.
+    full_bytes: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -158,7 +168,7 @@ class RolloutResult:
             "rollout_id": self.rollout_id, "kind": self.kind, "target": self.target,
             "exit_code": self.exit_code, "stopped": self.stopped, "reason": self.reason,
             "dry_run": self.dry_run, "seconds": round(self.seconds, 1), "bytes_sent": self.bytes_sent,
-            "batches": self.batches, "nodes": [r.to_dict() for r in self.nodes],
+            "full_bytes": self.full_bytes, "batches": self.batches, "nodes": [r.to_dict() for r in self.nodes],
         }
 
 
@@ -188,6 +198,7 @@ class Rollout:
         self._progress = progress
         self._cancel = threading.Event()
         self._locked: list[Node] = []
+        self._full_bytes = 0
         o = self.options
         self.trusted_keys = [*trusted_keys, *o.trusted_keys]
         # One acquisition of every node's lock: a second controller run with the same rollout id
@@ -402,7 +413,9 @@ class Rollout:
             return plan, {}, {}
         for name in todo:
             self.events.step(name, Step.STAGE, release.id)
-        report = stage_all([self.nodes[n] for n in todo], release, self.options.parallel, self._progress)
+        report = stage_all([self.nodes[n] for n in todo], release, self.options.parallel, self._progress,
+                           delta=self.options.delta, source=self.options.source)
+        self._full_bytes += sum(r.image_bytes for r in report.results.values() if r.mode)
         staged: list[NodePlan] = []
         failed: dict[str, NodeResult] = {}
         for p in plan:
@@ -416,7 +429,8 @@ class Rollout:
                 failed[p.node] = NodeResult(p.node, "failed", p.from_id, p.to_id, r.seconds, why, r.bytes_sent)
                 p = p.failed(why)
             elif r is not None:
-                self.events.step(p.node, Step.STAGE, f"{r.outcome}, {r.bytes_sent} bytes")
+                how = f" ({r.mode}, image {r.image_bytes} bytes)" if r.mode else ""
+                self.events.step(p.node, Step.STAGE, f"{r.outcome}, {r.bytes_sent} bytes{how}")
             staged.append(p)
         return staged, failed, {name: r.bytes_sent for name, r in report.results.items()}
 
@@ -541,7 +555,7 @@ class Rollout:
         return RolloutResult(
             rollout_id=self.rollout_id, kind=kind, target=target, nodes=ordered,
             batches=[[p.node for p in b] for b in batches], stopped=stopped, reason=reason,
-            dry_run=self.options.dry_run, seconds=time.monotonic() - start,
+            dry_run=self.options.dry_run, seconds=time.monotonic() - start, full_bytes=self._full_bytes,
         )
 
 

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from imagetool.build import squashfs_command
 from imagetool.manifest import ImageInfo, sha256_file
 from imagetool.store import Store, StoredRelease
 
@@ -33,11 +34,13 @@ def derive_release(store: Store, base: StoredRelease, version: str, mutate: Call
         release_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         mutate(tree)
         with store.staging(rid) as staging:
-            subprocess.run(["mksquashfs", str(tree), str(staging.squashfs_path), "-noappend", "-comp", "gzip",
-                            "-Xcompression-level", "1", "-no-progress", "-quiet"], check=True, capture_output=True)
+            # Built as the base was (compressor, level, block size, time): a derived image differs
+            # from its base in the chunks of what was changed, so delta staging sends just those.
+            subprocess.run(squashfs_command(tree, staging.squashfs_path, base.manifest.squashfs,
+                                            base.manifest.source_date_epoch) + ["-quiet"],
+                           check=True, capture_output=True)
             manifest = dataclasses.replace(
                 base.manifest, version=version,
-                squashfs=dataclasses.replace(base.manifest.squashfs, compression="gzip", level=1),
                 image=ImageInfo(file=f"{rid}.squashfs", size=staging.squashfs_path.stat().st_size,
                                 sha256=sha256_file(staging.squashfs_path)))
             staging.manifest_path.write_bytes(manifest.to_json())

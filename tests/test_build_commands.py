@@ -24,7 +24,7 @@ def test_dib_command_adds_this_projects_elements_and_makes_a_tar():
 
 def test_squashfs_command_is_gzip_with_the_epoch():
     release = load_release(EXAMPLE)
-    argv = squashfs_command(Path("/w/root"), Path("/s/webapp-2.squashfs"), release, 1763856000)
+    argv = squashfs_command(Path("/w/root"), Path("/s/webapp-2.squashfs"), release.squashfs, 1763856000)
     assert argv[:10] == ["mksquashfs", "/w/root", "/s/webapp-2.squashfs", "-noappend", "-comp", "gzip",
                          "-b", "131072", "-Xcompression-level", "6"]
     assert argv[argv.index("-mkfs-time") + 1] == "1763856000"

@@ -543,7 +543,9 @@ def test_receive_writes_only_a_transfers_files_in_incoming(node: NodeRoot) -> No
     assert not wrong["ok"] and "holds 23 bytes, not 5" in wrong["error"]
     assert receive(target, b"again")["received_bytes"] == 5  # offset 0 starts over
     assert (incoming / "web-2.squashfs").read_bytes() == b"again"
-    for path in (str(node.root / "etc/passwd"), str(node.images / "web-2.squashfs"),
+    pack = f"{incoming}/web-2.delta-{'0' * 16}.tar"  # a delta pack (delta staging) is a transfer's file too
+    assert receive(pack, b"tar")["received_bytes"] == 3
+    for path in (str(node.root / "etc/passwd"), f"{incoming}/web-2.delta-xyz.tar", str(node.images / "web-2.squashfs"),
                  f"{incoming}/../web-3.squashfs", f"{incoming}/web-3.squashfs.extra", f"{incoming}/.squashfs"):
         answer = receive(path, b"evil")
         assert not answer["ok"], path

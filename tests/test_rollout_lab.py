@@ -58,7 +58,9 @@ def test_rollout_in_batches_moves_every_node(cluster, inventory, release1, relea
     assert result.exit_code == 0, result.to_dict()
     assert result.batches == [["node1"], ["node2", "node3"], ["node4"]]
     assert [r.outcome for r in result.nodes] == ["done"] * 4
-    assert result.bytes_sent >= 4 * release2.manifest.image.size
+    # Every node held webapp-1: each was sent only the chunks of webapp-2 it lacked.
+    full = 4 * release2.manifest.image.size
+    assert result.full_bytes == full and 0 < result.bytes_sent < full / 2, (result.bytes_sent, full)
     assert_all_on(cluster, release2.id, previous=release1.id)
     after = boot_ids(cluster)
     assert all(after[n] != before[n] for n in before), "every node rebooted into the new image"
@@ -156,3 +158,88 @@ def test_unknown_and_changed_host_keys_are_refused(cluster, tmp_path, release2):
     empty.write_text(f"{cluster.nodes[0].address} {key_of_node2}\n" + "\n".join(lines[1:]) + "\n")
     with pytest.raises(UnreachableError, match="(?i)changed"):
         run_rollout(release2, load_inventory(inv), RolloutOptions(batches="1", **FAST))
+
+
+# --- an HTTP store the nodes pull from ----------------------------------------------------------------------------
+
+
+class Nginx:
+    """nginx serving `root` on the lab's gateway address (inside the lab's network only), logging
+    the body bytes of every answer."""
+
+    PORT = 8099
+
+    def __init__(self, cluster, tmp_path) -> None:
+        import shutil
+        import subprocess
+
+        if shutil.which("nginx") is None:
+            pytest.fail("nginx is not installed: scripts/setup installs it")
+        self.root = tmp_path / "www"
+        self.root.mkdir()
+        self.log = tmp_path / "access.log"
+        self.url = f"http://{cluster.gateway}:{self.PORT}"
+        conf = tmp_path / "nginx.conf"
+        conf.write_text(f"""
+user root;
+daemon off;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log;
+events {{}}
+http {{
+    log_format bytes '$request $status $body_bytes_sent';
+    access_log {self.log} bytes;
+    client_body_temp_path {tmp_path}/body;
+    proxy_temp_path {tmp_path}/proxy;
+    fastcgi_temp_path {tmp_path}/fastcgi;
+    uwsgi_temp_path {tmp_path}/uwsgi;
+    scgi_temp_path {tmp_path}/scgi;
+    server {{
+        listen {cluster.gateway}:{self.PORT};
+        root {self.root};
+    }}
+}}
+""")
+        self.process = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp_path)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def served(self) -> tuple[int, int]:
+        """(requests answered 200, body bytes sent)."""
+        lines = [line.split() for line in self.log.read_text().splitlines()] if self.log.exists() else []
+        ok = [line for line in lines if line[-2] == "200"]
+        return len(ok), sum(int(line[-1]) for line in ok)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def nginx(cluster, tmp_path):
+    server = Nginx(cluster, tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_nodes_pull_the_release_from_an_http_store(cluster, inventory, release2, release3, nginx):
+    """`imagetool publish` to a directory nginx serves; a rollout with --source: each node fetches
+    the chunks its images lack from nginx, the controller sends only manifests."""
+    r = CliRunner().invoke(main, ["publish", release3.id, "--to", str(nginx.root / "store"),
+                                  "--store", str(TEST_STORE), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["chunks"] > 100
+    result = run_rollout(release3, inventory, RolloutOptions(batches="2", source=f"{nginx.url}/store", **FAST))
+    assert result.exit_code == 0, result.to_dict()
+    assert_all_on(cluster, release3.id, previous=release2.id)
+    requests, served = nginx.served()
+    size = release3.manifest.image.size
+    print(f"\n4 nodes pulled {release3.id} ({size} bytes): nginx served {served} bytes in {requests} requests, "
+          f"the controller sent {result.bytes_sent} bytes")
+    # Every node fetched the index and the few chunks webapp-2 does not have; nothing else.
+    assert result.bytes_sent <= 4 * release3.manifest_path.stat().st_size + 4 * 1024, result.bytes_sent
+    assert 4 <= requests and 0 < served < 4 * 0.05 * size, (requests, served)
+    # Back to webapp-2 for whatever comes after.
+    back = run_rollout(release2, inventory, RolloutOptions(batches="4", **FAST))
+    assert back.exit_code == 0 and back.bytes_sent == 0, back.to_dict()

@@ -322,7 +322,9 @@ def test_var_full_during_staging(cluster, release2, test_store):
                 pass
 
         progress = FillsUp()
-        result = run_rollout(r4, inv, RolloutOptions(batches="1", limit=["node3"], **FAST), progress=progress)
+        # The whole image (--no-delta): webapp-4 is a small delta from what node3 holds.
+        result = run_rollout(r4, inv, RolloutOptions(batches="1", limit=["node3"], delta=False, **FAST),
+                             progress=progress)
         assert progress.filled and result.exit_code == 3, result.node("node3")
         error = result.node("node3").error
         assert "/var filled up while staging webapp-4" in error

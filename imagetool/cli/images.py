@@ -112,6 +112,30 @@ def verify(release: str, store: str | None, key: str | None, as_json: bool) -> N
         console.print(f"{safe(m.id)}: sha256 ok" + (", signature ok" if key else " (signature not checked: no --key)"))
 
 
+@main.command()
+@click.argument("release")
+@store_option
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False),
+              help="Directory a static HTTP server (nginx, a CDN, a bucket synced from it) serves to the nodes.")
+@json_option
+@handle_errors
+def publish(release: str, store: str | None, to: str, as_json: bool) -> None:
+    """Put RELEASE's chunks, index, manifest and signature where nodes fetch them with plain HTTP
+    GETs (`stage`/`rollout --source URL`). Chunks shared with releases published before are kept once."""
+    from imagetool.chunks import publish as publish_release
+    from rollout.stage import check_release_files
+    from imagetool.store import Store, default_store_path, resolve_release
+
+    stored = resolve_release(Store(default_store_path(store)), release)
+    check_release_files(stored)
+    result = publish_release(stored, Path(to))
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        console.print(f"published {safe(stored.id)} to {safe(to)}: {result.chunks} chunks, {result.new_chunks} new "
+                      f"({human_bytes(result.new_bytes)})")
+
+
 # ------------------------------------------------------------------------------- store views
 
 

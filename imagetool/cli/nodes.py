@@ -21,7 +21,7 @@ from imagetool.cli.common import (
     safe,
     store_option,
 )
-from imagetool.cli.view import LiveView, first_line, show_result
+from imagetool.cli.view import LiveView, first_line, sent_of, show_result
 
 inventory_option = click.option(
     "-i", "--inventory", required=True, type=click.Path(dir_okay=False), help="Inventory file (YAML).")
@@ -32,6 +32,14 @@ limit_option = click.option(
 parallel_option = click.option(
     "--parallel", type=click.IntRange(1, 1024), default=4, show_default=True,
     help="Nodes staged or contacted at once.")
+delta_option = click.option(
+    "--delta/--no-delta", default=True, show_default=True,
+    help="Send a node only the chunks of the image it lacks, taking the rest from images it holds "
+         "(--no-delta: always the whole image).")
+source_option = click.option(
+    "--source", default=None, metavar="URL",
+    help="Nodes fetch the chunks they lack from this HTTP(S) store (`imagetool publish`) themselves; "
+         "the controller sends only manifests.")
 trusted_key_option = click.option(
     "--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="PEM",
     help="Release signing public key to require (repeatable; beside the inventory's trusted_keys): "
@@ -83,6 +91,8 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--dry-run", is_flag=True, help="Connect, plan and show; change nothing."),
         limit_option,
         parallel_option,
+        delta_option,
+        source_option,
         host_keys_option,
         json_option,
     ]
@@ -114,17 +124,20 @@ def _command_line() -> str:
 @trusted_key_option
 @limit_option
 @parallel_option
+@delta_option
+@source_option
 @host_keys_option
 @json_option
 @handle_errors
 def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[str, ...], limit: tuple[str, ...],
-          parallel: int, accept_new_host_keys: bool, as_json: bool) -> None:
+          parallel: int, delta: bool, source: str | None, accept_new_host_keys: bool, as_json: bool) -> None:
     """Copy RELEASE to the nodes without disturbing them (skips nodes that have it, resumes partial copies)."""
     from imagetool.errors import LockedError, NodeError, UnreachableError, VerificationError
     from imagetool.store import Store, default_store_path, resolve_release
     from rollout.fleet import open_nodes
     from rollout.inventory import load_inventory
     from rollout.locks import default_owner, new_rollout_id
+    from imagetool.chunks import check_source
     from rollout.stage import stage_all
 
     stored = resolve_release(Store(default_store_path(store)), release)
@@ -136,15 +149,17 @@ def stage(release: str, inventory: str, store: str | None, trusted_keys: tuple[s
     lock_as = ("stage-" + new_rollout_id(), default_owner(), _command_line())
     with open_nodes(inv, list(limit), accept_new_host_keys=accept_new_host_keys) as nodes:
         with LiveView([n.name for n in nodes], f"staging {stored.id}", stage_events=True) as view:
-            report = stage_all(nodes, stored, parallel=parallel, progress=view, lock_as=lock_as, trusted_keys=keys)
+            report = stage_all(nodes, stored, parallel=parallel, progress=view, lock_as=lock_as, trusted_keys=keys,
+                               delta=delta, source=check_source(source) if source else None)
     if as_json:
         print_json(report.to_dict())
     else:
         t = Table(title=f"stage {safe(stored.id)}")
-        for col in ("node", "outcome", "time", "bytes", "error"):
+        for col in ("node", "outcome", "time", "sent", "error"):
             t.add_column(col)
         for r in report.results.values():
-            t.add_row(safe(r.node), safe(r.outcome), f"{r.seconds:.0f}s", human_bytes(r.bytes_sent), safe(r.error or ""))
+            t.add_row(safe(r.node), safe(r.outcome) + (f" ({r.mode})" if r.mode else ""), f"{r.seconds:.0f}s",
+                      sent_of(r.bytes_sent, r.image_bytes if r.mode else 0), safe(r.error or r.note or ""))
         out.print(t)
     failed = report.failed
     if failed:

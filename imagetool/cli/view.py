@@ -105,7 +105,15 @@ class LiveView:
     def stage_end(self, node: str, result: Any) -> None:
         if self.stage_events:
             self.event(node, "failed" if result.error else "staged",
-                       f"{result.outcome}, {human_bytes(result.bytes_sent)}" + (f": {result.error}" if result.error else ""))
+                       f"{result.outcome}, {sent_of(result.bytes_sent, result.image_bytes if result.mode else 0)}"
+                       + (f" ({result.mode})" if result.mode else "") + (f": {result.error}" if result.error else ""))
+
+
+def sent_of(sent: int, full: int) -> str:
+    """"1.2 MiB of 278.0 MiB (0.4%)": what went over the wire against the whole images."""
+    if not full:
+        return human_bytes(sent)
+    return f"{human_bytes(sent)} of {human_bytes(full)} ({100 * sent / full:.1f}%)"
 
 
 def first_line(text: str | None, width: int = 60) -> str:
@@ -150,7 +158,7 @@ def show_result(result: Any, as_json: bool) -> None:
             console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f"; {human_bytes(to_stage)} to stage")
         else:
             console.print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" in {result.seconds:.0f}s, "
-                          f"{human_bytes(result.bytes_sent)} sent; journal: imagetool history {safe(result.rollout_id)}")
+                          f"{sent_of(result.bytes_sent, result.full_bytes)} sent; journal: imagetool history {safe(result.rollout_id)}")
     if result.exit_code:
         from imagetool.errors import RolloutFailedError
 
