@@ -589,7 +589,7 @@ def test_become_runs_the_helper_and_stages_through_sudo(sshd_server: SshdServer,
         incoming = node.stage_info("web-1.2").incoming
         assert not node.transport.run(["sh", "-c", f"echo x > {incoming}/web-1.2.sig"]).ok
         # receive writes nothing but a transfer's own files in .incoming
-        with pytest.raises(NodeError, match=r"receive writes only a transfer's files in"):
+        with pytest.raises(NodeError, match=r"receive writes only a transfer's files"):
             node.put(release.manifest_path, "/etc/passwd.manifest.json")
     finally:
         node.close()
