@@ -1,12 +1,13 @@
 """What still differs between two builds of the same release, and between releases 1 and 2.
 
     .venv/bin/python bench/reproducibility.py [--release examples/webapp-1.yaml] [--other examples/webapp-2.yaml]
+                                              [--store DIR]
     .venv/bin/python bench/reproducibility.py --compare A.squashfs B.squashfs
 
 Builds the release twice (diskimage-builder cache warm after the first), mounts both squashfs
 images and compares every file (content and metadata), then measures how many bytes of the second
-image are new relative to the first, by content-defined chunks (what a chunk store would send) and
-by fixed 128 KiB blocks. Needs root. Prints figures; asserts nothing.
+image are new relative to the first, by casync's content-defined chunks (what delta staging sends)
+and by fixed 128 KiB blocks. Needs root and casync. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from imagetool.build import BuildOptions, build  # noqa: E402
+from imagetool.chunks import read_index  # noqa: E402
 from imagetool.release import load_release  # noqa: E402
 from imagetool.store import Store  # noqa: E402
 
@@ -45,30 +47,23 @@ def file_table(root: Path) -> dict[str, tuple]:
     return table
 
 
-def gear_chunks(data: bytes, avg_bits: int = 16, min_size: int = 16 * 1024, max_size: int = 256 * 1024):
-    """Content-defined chunking with a rolling gear hash (casync/FastCDC style), ~64 KiB average."""
-    import random
-
-    rnd = random.Random(42)
-    gear = [rnd.getrandbits(64) for _ in range(256)]
-    mask = (1 << avg_bits) - 1
-    mask64 = (1 << 64) - 1
-    start, h, i, n = 0, 0, 0, len(data)
-    while i < n:
-        h = ((h << 1) + gear[data[i]]) & mask64
-        i += 1
-        size = i - start
-        if (size >= min_size and (h & mask) == 0) or size >= max_size:
-            yield data[start:i]
-            start, h = i, 0
-    if start < n:
-        yield data[start:]
+def casync_chunks(image: Path, chunk_store: Path) -> list:
+    """The image's content-defined chunks as casync cuts them (~64 KiB average): what delta
+    staging (imagetool/chunks.py) sends a node that lacks them."""
+    index = chunk_store / f"{image.name}.{os.getpid()}.caibx"
+    subprocess.run(["casync", "make", f"--store={chunk_store / 'chunks'}", str(index), str(image)],
+                   check=True, stdout=subprocess.DEVNULL)
+    try:
+        return read_index(index)
+    finally:
+        index.unlink()
 
 
 def new_bytes(a: Path, b: Path) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        seen = {c.id for c in casync_chunks(a, Path(tmp))}
+        cdc_new = sum(c.size for c in casync_chunks(b, Path(tmp)) if c.id not in seen)
     da, db = a.read_bytes(), b.read_bytes()
-    seen = {hashlib.sha256(c).digest() for c in gear_chunks(da)}
-    cdc_new = sum(len(c) for c in gear_chunks(db) if hashlib.sha256(c).digest() not in seen)
     block = 128 * 1024
     blocks = {hashlib.sha256(da[i:i + block]).digest() for i in range(0, len(da), block)}
     fixed_new = sum(len(db[i:i + block]) for i in range(0, len(db), block)
@@ -108,6 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--release", default=str(REPO / "examples/webapp-1.yaml"))
     ap.add_argument("--other", default=str(REPO / "examples/webapp-2.yaml"))
+    ap.add_argument("--store", help="directory for the two builds' stores (default: a temporary one, removed)")
     ap.add_argument("--compare", nargs=2, metavar=("A.squashfs", "B.squashfs"),
                     help="only compare two existing images, no builds")
     args = ap.parse_args()
@@ -116,17 +112,18 @@ def main() -> None:
         return
     release = load_release(args.release)
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
-        stores = [Store(Path(tmp) / "a"), Store(Path(tmp) / "b")]
+        scratch = Path(args.store or tmp)
+        stores = [Store(scratch / "a"), Store(scratch / "b")]
         images = []
         for i, store in enumerate(stores):
             t = time.monotonic()
-            images.append(build(release, store, BuildOptions()).squashfs)
+            images.append(build(release, store, BuildOptions(force=True)).squashfs)
             print(f"build {i + 1} of {release.id}: {time.monotonic() - t:.0f}s")
         compare(images[0], images[1], "same release built twice")
         if args.other:
             other = load_release(args.other)
             t = time.monotonic()
-            img = build(other, stores[0], BuildOptions()).squashfs
+            img = build(other, stores[0], BuildOptions(force=True)).squashfs
             print(f"build of {other.id}: {time.monotonic() - t:.0f}s")
             compare(images[0], img, "next release")
 

@@ -11,19 +11,21 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import platform
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
 
 from imagetool.errors import AlreadyExistsError, BuildError, HostSetupError, NotFoundError
 from imagetool.layout import image_file_names
@@ -58,10 +60,12 @@ Progress = Callable[[str, str], None]  # (step, detail)
 
 
 def elements_dir() -> Path:
-    """The project's elements: $IMAGETOOL_ELEMENTS, or elements/ beside the package."""
+    """The project's elements: $IMAGETOOL_ELEMENTS; else the copy an installed wheel carries inside
+    the package (imagetool/elements/); else elements/ at the top of a checkout (editable install)."""
     explicit = os.environ.get("IMAGETOOL_ELEMENTS")
+    package = Path(__file__).resolve().parent
     candidates = [Path(explicit)] if explicit else []
-    candidates.append(Path(__file__).resolve().parent.parent / "elements")
+    candidates += [package / "elements", package.parent / "elements"]
     for c in candidates:
         if (c / "imagetool-node").is_dir():
             return c
@@ -146,6 +150,71 @@ def clamp_mtimes(tree: Path, epoch: int) -> int:
             if st.st_mtime > epoch:
                 os.utime(path, (epoch, epoch), follow_symlinks=False)
                 changed += 1
+    return changed
+
+
+def clamp_pyc_source_times(tree: Path, epoch: int) -> int:
+    """Keep timestamp-checked .pyc files valid when clamp_mtimes clamps their sources.
+
+    Such a .pyc records its source's mtime and size, and Python recompiles the module when the
+    source's differ. Packages built after SOURCE_DATE_EPOCH (Python's own standard library, for
+    one) ship sources newer than the epoch; clamping them made their .pyc stale, so every Python
+    process on a node (the node helper, health checks) recompiled what it imports, in memory, on
+    a read-only root. A .pyc that matched its source gets the clamped time too; one that did not
+    stays as it was (stale either way). Returns the number of .pyc files changed.
+    """
+    changed = 0
+    for pyc in tree.rglob("__pycache__/*.pyc"):
+        if pyc.is_symlink() or not pyc.is_file():
+            continue
+        try:
+            source = Path(importlib.util.source_from_cache(str(pyc)))
+            src = os.lstat(source)
+        except (ValueError, OSError):
+            continue
+        with open(pyc, "r+b") as f:
+            header = f.read(16)
+            if len(header) < 16:
+                continue
+            flags, mtime, size = struct.unpack("<III", header[4:16])
+            if flags != 0 or mtime <= epoch:  # hash-checked, or not clamped
+                continue
+            if mtime != int(src.st_mtime) & 0xFFFFFFFF or size != src.st_size & 0xFFFFFFFF:
+                continue
+            f.seek(8)
+            f.write(struct.pack("<I", epoch))
+            changed += 1
+    return changed
+
+
+# The shadow files whose "last password change" field is the day the account was made.
+SHADOW_FILES = ("etc/shadow", "etc/shadow-")
+
+
+def clamp_password_dates(tree: Path, epoch: int) -> int:
+    """Clamp each account's last-change day (shadow's third field) to SOURCE_DATE_EPOCH's day.
+
+    The accounts debootstrap makes carry the build's own day: diskimage-builder runs debootstrap
+    through `sudo sh -c`, which drops SOURCE_DATE_EPOCH, so passwd stamps today (accounts that
+    packages add later, in the chroot, get the epoch's day). Two builds on different days would
+    otherwise differ in /etc/shadow. Returns the number of entries changed.
+    """
+    day = epoch // 86400
+    changed = 0
+    for rel in SHADOW_FILES:
+        path = tree / rel
+        if not path.is_file() or path.is_symlink():
+            continue
+        lines = path.read_bytes().split(b"\n")
+        for i, line in enumerate(lines):
+            fields = line.split(b":")
+            if len(fields) >= 3 and fields[2].isdigit() and int(fields[2]) > day:
+                fields[2] = str(day).encode()
+                lines[i] = b":".join(fields)
+                changed += 1
+        with open(path, "r+b") as f:  # in place: the file keeps its owner and mode
+            f.write(b"\n".join(lines))
+            f.truncate()
     return changed
 
 
@@ -262,6 +331,8 @@ def _build_locked(release: Release, store: Store, options: BuildOptions, progres
             remove_build_noise(tree)
             ensure_mount_points(tree)
             if epoch is not None:
+                clamp_password_dates(tree, epoch)
+                clamp_pyc_source_times(tree, epoch)  # before clamp_mtimes: it compares with the sources
                 clamp_mtimes(tree, epoch)
 
             progress("squashfs", release.squashfs.compression)
@@ -309,7 +380,7 @@ def make_manifest(release: Release, squashfs: Path, packages: list[Package], epo
         name=release.name,
         version=release.version,
         description=release.description,
-        built_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        built_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         source_date_epoch=epoch,
         release_sha256=hashlib.sha256(release.path.read_bytes()).hexdigest(),
         builder=BuilderInfo(

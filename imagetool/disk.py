@@ -22,9 +22,9 @@ import struct
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from imagetool.errors import HostSetupError, ImagetoolError, InputError
 from imagetool.layout import NodeVar, trusted_key_names
@@ -135,7 +135,7 @@ fi
 echo "imagetool: cannot boot $imagetool_default; resetting in {PANIC_SECONDS} s"
 sleep {PANIC_SECONDS}
 reboot
-"""
+"""  # noqa: E501 - the `linux` line is GRUB's, one command
 
 
 def early_cfg(esp_volume_id: str) -> str:
@@ -161,7 +161,8 @@ def check_bootable(release: StoredRelease) -> None:
     missing = [p for p in ("boot/vmlinuz", "boot/initrd.img") if not _image_has(release.squashfs, p)]
     if missing:
         raise InputError(f"{release.id}: the image has no {' and no '.join('/' + m for m in missing)}, so no machine "
-                         "can boot it (build it from a base with a kernel, e.g. debian-minimal, with imagetool's elements)")
+                         "can boot it (build it from a base with a kernel, e.g. debian-minimal, "
+                         "with imagetool's elements)")
 
 
 def _image_has(squashfs: Path, path: str) -> bool:

@@ -150,9 +150,11 @@ class Manifest:
         release_sha = _get(doc, w, "release_sha256", _sha256)
 
         b, wb = _get(doc, w, "builder", _mapping), w / "builder"
-        builder = BuilderInfo(**{k: _get(b, wb, k, schema.string) for k in ("imagetool", "diskimage_builder", "python", "host")})
+        builder = BuilderInfo(**{k: _get(b, wb, k, schema.string)
+                                 for k in ("imagetool", "diskimage_builder", "python", "host")})
         bd, wbd = _get(doc, w, "base", _mapping), w / "base"
-        base = Base(distribution=_get(bd, wbd, "distribution", schema.string), release=_get(bd, wbd, "release", schema.string))
+        base = Base(distribution=_get(bd, wbd, "distribution", schema.string),
+                    release=_get(bd, wbd, "release", schema.string))
         md, wmd = _get(doc, w, "mirrors", _mapping), w / "mirrors"
         mirrors = Mirrors(
             distribution=_get(md, wmd, "distribution", schema.string, optional=True),

@@ -357,9 +357,7 @@ def _is_distribution_suite(suite: str) -> bool:
     # A suite ending in '/' is a flat third-party repository, never a distribution mirror.
     return not (
         _is_security_suite(suite)
-        or suite.endswith("-updates")
-        or suite.endswith("-backports")
-        or suite.endswith("/")
+        or suite.endswith(("-updates", "-backports", "/"))
     )
 
 

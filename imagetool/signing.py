@@ -204,7 +204,8 @@ def verify_release(
             except OSError as e:
                 raise VerificationError(f"{signature}: cannot read signature: {e.strerror or e}") from None
         if sig_data is None:
-            raise VerificationError(f"{manifest} has no signature" + (f" ({signature} is missing)" if signature else ""))
+            raise VerificationError(f"{manifest} has no signature"
+                                    + (f" ({signature} is missing)" if signature else ""))
         verify_signature(data, sig_data, Path(public_key), str(manifest), str(signature))
 
     m = Manifest.from_json(data, str(manifest))

@@ -135,7 +135,8 @@ class Staging:
                 # than an old manifest describing a new image.
                 dest_manifest.unlink()
                 _fsync_dir(store_dir)
-            for src, dest in ((self.log_path, dest_log), (self.squashfs_path, dest_squashfs), (self.sig_path, dest_sig)):
+            for src, dest in ((self.log_path, dest_log), (self.squashfs_path, dest_squashfs),
+                              (self.sig_path, dest_sig)):
                 if src.exists():
                     os.replace(src, dest)
                 elif dest.exists():
@@ -227,7 +228,7 @@ class Store:
 
 def resolve_release(store: Store, ref: str) -> StoredRelease:
     """A release id in the store, or a path to a .manifest.json or .squashfs in any directory."""
-    is_path = ref.endswith(MANIFEST_SUFFIX) or ref.endswith(SQUASHFS_SUFFIX) or os.sep in ref
+    is_path = ref.endswith((MANIFEST_SUFFIX, SQUASHFS_SUFFIX)) or os.sep in ref
     if not is_path:
         return store.get(ref)
     path = Path(ref)

@@ -26,8 +26,9 @@ MAX_YAML_BYTES = 4 << 20
 MAX_NODES = 200_000
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys and documents that aliases blow up."""
+class Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys and documents that aliases blow up (subclassed
+    where a format adds tags of its own, as Ansible's `!vault`)."""
 
     def compose_document(self) -> yaml.Node | None:
         node = super().compose_document()
@@ -69,7 +70,7 @@ def _check_expansion(root: yaml.Node) -> None:
     size(root)
 
 
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+def _construct_mapping(loader: Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
         # Keys merged in with `<<:` may be overridden; only keys written here must be unique.
@@ -92,7 +93,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
     return loader.construct_mapping(node, deep=deep)
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _at(mark: yaml.Mark) -> str:
@@ -117,12 +118,14 @@ def yaml_error(where: str, e: yaml.YAMLError) -> InputError:
     return InputError(f"{where}: malformed YAML{loc}: {problem}")
 
 
-def parse_yaml(text: str | bytes, where: str) -> Any:
+def parse_yaml(text: str | bytes, where: str, loader: type[Loader] = Loader) -> Any:
     """The document in `text`; InputError naming `where`, the line and the problem if malformed."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise yaml_error(where, e) from None
+    except RecursionError:  # PyYAML parses nested collections recursively
+        raise InputError(f"{where}: malformed YAML: nested too deeply") from None
 
 
 def read_limited(path: str | Path, what: str, limit: int, *, kind: str = "",

@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from imagetool.errors import ImagetoolError, NodeError, VerificationError
+from imagetool.errors import ImagetoolError, NodeError, UnreachableError, VerificationError
 from rollout.events import Events, Step
-from rollout.health import HealthGate, HealthReport, check_node
+from rollout.health import HealthGate, HealthGateError, HealthReport, check_node
 from rollout.hooks import Hooks, HookSpec, hook_env, run_hook
 from rollout.node import Node, NodeStatus
 from rollout.policy import NodeResult
@@ -24,6 +24,7 @@ from rollout.policy import NodeResult
 class Interrupted(ImagetoolError):
     """The operator interrupted the rollout; nodes in flight were put back."""
 
+    kind = "interrupted"
     exit_code = 130
 
 
@@ -38,6 +39,10 @@ class UndoStack:
 
     def clear(self) -> None:
         self._steps.clear()
+
+    @property
+    def empty(self) -> bool:
+        return not self._steps
 
     def unwind(self) -> list[str]:
         """Run every undo step, newest first; a failing step does not stop the others.
@@ -103,7 +108,7 @@ class Activator:
                 if st.booted != target:
                     raise NodeError(f"node {name}: booted {st.booted} instead of {target}")
             step(name, Step.VERIFY, "health gate")
-            self.health_gate(node)
+            self.health_gate(node, target)
             self.check_cancel()
             step(name, Step.COMMIT, target)
             node.confirm(target)
@@ -118,6 +123,8 @@ class Activator:
             step(name, Step.DONE, f"{committed} → {target}")
             return NodeResult(name, "done", committed, target, time.monotonic() - start)
         except BaseException as e:
+            # Unreachable before its boot was touched: nothing to put back on the node.
+            unreached = isinstance(e, UnreachableError) and undo.empty
             step(name, Step.ROLLBACK, f"{e}")
             problems = undo.unwind()
             if not isinstance(e, Exception):
@@ -134,11 +141,29 @@ class Activator:
                 step(name, Step.FAILED, "; ".join(problems))
                 return NodeResult(name, "failed", committed, target, time.monotonic() - start,
                                   f"{why}; putting it back failed: {'; '.join(problems)}")
+            if unreached:
+                step(name, Step.UNREACHABLE, why)
+                return NodeResult(name, "unreachable", committed, target, time.monotonic() - start,
+                                  f"{why}; nothing was done on it")
             step(name, Step.ROLLED_BACK, f"back on {committed}")
             return NodeResult(name, "rolled-back", committed, target, time.monotonic() - start, why)
 
-    def health_gate(self, node: Node) -> HealthReport:
-        return check_node(node, self.gate)
+    def health_gate(self, node: Node, image: str | None, gate: HealthGate | None = None) -> HealthReport:
+        """The gate (this run's, or `gate`), its evidence journaled as a `health` event whether it
+        passes or not: every check with its detail, and the output of the failing ones."""
+        try:
+            report = check_node(node, gate or self.gate)
+        except HealthGateError as e:
+            self._journal_health(e.report, image)
+            raise
+        self._journal_health(report, image)
+        return report
+
+    def _journal_health(self, report: HealthReport, image: str | None) -> None:
+        self.events.record("health", node=report.node, image=image, healthy=report.healthy,
+                           seconds=round(report.seconds, 2),
+                           checks=[{"name": c.name, "ok": c.ok, "detail": c.detail, "output": "" if c.ok else c.output}
+                                   for c in report.checks])
 
     def recover(self, node: Node, committed: str | None, boot: _Boot) -> None:
         """Put a node whose activation failed back on its committed image, and check it."""
@@ -173,7 +198,7 @@ class Activator:
         if st.booted != committed:
             raise NodeError(f"node {name}: booted {st.booted} after the rollback, not {committed}")
         self.events.step(name, Step.VERIFY, f"health gate on {committed}")
-        self.health_gate(node)
+        self.health_gate(node, committed)
 
     def move_back(self, node: Node, committed: str | None, target: str, boot: _Boot) -> None:
         """A node already committed on `target` whose after_commit hook or run-once step failed
@@ -189,7 +214,7 @@ class Activator:
         if st.booted != committed:
             raise NodeError(f"node {name}: booted {st.booted} when moving back, not {committed}")
         self.events.step(name, Step.VERIFY, f"health gate on {committed}")
-        self.health_gate(node)
+        self.health_gate(node, committed)
         node.confirm(committed)
         node.commit(committed, self.rollout_id)
 

@@ -91,16 +91,19 @@ def split(nodes: Sequence[T], sizes: Sequence[int]) -> list[list[T]]:
     return out
 
 
-def parse_threshold(spec: str | int, total: int) -> int:
-    """How many failed nodes are tolerated: "2" is two, "10%" is a tenth of `total` rounded down.
+def parse_threshold(spec: str | int, size: int) -> int:
+    """How many failed nodes a batch of `size` nodes tolerates: "2" is two, "10%" is a tenth of
+    the batch rounded down.
 
-    A rollout stops when failures exceed this number (see policy.should_stop), so the default "0"
-    stops at the first failure and "100%" never stops.
+    A rollout stops when a batch's failures exceed this number (see policy.should_stop), so the
+    default "0" stops at the first failure and "100%" never stops. Rounding down is Ansible's
+    max_fail_percentage exactly: it stops when failed/size > P/100, unrounded, which for a whole
+    number of failures is failed > floor(size * P / 100).
     """
     what = f"--max-failures {spec!r}"
     value, percent = _entry(str(spec), what)
     if percent:
         if value > 100:
             raise InputError(f"{what}: a percentage must be at most 100%")
-        return math.floor(total * value / 100)
+        return math.floor(size * value / 100)
     return int(value)

@@ -138,7 +138,7 @@ class CheckResult:
 
     @classmethod
     def from_helper(cls, doc: dict[str, Any]) -> CheckResult:
-        seconds = doc.get("seconds")
+        seconds: Any = doc.get("seconds")
         # The node's word: a number that is not one is shown as 0, not a crash of the gate.
         ok_number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
         return cls(name=str(doc.get("name")), ok=doc.get("ok") is True, detail=str(doc.get("detail") or ""),

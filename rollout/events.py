@@ -21,7 +21,8 @@ class Step(str, Enum):
     CONNECT = "connect"
     LOCK = "lock"
     STAGE = "stage"
-    WAIT = "wait"          # pausing between batches (node "*")
+    WAIT = "wait"          # pausing between batches (node "*"): at the start, then every 10 s or minute
+    APPROVE = "approve"    # waiting for the operator after the canary, and the answer (node "*")
     BATCH = "batch"        # a node's batch starts: detail "i/n", "(canary)" on the first
     ACTIVATE = "activate"
     BOOT = "boot"
@@ -36,6 +37,7 @@ class Step(str, Enum):
     SKIPPED = "skipped"
     FAILED = "failed"
     ROLLED_BACK = "rolled-back"
+    UNREACHABLE = "unreachable"
     NOT_STARTED = "not-started"
     PLANNED = "planned"
 

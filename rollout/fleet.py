@@ -14,7 +14,8 @@ from typing import Any
 
 from imagetool.errors import ImagetoolError, UnreachableError
 from rollout.health import HealthGate, HealthReport, check_node
-from rollout.inventory import CheckSpec, Inventory, select
+from rollout.hostpattern import select
+from rollout.inventory import CheckSpec, Inventory
 from rollout.node import Node, NodeStatus, for_each, ssh_nodes
 
 

@@ -20,7 +20,6 @@ from imagetool import schema
 from imagetool.errors import InputError
 from imagetool.schema import Where
 from imagetool.signing import load_public_key
-from imagetool.yamlfile import load_yaml
 from rollout.checks import CHECK_NAME_RE, CheckSpec, parse_checks
 from rollout.hooks import HOOK_POINTS, Hooks, HookSpec, RunOnceSpec
 from rollout.nodespec import DEFAULT_KNOWN_HOSTS, DEFAULT_PORT, DEFAULT_USER, NodeSpec, host_problem, user_problem
@@ -29,8 +28,9 @@ from rollout.sshconfig import expand_path, expand_tokens, parse_hop, resolve, re
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Groups are matched against --limit values alongside node names, so they share the alphabet.
 GROUP_NAME_RE = NODE_NAME_RE
+# Ansible's implicit groups, which --limit knows for every inventory (rollout.hostpattern).
+IMPLICIT_GROUPS = ("all", "ungrouped")
 
-DEFAULT_SSH_CONFIG = "~/.ssh/config"
 SSH_CONFIG_ENV = "IMAGETOOL_SSH_CONFIG"
 
 TOP_KEYS = ("defaults", "nodes", "health_checks", "hooks", "run_once", "trusted_keys")
@@ -87,13 +87,18 @@ def _vars(value: Any, where: Where) -> dict[str, Any]:
     list has no meaning and a NUL cannot be passed)."""
     out = dict(schema.mapping(value, where))
     for k, v in out.items():
-        if not VAR_NAME_RE.match(k):
-            raise (where / k).error(f"{schema.short(k)} is not a valid var name (letters, digits and '_.-')")
-        if not isinstance(v, (str, int, float)) or (isinstance(v, float) and not math.isfinite(v)):
-            raise (where / k).got("a string, number or boolean", v)
-        if isinstance(v, str) and "\0" in v:
-            raise (where / k).error("must not contain a NUL character")
+        check_var(k, v, where / k)
     return out
+
+
+def check_var(name: str, value: Any, where: Where) -> None:
+    """Raise unless `name` and `value` make a node var (see _vars)."""
+    if not VAR_NAME_RE.match(name):
+        raise where.error(f"{schema.short(name)} is not a valid var name (letters, digits and '_.-')")
+    if not isinstance(value, (str, int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+        raise where.got("a string, number or boolean", value)
+    if isinstance(value, str) and "\0" in value:
+        raise where.error("must not contain a NUL character")
 
 
 def _host(value: Any, where: Where) -> str:
@@ -122,6 +127,8 @@ def _groups(value: Any, where: Where) -> tuple[str, ...]:
     for g in value:
         if not isinstance(g, str) or not GROUP_NAME_RE.match(g):
             raise where.error(f"{g!r} is not a valid group name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
+        if g in IMPLICIT_GROUPS:
+            raise where.error(f"{g!r} is implicit: 'all' is every node, 'ungrouped' every node without a group")
     return tuple(dict.fromkeys(value))
 
 
@@ -142,19 +149,16 @@ def _proxy_jump(value: Any, where: Where) -> str | None:
     return text
 
 
-def _become(spec: dict[str, Any], defaults: dict[str, Any], w: Where, d: Where) -> tuple[bool, str]:
-    """`become`, `become_user` and `become_method` (only sudo), the node's over the defaults'."""
-    def pick(key: str) -> tuple[Any, Where] | None:
-        return (spec[key], w / key) if key in spec else (defaults[key], d / key) if key in defaults else None
+def _become(value: Any, where: Where) -> bool:
+    if not isinstance(value, bool):
+        raise where.got("true or false", value)
+    return value
 
-    become = pick("become")
-    if become is not None and not isinstance(become[0], bool):
-        raise become[1].got("true or false", become[0])
-    user = pick("become_user")
-    method = pick("become_method")
-    if method is not None and method[0] != "sudo":
-        raise method[1].error(f"{method[0]!r}: the only become_method is 'sudo'")
-    return bool(become and become[0]), _user(user[0], user[1]) if user else DEFAULT_USER
+
+def _become_method(value: Any, where: Where) -> str:
+    if value != "sudo":
+        raise where.error(f"{value!r}: the only become_method is 'sudo'")
+    return "sudo"
 
 
 def _reset_command(value: Any, where: Where) -> str:
@@ -183,36 +187,142 @@ def _ssh_config_path(path: str | os.PathLike[str] | None) -> str | None:
 # --- public API -------------------------------------------------------------------------------
 
 
+SETTING_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "reset_command", *BECOME_KEYS)
+
+
+def setting(key: str, value: Any, where: Where, base: Path) -> Any:
+    """One of a node's SETTING_KEYS, validated; a relative path is relative to `base`."""
+    if key in ("key", "known_hosts"):
+        return _path(value, where, base)
+    check = {"host": _host, "port": schema.port, "user": _user, "proxy_jump": _proxy_jump,
+             "reset_command": _reset_command, "become": _become, "become_user": _user,
+             "become_method": _become_method}[key]
+    return check(value, where)
+
+
+@dataclass(frozen=True)
+class GivenNode:
+    """One node as its inventory gives it, validated, before the ssh config fills in the rest."""
+
+    name: str
+    said: dict[str, Any]  # validated SETTING_KEYS, the node's over its defaults'; absent: not said
+    groups: tuple[str, ...]
+    vars: dict[str, Any]
+    where: Where
+
+
+def _lookup(node: GivenNode, config: str | None) -> tuple[str, str | None, str | None, int | None]:
+    """What `ssh -G` is asked for `node`: `ssh ALIAS` semantics, the alias being what one would
+    type (the host if the inventory gives one, else the node name); the inventory's user and port
+    are ssh's command line (-l, -p), so they win over the config and Match user sees them."""
+    return node.said.get("host") or node.name, config, node.said.get("user"), node.said.get("port")
+
+
+def resolve_nodes(given: list[GivenNode], *, config: str | None, known_hosts: Path,
+                  host_from_name: bool = False) -> list[NodeSpec]:
+    """The nodes of an inventory (imagetool's own or Ansible's), each resolved by resolve_node.
+    Their ssh configs are asked side by side first (one `ssh -G` per distinct lookup), so an
+    inventory of thousands loads in seconds; errors are then raised in the inventory's order."""
+    resolve_all([_lookup(node, config) for node in given])
+    return [resolve_node(node, config=config, known_hosts=known_hosts, host_from_name=host_from_name)
+            for node in given]
+
+
+def resolve_node(node: GivenNode, *, config: str | None, known_hosts: Path,
+                 host_from_name: bool = False) -> NodeSpec:
+    """One node from what its inventory said, with the ssh config (`config` for `ssh -F`; None:
+    ssh's own) filling in what it left out, as `ssh ALIAS` would. A node without a host is an
+    error, unless `host_from_name`: Ansible connects to the inventory hostname itself."""
+    name, said, w = node.name, node.said, node.where
+    lookup = _lookup(node, config)
+    alias, _, given_user, given_port = lookup
+    opts = resolve(*lookup)
+    host = said.get("host")
+    if opts.has_hostname:  # ssh applies HostName to the name typed, given or not
+        host = _host(opts.hostname, Where("ssh config", (alias, "HostName"), style="path"))
+    elif host is None:
+        if not host_from_name:
+            raise w.error("missing 'host' (and no HostName for it in the ssh config)")
+        host = name
+    port = given_port or opts.port or DEFAULT_PORT
+    user = given_user or (_user(opts.user, Where("ssh config", (alias, "User"), style="path"))
+                          if opts.user else DEFAULT_USER)
+    tokens = {"host": host, "port": port, "user": user, "alias": alias}
+
+    identities: list[Path] = []
+    if "key" in said:
+        key: Path | None = said["key"]
+    else:
+        # Like ssh, skip IdentityFile lines whose file is absent (a shared config may list
+        # keys for other machines); none present means agent and default keys.
+        identities = [p for p in (expand_path(f, what="IdentityFile", **tokens) for f in opts.identity_files)
+                      if p.is_file()]
+        key = identities.pop(0) if identities else None
+    certificates = tuple(p for p in (expand_path(f, what="CertificateFile", **tokens)
+                                     for f in opts.certificate_files) if p.is_file())
+
+    proxy_command = None
+    if "proxy_jump" in said:  # None when the inventory says "none"
+        jump = said["proxy_jump"]
+    elif opts.proxy_jump:
+        jump = _proxy_jump(opts.proxy_jump, Where("ssh config", (alias, "ProxyJump"), style="path"))
+    else:
+        jump = None
+        if opts.proxy_command:
+            proxy_command = expand_tokens(opts.proxy_command, what="ProxyCommand", host=host, port=port,
+                                          user=user, alias=alias)
+
+    if "known_hosts" in said:
+        node_known_hosts = said["known_hosts"]
+        known_hosts_also: tuple[Path, ...] = ()
+    else:
+        # OpenSSH reads every UserKnownHostsFile and GlobalKnownHostsFile, and adds new keys
+        # to the first user file.
+        user_files = list(opts.user_known_hosts) or [known_hosts, Path("~/.ssh/known_hosts2").expanduser()]
+        node_known_hosts = user_files[0]
+        known_hosts_also = tuple(dict.fromkeys([*user_files[1:], *opts.global_known_hosts]))
+
+    return NodeSpec(
+        name=name, host=host, port=port, user=user, key=key, groups=node.groups, vars=node.vars,
+        proxy_jump=jump, known_hosts=node_known_hosts, reset_command=said.get("reset_command"),
+        proxy_command=proxy_command, identities=tuple(identities), certificates=certificates,
+        identities_only=opts.identities_only, known_hosts_also=known_hosts_also,
+        strict_host_key_checking=opts.strict_host_key_checking, ssh_config=config,
+        become=said.get("become", False), become_user=said.get("become_user", DEFAULT_USER),
+    )
+
+
 def load_inventory(
     path: str | os.PathLike[str], *, ssh_config: str | os.PathLike[str] | None = None
 ) -> Inventory:
-    """Load and validate an inventory file.
+    """Load and validate an inventory file: imagetool's own, or an Ansible inventory (YAML or INI,
+    with its group_vars/ and host_vars/), told apart by `rollout.ansible.inventory_kind`.
 
     `ssh_config` overrides the OpenSSH client config consulted for what the inventory leaves
     out (default: $IMAGETOOL_SSH_CONFIG, else ~/.ssh/config; a missing file is ignored).
     """
+    # rollout.ansible builds on this module's validators, hence imported here.
+    from rollout import ansible
+
     path = Path(path)
+    kind, data = ansible.inventory_kind(path)
+    if kind != "native":
+        return ansible.load(path, kind, data, ssh_config=ssh_config)
+    return _load_native(path, data, _ssh_config_path(ssh_config))
+
+
+def _load_native(path: Path, data: Any, config: str | None) -> Inventory:
     base = path.resolve().parent
     root = Where(path, style="path")
-    data = schema.mapping(load_yaml(path, "inventory file"), root, TOP_KEYS)
+    data = schema.mapping(data, root, TOP_KEYS)
     if not data:
         raise root.error("the inventory is empty; it needs at least a 'nodes' mapping")
 
-    defaults = schema.mapping(data.get("defaults"), root / "defaults", DEFAULT_KEYS)
     d = root / "defaults"
-    default_user = _user(defaults["user"], d / "user") if "user" in defaults else None
-    default_port = schema.port(defaults["port"], d / "port") if "port" in defaults else None
-    default_key = _path(defaults["key"], d / "key", base) if "key" in defaults else None
-    known_hosts = (
-        _path(defaults["known_hosts"], d / "known_hosts", base)
-        if "known_hosts" in defaults
-        else Path(DEFAULT_KNOWN_HOSTS).expanduser()
-    )
-    default_jump = _proxy_jump(defaults["proxy_jump"], d / "proxy_jump") if "proxy_jump" in defaults else None
+    defaults = schema.mapping(data.get("defaults"), d, DEFAULT_KEYS)
+    said_by_default = {k: setting(k, v, d / k, base) for k, v in defaults.items() if k in SETTING_KEYS}
+    known_hosts = said_by_default.get("known_hosts", Path(DEFAULT_KNOWN_HOSTS).expanduser())
     default_vars = _vars(defaults.get("vars"), d / "vars")
-    default_reset = (
-        _reset_command(defaults["reset_command"], d / "reset_command") if "reset_command" in defaults else None
-    )
 
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, dict) or not raw_nodes:
@@ -220,100 +330,16 @@ def load_inventory(
             raise (root / "nodes").error("missing: the inventory lists no nodes")
         raise (root / "nodes").got("a mapping of node names to node settings", raw_nodes)
 
-    config = _ssh_config_path(ssh_config)
-    # `ssh ALIAS` semantics: the alias looked up is what one would type, the host if the
-    # inventory gives one, else the node name. The inventory wins over the ssh config, as ssh's
-    # command line does (its user and port reach `ssh -G` as -l and -p, so Match user sees them).
-    given: dict[str, tuple[Where, dict[str, Any], str | None, int | None, str | None]] = {}
+    given: list[GivenNode] = []
     for name, raw in raw_nodes.items():
         w = root / "nodes" / name
         if not isinstance(name, str) or not NODE_NAME_RE.match(name):
             raise w.error(f"{name!r} is not a valid node name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
         spec = schema.mapping(raw, w, NODE_KEYS)
-        given[name] = (w, spec, _host(spec["host"], w / "host") if "host" in spec else None,
-                       schema.port(spec["port"], w / "port") if "port" in spec else default_port,
-                       _user(spec["user"], w / "user") if "user" in spec else default_user)
-    resolve_all([(host or name, config, user, port) for name, (_, _, host, port, user) in given.items()])
-
-    nodes: list[NodeSpec] = []
-    for name, (w, spec, host, given_port, given_user) in given.items():
-        alias = host or name
-        opts = resolve(alias, config, given_user, given_port)
-        if host is None:
-            if not opts.has_hostname:
-                raise w.error("missing 'host' (and no HostName for it in the ssh config)")
-            host = _host(opts.hostname, Where("ssh config", (name, "HostName"), style="path"))
-        elif opts.has_hostname:
-            host = _host(opts.hostname, Where("ssh config", (host, "HostName"), style="path"))
-        port = given_port or opts.port or DEFAULT_PORT
-        user = given_user or (_user(opts.user, Where("ssh config", (alias, "User"), style="path"))
-                              if opts.user else DEFAULT_USER)
-        tokens = {"host": host, "port": port, "user": user, "alias": alias}
-
-        identities: list[Path] = []
-        if "key" in spec:
-            key: Path | None = _path(spec["key"], w / "key", base)
-        elif default_key is not None:
-            key = default_key
-        else:
-            # Like ssh, skip IdentityFile lines whose file is absent (a shared config may list
-            # keys for other machines); none present means agent and default keys.
-            identities = [p for p in (expand_path(f, what="IdentityFile", **tokens) for f in opts.identity_files)
-                          if p.is_file()]
-            key = identities.pop(0) if identities else None
-        certificates = tuple(p for p in (expand_path(f, what="CertificateFile", **tokens)
-                                         for f in opts.certificate_files) if p.is_file())
-
-        proxy_command = None
-        if "proxy_jump" in spec:
-            jump = _proxy_jump(spec["proxy_jump"], w / "proxy_jump")
-        elif "proxy_jump" in defaults:
-            jump = default_jump
-        elif opts.proxy_jump:
-            jump = _proxy_jump(opts.proxy_jump, Where("ssh config", (alias, "ProxyJump"), style="path"))
-        else:
-            jump = None
-            if opts.proxy_command:
-                proxy_command = expand_tokens(opts.proxy_command, what="ProxyCommand", **tokens)
-
-        if "known_hosts" in spec or "known_hosts" in defaults:
-            node_known_hosts = _path(spec["known_hosts"], w / "known_hosts", base) if "known_hosts" in spec \
-                else known_hosts
-            known_hosts_also: tuple[Path, ...] = ()
-        else:
-            # OpenSSH reads every UserKnownHostsFile and GlobalKnownHostsFile, and adds new keys
-            # to the first user file.
-            user_files = list(opts.user_known_hosts) or [known_hosts, Path("~/.ssh/known_hosts2").expanduser()]
-            node_known_hosts = user_files[0]
-            known_hosts_also = tuple(dict.fromkeys([*user_files[1:], *opts.global_known_hosts]))
-        become, become_user = _become(spec, defaults, w, d)
-
-        nodes.append(
-            NodeSpec(
-                name=name,
-                host=host,
-                port=port,
-                user=user,
-                key=key,
-                groups=_groups(spec.get("groups"), w / "groups"),
-                vars={**default_vars, **_vars(spec.get("vars"), w / "vars")},
-                proxy_jump=jump,
-                known_hosts=node_known_hosts,
-                reset_command=(
-                    _reset_command(spec["reset_command"], w / "reset_command")
-                    if "reset_command" in spec else default_reset
-                ),
-                proxy_command=proxy_command,
-                identities=tuple(identities),
-                certificates=certificates,
-                identities_only=opts.identities_only,
-                known_hosts_also=known_hosts_also,
-                strict_host_key_checking=opts.strict_host_key_checking,
-                ssh_config=config,
-                become=become,
-                become_user=become_user,
-            )
-        )
+        said = {**said_by_default, **{k: setting(k, v, w / k, base) for k, v in spec.items() if k in SETTING_KEYS}}
+        given.append(GivenNode(name, said, groups=_groups(spec.get("groups"), w / "groups"),
+                               vars={**default_vars, **_vars(spec.get("vars"), w / "vars")}, where=w))
+    nodes = resolve_nodes(given, config=config, known_hosts=known_hosts)
 
     names = {n.name for n in nodes}
     for node in nodes:
@@ -324,13 +350,13 @@ def load_inventory(
             )
 
     checks = parse_checks(data.get("health_checks"), root / "health_checks")
-    hooks = _hooks(data.get("hooks"), data.get("run_once"), root)
-    keys = _trusted_keys(data.get("trusted_keys"), root / "trusted_keys", base)
+    hooks = parse_hooks(data.get("hooks"), root / "hooks", data.get("run_once"), root / "run_once")
+    keys = parse_trusted_keys(data.get("trusted_keys"), root / "trusted_keys", base)
     return Inventory(path=path, nodes=nodes, health_checks=checks, known_hosts=known_hosts, hooks=hooks,
                      trusted_keys=keys)
 
 
-def _trusted_keys(value: Any, where: Where, base: Path) -> list[Path]:
+def parse_trusted_keys(value: Any, where: Where, base: Path) -> list[Path]:
     """Public key files, relative to the inventory; each must be an Ed25519 public key now,
     not when a rollout is half-way."""
     if isinstance(value, str):
@@ -363,8 +389,7 @@ def _hook(raw: Any, where: Where, allowed: tuple[str, ...], default_name: str) -
                                            maximum=schema.MAX_SECONDS))}
 
 
-def _hooks(value: Any, run_once: Any, root: Where) -> Hooks:
-    where = root / "hooks"
+def parse_hooks(value: Any, where: Where, run_once: Any, run_once_where: Where) -> Hooks:
     points = schema.mapping(value, where, HOOKS_KEYS)
     found: dict[str, tuple[HookSpec, ...]] = {}
     for point in HOOKS_KEYS:
@@ -372,7 +397,8 @@ def _hooks(value: Any, run_once: Any, root: Where) -> Hooks:
         if raw is None:
             continue
         raw = schema.sequence(raw, where / point)
-        specs = [HookSpec(**_hook(item, where / point / i, HOOK_KEYS, f"{point}-{i + 1}")) for i, item in enumerate(raw)]
+        specs = [HookSpec(**_hook(item, where / point / i, HOOK_KEYS, f"{point}-{i + 1}"))
+                 for i, item in enumerate(raw)]
         names = [h.name for h in specs]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:
@@ -380,31 +406,10 @@ def _hooks(value: Any, run_once: Any, root: Where) -> Hooks:
         found[point] = tuple(specs)
     once = None
     if run_once is not None:
-        w = root / "run_once"
+        w = run_once_where
         fields = _hook(run_once, w, RUN_ONCE_KEYS, "run-once")
         which = schema.mapping(run_once, w, RUN_ONCE_KEYS).get("node", "first")
         if which not in ("first", "last"):
             raise (w / "node").error(f"expected 'first' or 'last' (the bootstrap node), got {which!r}")
         once = RunOnceSpec(**fields, node=which)
     return Hooks(**found, run_once=once)
-
-
-def select(nodes: list[NodeSpec], limit: list[str] | None) -> list[NodeSpec]:
-    """The nodes named by `limit` (node names or group names), in inventory order.
-
-    No limit (None or empty) means every node. A name that matches neither a node nor a group is
-    an error rather than silently selecting less than the operator meant.
-    """
-    if not limit:
-        return list(nodes)
-    wanted: set[str] = set()
-    for item in limit:
-        matched = [n.name for n in nodes if n.name == item or item in n.groups]
-        if not matched:
-            known_groups = sorted({g for n in nodes for g in n.groups})
-            raise InputError(
-                f"--limit {item!r}: no node or group of that name "
-                f"(groups: {', '.join(known_groups) or 'none'})"
-            )
-        wanted.update(matched)
-    return [n for n in nodes if n.name in wanted]

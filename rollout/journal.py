@@ -32,7 +32,7 @@ from imagetool.errors import InputError
 ROLLOUT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Steps that end a node's part in a rollout; their outcome is the step itself.
-FINAL_STEPS = {"done", "skipped", "failed", "rolled-back", "not-started", "planned"}
+FINAL_STEPS = {"done", "skipped", "failed", "rolled-back", "unreachable", "not-started", "planned"}
 
 
 def check_rollout_id(value: str, where: str = "rollout id") -> str:
@@ -128,7 +128,7 @@ class RolloutRecord:
         return "dry-run" if self.dry_run else "ok"
 
     def to_dict(self, events: bool = False) -> dict[str, Any]:
-        d = {"id": self.id, "kind": self.kind, "target": self.target, "command": self.command,
+        d: dict[str, Any] = {"id": self.id, "kind": self.kind, "target": self.target, "command": self.command,
              "owner": self.owner, "nodes": self.nodes, "started": self.started, "ended": self.ended,
              "state": self.state, "exit_code": self.exit_code, "reason": self.reason,
              "resumes": self.resumes, "outcomes": self.outcomes, "journal": str(self.path)}

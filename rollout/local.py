@@ -235,6 +235,9 @@ class LocalMachine:
             "systemd-run": _SYSTEMD_RUN.format(run=run),
             "journalctl": _JOURNALCTL,
         }
+        if not self.helper.is_file():
+            # A machine whose image lacks the node helper: nothing on its PATH answers to it.
+            del files["imagetool-node"]
         for name, text in files.items():
             path = self.bin / name
             path.write_text(text)
@@ -413,6 +416,8 @@ class LocalMachine:
     def _start_deadman(self) -> None:
         """imagetool-node-boot.service: the dead-man switch, in the background. The boot counts
         as done once it has looked at this boot (written its trial, or found none to watch)."""
+        if not (self.bin / "imagetool-node").exists():
+            return  # no helper, no dead-man switch
         with open(self.dir / "console.log", "ab") as console:
             self._deadman = subprocess.Popen([str(self.bin / "imagetool-node"), "boot"], env=self.env(), cwd=self.root,
                                              stdin=subprocess.DEVNULL, stdout=console, stderr=console,
@@ -600,6 +605,7 @@ class LocalTransport:
             if crash is not None or target is None or not target.parent.is_dir():
                 why = crash or f"sh: 1: cannot create {remote}: Directory nonexistent"
                 self._result(command, 2, "", why).check(f"writing {remote}")
+            assert target is not None  # check() raised above otherwise
             room = m.free_bytes()
             fills = m.disk_fills_after is not None and m.disk_fills_after < room
             if fills:

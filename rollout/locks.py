@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 PROC = "/proc"
 MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
@@ -47,6 +47,11 @@ def default_owner() -> str:
 
 
 # --- who holds a lock ---------------------------------------------------------------------------
+
+
+def _positive_int(value: object) -> TypeGuard[int]:
+    """A pid or a process start time as a lock file records it (JSON: a bool is no number here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class Holder:
         boot_id, pid_ns, pid, start = (doc.get(k) for k in ("boot_id", "pid_ns", "pid", "start"))
         if not (isinstance(boot_id, str) and boot_id and isinstance(pid_ns, str) and pid_ns):
             return None
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (pid, start)):
+        if not (_positive_int(pid) and _positive_int(start)):
             return None
         machine_id = doc.get("machine_id")
         return cls(boot_id, pid_ns, pid, start, machine_id if isinstance(machine_id, str) else "")

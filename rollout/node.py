@@ -10,6 +10,7 @@ JSON object; `{"ok": false, "error": E}` becomes a `HelperError` naming node and
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -22,12 +23,22 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_delay, stop_when_event_set, wait_fixed
+from tenacity.stop import stop_base
 
 from imagetool import schema
-from imagetool.errors import HostKeyError, ImagetoolError, LockedError, NodeError, UnreachableError, VerificationError
+from imagetool.errors import (
+    HelperMissingError,
+    HostKeyError,
+    ImagetoolError,
+    LockedError,
+    NodeError,
+    UnreachableError,
+    VerificationError,
+)
 from imagetool.layout import NODE_INCOMING, image_paths
 from imagetool.names import RELEASE_ID_RE
 from imagetool.schema import Where
+from imagetool.units import human_bytes
 from rollout.locks import LockClaim
 from rollout.nodespec import NodeSpec
 from rollout.transport import CommandResult, ProgressFn, SSHTransport, Transport
@@ -35,6 +46,10 @@ from rollout.transport import CommandResult, ProgressFn, SSHTransport, Transport
 HELPER = "imagetool-node"
 # The helper protocol that can `receive` a transfer (what `become` stages through).
 RECEIVE_PROTOCOL = 4
+# Where images built with the imagetool-node element install it (a link to /usr/lib/imagetool/).
+HELPER_PATH = "/usr/sbin/imagetool-node"
+# The exit status of a command the node's shell cannot find.
+COMMAND_NOT_FOUND = 127
 # Seconds a helper command may take. Most answer at once; stage-commit hashes the whole image
 # (a few seconds per GiB) and health runs the image's own checks.
 QUICK_TIMEOUT = 60
@@ -46,12 +61,15 @@ BOOT_POLL_INTERVAL = 1.0
 T = TypeVar("T")
 N = TypeVar("N", bound="Node")
 
+# Each helper command and transfer with its time, at debug level (`imagetool -v` shows them).
+log = logging.getLogger(__name__)
+
 
 class HelperError(NodeError):
     """The node helper refused or failed a command; `error` is the node's own words."""
 
     def __init__(self, node: str, command: str, error: str) -> None:
-        super().__init__(f"node {node}: imagetool-node {command}: {error}")
+        super().__init__(f"node {node}: imagetool-node {command}: {error}", nodes=(node,))
         self.node = node
         self.command = command
         self.error = error
@@ -241,9 +259,9 @@ class StageInfo:
     @classmethod
     def from_answer(cls, doc: dict[str, Any], name: str = "?") -> StageInfo:
         w = Where(f"node {name}: imagetool-node stage-info", style="path", error=NodeError)
-        delta = doc.get("delta") if isinstance(doc.get("delta"), dict) else {}
-        seeds = delta.get("seeds") if isinstance(delta.get("seeds"), list) else []
-        partials = delta.get("partials") if isinstance(delta.get("partials"), dict) else {}
+        delta: dict[str, Any] = doc["delta"] if isinstance(doc.get("delta"), dict) else {}
+        seeds: list[Any] = delta["seeds"] if isinstance(delta.get("seeds"), list) else []
+        partials: dict[str, Any] = delta["partials"] if isinstance(delta.get("partials"), dict) else {}
         return cls(present=bool(doc.get("present")), sha256=_opt(doc, w, "sha256", _text),
                    partial_bytes=_count(doc.get("partial_bytes") or 0, w / "partial_bytes"),
                    free_bytes=_count(doc.get("free_bytes") or 0, w / "free_bytes"),
@@ -325,13 +343,25 @@ def become_argv(spec: NodeSpec, argv: list[str]) -> list[str]:
 
 
 def _check_sudo(spec: NodeSpec, stderr: str) -> None:
-    """sudo -n refuses rather than prompt: say what the node's sudoers needs."""
+    """sudo -n refuses rather than prompt: say what the node's sudoers needs. A user sudo lets
+    run anything hears when there is no helper to run (exit status 1, not the shell's 127)."""
     if "a password is required" in stderr:
         raise NodeError(
             f"node {spec.name}: sudo asks {spec.user!r} for a password to run {HELPER} as {spec.become_user!r} "
             f"(become); allow it without one in the node's sudoers, e.g. "
-            f"`{spec.user} ALL=({spec.become_user}) NOPASSWD: /usr/sbin/{HELPER}`"
+            f"`{spec.user} ALL=({spec.become_user}) NOPASSWD: {HELPER_PATH}` (sudo says the same when a rule "
+            "names a helper the node lacks)", nodes=(spec.name,)
         )
+    if f"sudo: {HELPER}: command not found" in stderr:
+        raise _helper_missing(spec.name, f"sudo: `{HELPER}`: command not found")
+
+
+def _helper_missing(node: str, why: str) -> HelperMissingError:
+    # SSH worked and the shell answered: the node is reachable, it just is not an imagetool
+    # node (or its image lacks the imagetool-node element).
+    return HelperMissingError(
+        f"node {node}: node helper missing at {HELPER_PATH} ({why}); install the node from an imagetool image "
+        "(`imagetool disk`, or an image built with the imagetool-node element)", nodes=(node,))
 
 
 def incoming_paths(incoming: str, image_id: str) -> dict[str, str]:
@@ -349,12 +379,11 @@ def parse_answer(node: str, command: str, result: CommandResult) -> dict[str, An
         except ValueError:
             continue
     if not isinstance(doc, dict):
-        if result.exit_status == 127:
-            raise NodeError(f"node {node}: {HELPER} is not installed (was the image built with the "
-                            f"imagetool-node element?)")
+        if result.exit_status == COMMAND_NOT_FOUND:
+            raise _helper_missing(node, f"`{HELPER}`: command not found, exit status {COMMAND_NOT_FOUND}")
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-10:])
         raise NodeError(f"node {node}: {HELPER} {command} gave no answer (exit status {result.exit_status})"
-                        + (f":\n{tail}" if tail else ""))
+                        + (f":\n{tail}" if tail else ""), nodes=(node,))
     if not doc.get("ok"):
         error_class = HELPER_ERRORS.get(str(doc.get("kind")), HelperError)
         raise error_class(node, command, str(doc.get("error") or f"failed with exit status {result.exit_status}"))
@@ -460,7 +489,15 @@ class HelperNode:
         return bool(self.spec.reset_command)
 
     def _call(self, command: str, /, *args: str, timeout: float = QUICK_TIMEOUT, **options: Any) -> dict[str, Any]:
-        result = self.transport.run(become_argv(self.spec, helper_argv(command, *args, **options)), timeout=timeout)
+        return self._run(command, helper_argv(command, *args, **options), timeout)
+
+    def _run(self, command: str, helper: list[str], timeout: float) -> dict[str, Any]:
+        """Run one helper argv (through sudo for `become`) and parse its answer."""
+        argv = become_argv(self.spec, helper)
+        started = time.monotonic()
+        result = self.transport.run(argv, timeout=timeout)
+        log.debug("node %s: %s: exit status %d in %.2fs", self.name, shlex.join(argv), result.exit_status,
+                  time.monotonic() - started)
         if self.spec.become:
             _check_sudo(self.spec, result.stderr)
         return parse_answer(self.name, command, result)
@@ -479,21 +516,27 @@ class HelperNode:
         return StageInfo.from_answer(self._call("stage-info", image_id), self.name)
 
     def put(self, local: Path, remote: str, offset: int = 0, progress: ProgressFn | None = None) -> int:
-        if not self.spec.become:
-            return self.transport.put_file(Path(local), remote, offset=offset, progress=progress,
-                                           timeout=TRANSFER_TIMEOUT)
-        # The login user cannot write /var/lib/imagetool: the helper receives the bytes as root.
-        if self.protocol < RECEIVE_PROTOCOL:
-            raise NodeError(f"node {self.name}: its {HELPER} (protocol {self.protocol}) cannot receive a transfer "
-                            f"for `become` (needs protocol {RECEIVE_PROTOCOL}): stage as root, or update its image")
-        # Its answer goes to stderr, which is what a failed transfer reports.
-        receiver = shlex.join(become_argv(self.spec, helper_argv("receive", remote, offset=offset or None))) + " >&2"
+        receiver = None
+        if self.spec.become:
+            # The login user cannot write /var/lib/imagetool: the helper receives the bytes as root.
+            if self.protocol < RECEIVE_PROTOCOL:
+                raise NodeError(f"node {self.name}: its {HELPER} (protocol {self.protocol}) cannot receive a "
+                                f"transfer for `become` (needs protocol {RECEIVE_PROTOCOL}): stage as root, or "
+                                "update its image", nodes=(self.name,))
+            # Its answer goes to stderr, which is what a failed transfer reports.
+            receive = helper_argv("receive", remote, offset=offset or None)
+            receiver = shlex.join(become_argv(self.spec, receive)) + " >&2"
+        started = time.monotonic()
         try:
-            return self.transport.put_file(Path(local), remote, offset=offset, progress=progress,
+            sent = self.transport.put_file(Path(local), remote, offset=offset, progress=progress,
                                            timeout=TRANSFER_TIMEOUT, receiver=receiver)
         except NodeError as e:
-            _check_sudo(self.spec, str(e))
+            if self.spec.become:
+                _check_sudo(self.spec, str(e))
             raise
+        log.debug("node %s: sent %s to %s (from byte %d%s): %s in %.2fs", self.name, local, remote, offset,
+                  f", through {HELPER} receive" if receiver else "", human_bytes(sent), time.monotonic() - started)
+        return sent
 
     def stage_commit(self, image_id: str) -> dict[str, Any]:
         return self._call("stage-commit", image_id, timeout=STAGE_COMMIT_TIMEOUT)
@@ -508,7 +551,7 @@ class HelperNode:
         for seed in seeds:
             argv += ["--seed", seed]
         wait = STAGE_COMMIT_TIMEOUT if timeout is None else timeout + QUICK_TIMEOUT
-        return parse_answer(self.name, "stage-delta", self.transport.run(argv, timeout=wait))
+        return self._run("stage-delta", argv, wait)
 
     # --- boot control --------------------------------------------------------------------
 
@@ -528,7 +571,7 @@ class HelperNode:
     def wait_for_boot(self, old_boot_id: str | None, timeout: float,
                       cancel: threading.Event | None = None) -> NodeStatus:
         """Reconnect until the node answers `status` with a boot id other than `old_boot_id`."""
-        stop = stop_after_delay(timeout)
+        stop: stop_base = stop_after_delay(timeout)
         if cancel is not None:
             stop = stop | stop_when_event_set(cancel)
 
@@ -547,7 +590,7 @@ class HelperNode:
                 self.transport.close()
                 raise
             if st.boot_id == old_boot_id:
-                raise _SameBoot()
+                raise _SameBoot
             return st
 
         try:
@@ -565,7 +608,11 @@ class HelperNode:
         return self._call("health", wait=wait or None, timeout=QUICK_TIMEOUT + wait)
 
     def run_shell(self, command: str, timeout: float) -> CommandResult:
-        return self.transport.run_shell(command, timeout=timeout)
+        started = time.monotonic()
+        result = self.transport.run_shell(command, timeout=timeout)
+        log.debug("node %s: sh -c %s: exit status %d in %.2fs", self.name, shlex.quote(command), result.exit_status,
+                  time.monotonic() - started)
+        return result
 
     def confirm(self, image_id: str) -> None:
         self._call("confirm", image_id)
@@ -687,6 +734,7 @@ def for_each(nodes: Sequence[N], fn: Callable[[N], T], parallel: int = 8, *,
 
 
 __all__ = [
-    "BootTimeoutError", "CorruptNodeError", "GroupResult", "HelperError", "NodeVerificationError", "HelperNode", "Node", "NodeImage", "NodeStatus",
+    "BootTimeoutError", "CorruptNodeError", "GroupResult", "HelperError", "NodeVerificationError", "HelperNode", "Node",
+    "NodeImage", "NodeStatus",
     "StageInfo", "become_argv", "for_each", "helper_argv", "incoming_paths", "parse_answer", "ssh_nodes",
 ]

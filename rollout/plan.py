@@ -88,6 +88,15 @@ def batches(plan: Sequence[NodePlan], spec: BatchSpec) -> list[list[NodePlan]]:
     return split(moving, spec.sizes(len(moving))) if moving else []
 
 
+def only_reads(plan: Sequence[NodePlan], bootstrap: str | None) -> bool:
+    """Every node is settled on the target, with no one-shot entry to clear, no run-once step
+    left (`bootstrap` is None) and no lock held: the run writes nothing to any node (a status and
+    a health check each), so it takes no locks. A held lock still goes the usual way: refused, or
+    taken over by the take-over rule."""
+    return bootstrap is None and all(
+        p.action is Action.SETTLED and p.status.next is None and p.status.lock is None for p in plan)
+
+
 def bootstrap_node(plan: Sequence[NodePlan], spec: BatchSpec, where: Literal["first", "last"],
                    run_once_release: dict[str, str | None]) -> str | None:
     """The node that runs the run-once step: the first or last node this rollout activates.

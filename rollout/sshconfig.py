@@ -81,7 +81,8 @@ def _run_ssh_g(alias: str, config: str | None, user: str | None, port: int | Non
                          "(a Match exec that hangs?)") from None
     if proc.returncode != 0:
         why = " ".join(line for line in proc.stderr.splitlines() if "Pseudo-terminal" not in line).strip()
-        raise InputError(f"ssh config {config or '~/.ssh/config'}: cannot resolve {alias!r}: {why or f'ssh -G exit {proc.returncode}'}")
+        raise InputError(f"ssh config {config or '~/.ssh/config'}: cannot resolve {alias!r}: "
+                         f"{why or f'ssh -G exit {proc.returncode}'}")
     out: dict[str, list[str]] = {}
     for line in proc.stdout.splitlines():
         key, _, value = line.partition(" ")

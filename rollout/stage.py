@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from imagetool.chunks import ChunkStore, DeltaPlan
 from imagetool.errors import ImagetoolError, LockedError, NodeError, UnreachableError, VerificationError
 from imagetool.signing import TrustedKey, load_trusted_keys, signed_by
 from imagetool.store import Store, StoredRelease
-from imagetool.chunks import ChunkStore, DeltaPlan
+from imagetool.units import human_bytes
 from rollout.node import Node, StageInfo, for_each, incoming_paths, under_lock
 
 StageOutcome = Literal["present", "staged", "resumed", "failed"]
@@ -63,7 +64,7 @@ class StageResult:
     # How the image travelled: pushed whole, pushed as a delta, pulled by the node from an HTTP
     # store (None: it did not travel).
     mode: Literal["full", "delta", "pull"] | None = None
-    image_bytes: int = 0  # the image's size, for "sent N of M"
+    full_bytes: int = 0  # what sending the whole image (with manifest and signature) costs: "sent N of M"
     note: str | None = None  # why a delta was not used, when it could have been
 
     @property
@@ -72,7 +73,7 @@ class StageResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"node": self.node, "image": self.image_id, "outcome": self.outcome, "bytes_sent": self.bytes_sent,
-                "image_bytes": self.image_bytes, "mode": self.mode, "note": self.note,
+                "full_bytes": self.full_bytes, "mode": self.mode, "note": self.note,
                 "seconds": round(self.seconds, 1), "error": self.error}
 
 
@@ -128,16 +129,17 @@ def stage(node: Node, release: StoredRelease, progress: StageProgress | None = N
     progress = progress or NoProgress()
     start = time.monotonic()
     image = release.manifest.image
+    full = needed_bytes(release, 0)
     info = node.stage_info(release.id)
     check_for_node(node.name, release, info)
     if info.present and info.sha256 == image.sha256:
-        result = StageResult(node.name, release.id, "present", 0, time.monotonic() - start, image_bytes=image.size)
+        result = StageResult(node.name, release.id, "present", 0, time.monotonic() - start, full_bytes=full)
         progress.stage_end(node.name, result)
         return result
     if source is not None:
         sent = _pull(node, release, info, source, progress)
         result = StageResult(node.name, release.id, "staged", sent, time.monotonic() - start, mode="pull",
-                             image_bytes=image.size)
+                             full_bytes=full)
         progress.stage_end(node.name, result)
         return result
     note = None
@@ -146,7 +148,7 @@ def stage(node: Node, release: StoredRelease, progress: StageProgress | None = N
         try:
             sent, resumed = _send_delta(node, release, info, plan, progress)
             result = StageResult(node.name, release.id, "resumed" if resumed else "staged", sent,
-                                 time.monotonic() - start, mode="delta", image_bytes=image.size)
+                                 time.monotonic() - start, mode="delta", full_bytes=full)
             progress.stage_end(node.name, result)
             return result
         except (LockedError, UnreachableError, _DiskFull):
@@ -158,7 +160,7 @@ def stage(node: Node, release: StoredRelease, progress: StageProgress | None = N
             info = node.stage_info(release.id)
     sent, resumed = _send_full(node, release, info, progress)
     result = StageResult(node.name, release.id, "resumed" if resumed else "staged", sent, time.monotonic() - start,
-                         mode="full", image_bytes=image.size, note=note or why_not)
+                         mode="full", full_bytes=full, note=note or why_not)
     progress.stage_end(node.name, result)
     return result
 
@@ -194,8 +196,8 @@ class _DiskFull(NodeError):
 def _space_for(node: Node, release: StoredRelease, info: StageInfo, need: int) -> None:
     if info.free_bytes < need:
         raise NodeError(
-            f"node {node.name}: not enough space to stage {release.id}: needs {need} bytes, "
-            f"{info.free_bytes} free in {info.incoming}"
+            f"node {node.name}: not enough space to stage {release.id}: needs {human_bytes(need)}, "
+            f"{human_bytes(info.free_bytes)} free in {info.incoming}", nodes=[node.name]
         )
 
 

@@ -17,9 +17,10 @@ import shlex
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import paramiko
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
@@ -325,7 +326,7 @@ class SSHTransport:
             chan.shutdown_write()
             self._drain(chan, out, err, deadline)
             status = chan.recv_exit_status()
-        except socket.timeout:
+        except TimeoutError:
             # The channel is closed below: sshd then closes the command's pipes. There is no
             # public paramiko call for the "signal" request, and OpenSSH ignores it for root
             # logins anyway, so commands that must be bounded on the node are wrapped in
@@ -358,7 +359,7 @@ class SSHTransport:
         while not chan.eof_received or chan.recv_ready() or chan.recv_stderr_ready():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise socket.timeout()
+                raise TimeoutError
             # The channel's fileno is an event pipe paramiko sets when data or EOF arrives.
             select.select([chan], [], [], min(remaining, 1.0))
             while chan.recv_ready():
@@ -368,7 +369,7 @@ class SSHTransport:
             if chan.closed:
                 break
         if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
-            raise socket.timeout()
+            raise TimeoutError
 
     # --- files ------------------------------------------------------------------------------
 
@@ -411,7 +412,7 @@ class SSHTransport:
                     while pos < n:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
-                            raise socket.timeout()
+                            raise TimeoutError
                         chan.settimeout(remaining)
                         # One packet's worth at a time: Channel.sendall re-slices (copies) the
                         # whole rest of its buffer after every packet.
@@ -425,7 +426,7 @@ class SSHTransport:
             chan.shutdown_write()
             self._drain(chan, [], err, deadline)
             status = chan.recv_exit_status()
-        except socket.timeout:
+        except TimeoutError:
             # The channel is closed below: sshd then closes the command's pipes. There is no
             # public paramiko call for the "signal" request, and OpenSSH ignores it for root
             # logins anyway, so commands that must be bounded on the node are wrapped in

@@ -1,17 +1,22 @@
 """The rolling update: stage everywhere, then activate batch by batch behind health gates.
 
 Phases, in order (colmena's Goal, for a rollout):
-  connect   open SSH to every selected node and read its status; any node unreachable stops here,
+  connect   open SSH to every selected node and read its status; a node unreachable (or whose
+            status cannot be read) is a failed node nothing is done on: when those failures
+            exceed what --max-failures tolerates of all selected nodes, the run stops here,
             before anything changed
   lock      take each node's rollout lock (released on every way out, Ctrl-C included); a lock
             left by a controller process provably gone (it ran in this very process table) is
-            taken over, others need --break-lock; the node swaps only the lock judged here
+            taken over, others need --break-lock; the node swaps only the lock judged here. A
+            run that would write nothing (every node settled, nothing pending, no lock held)
+            takes none: a no-op re-run is a status and a health check per node
   reconcile read each node's real state (booted, committed, one-shot pending, trial) and plan
             from it: skip nodes already on the image (committed and healthy), resume ones an
             interrupted run left booted on it, clear one-shot entries it left pending
   stage     copy the image to the nodes that lack it; nothing restarts
   activate  per batch, canary first: before_activate hooks, one-shot next boot into the image,
-            reboot
+            reboot; after each batch the policy (rollout.policy.decide) judges that batch alone;
+            with --approve the run waits after the canary for the operator (rollout.approval)
   boot      wait for the node to answer again with a new boot id, booted into the image
   verify    health gate
   commit    confirm the boot (disarms the dead-man switch), make the image the default, then
@@ -44,17 +49,18 @@ from imagetool.errors import ImagetoolError, InputError, LockedError, NodeError,
 from imagetool.names import check_release_id
 from imagetool.store import StoredRelease
 from rollout.activation import Activator, Interrupted
+from rollout.approval import Verdict, approval_path, forget, wait_for_answer
 from rollout.batch import DEFAULT_BATCHES, BatchSpec, cover, parse_threshold, split
 from rollout.checks import KINDS
 from rollout.events import EventFn, Events, Step
 from rollout.fleet import open_nodes
-from rollout.health import HealthGate, check_node
+from rollout.health import HealthGate
 from rollout.hooks import Hooks
 from rollout.inventory import CheckSpec, Inventory
 from rollout.journal import Journal, check_rollout_id, state_dir
 from rollout.locks import LockClaim, default_owner, describe_lock, may_take_over, new_rollout_id
 from rollout.node import GroupResult, Node, NodeStatus, for_each
-from rollout.plan import Action, NodePlan, bootstrap_node, plan_rollback, plan_rollout
+from rollout.plan import Action, NodePlan, bootstrap_node, only_reads, plan_rollback, plan_rollout
 from rollout.plan import batches as plan_batches
 from rollout.policy import BatchOutcome, NodeResult, OnFailure, decide, exit_code
 from rollout.stage import StageProgress, check_release_files, stage_all
@@ -69,6 +75,9 @@ __all__ = [
 # or settled in a day will not), ten years for lock ages (an old lock is still a lock).
 LIMITS = {"pause": 86400.0, "confirm_timeout": 86400.0, "boot_timeout": 86400.0, "health_timeout": 86400.0,
           "health_interval": 3600.0, "lock_max_age": 10 * 365 * 86400.0}
+
+# Seconds between the lines a --pause of up to two minutes prints while it runs (a minute beyond).
+PAUSE_TICK = 10.0
 
 
 @dataclass
@@ -107,6 +116,13 @@ class RolloutOptions:
     # Release signing keys (public, PEM) the operator trusts, beside the inventory's: a release
     # not signed by one of them is refused before any node is contacted.
     trusted_keys: list[Path] = field(default_factory=list)
+    # A failure in the canary batch does not stop the run by itself: the canary is judged by
+    # max_failures like any batch.
+    canary_failures_allowed: bool = False
+    # After the canary batch, wait for the operator's answer (rollout.approval); without one
+    # within approve_timeout seconds (None: no limit) the run stops, it does not go on.
+    approve: bool = False
+    approve_timeout: float | None = None
     # `batches`, parsed once.
     batch_spec: BatchSpec = field(init=False, repr=False, compare=False)
 
@@ -129,6 +145,10 @@ class RolloutOptions:
                 f"--confirm-timeout {self.confirm_timeout:g} is shorter than --health-timeout "
                 f"{self.health_timeout:g}: nodes would give up on the image before the gate could pass"
             )
+        t = self.approve_timeout
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                              or not 0 < t <= 7 * 86400):
+            raise InputError(f"--approve-timeout {t!r}: expected seconds above 0, at most a week")
         self.batch_spec = BatchSpec.parse(self.batches)
         parse_threshold(self.max_failures, 1)
         if self.rollout_id is not None:
@@ -148,13 +168,15 @@ class RolloutResult:
     reason: str | None = None
     dry_run: bool = False
     seconds: float = 0.0
+    # With --approve, the operator's answer after the canary: approved, rejected, timed-out.
+    approval: Verdict | None = None
     # What sending every staged node its whole image would have cost: bytes_sent against this
     # says what delta staging saved.
     full_bytes: int = 0
 
     @property
     def exit_code(self) -> int:
-        return exit_code(self.nodes)
+        return exit_code(self.nodes, approved=self.approval in (None, "approved"))
 
     @property
     def bytes_sent(self) -> int:
@@ -168,7 +190,8 @@ class RolloutResult:
             "rollout_id": self.rollout_id, "kind": self.kind, "target": self.target,
             "exit_code": self.exit_code, "stopped": self.stopped, "reason": self.reason,
             "dry_run": self.dry_run, "seconds": round(self.seconds, 1), "bytes_sent": self.bytes_sent,
-            "full_bytes": self.full_bytes, "batches": self.batches, "nodes": [r.to_dict() for r in self.nodes],
+            "approval": self.approval, "full_bytes": self.full_bytes,
+            "batches": self.batches, "nodes": [r.to_dict() for r in self.nodes],
         }
 
 
@@ -200,6 +223,7 @@ class Rollout:
         self._locked: list[Node] = []
         self._full_bytes = 0
         o = self.options
+        self.approval_file = approval_path(state_dir(o.state_dir), self.rollout_id)
         self.trusted_keys = [*trusted_keys, *o.trusted_keys]
         # One acquisition of every node's lock: a second controller run with the same rollout id
         # has its own token, and takes these locks over only by the take-over rule.
@@ -233,10 +257,14 @@ class Rollout:
                    fn: Callable[[], RolloutResult]) -> RolloutResult:
         o = self.options
         record = self.events.record
+        if o.approve and not o.dry_run:
+            forget(self.approval_file)  # an answer left from an earlier run under this id is not this run's
         record("begin", kind=kind, target=target, rollout=self.rollout_id, nodes=list(self.nodes),
                owner=o.owner, command=o.command, pid=os.getpid(), dry_run=o.dry_run,
                options={"batches": o.batches, "max_failures": o.max_failures, "on_failure": o.on_failure,
-                        "confirm_timeout": o.confirm_timeout, "health_timeout": o.health_timeout})
+                        "confirm_timeout": o.confirm_timeout, "health_timeout": o.health_timeout,
+                        "canary_failures_allowed": o.canary_failures_allowed, "approve": o.approve,
+                        "approve_timeout": o.approve_timeout})
         try:
             result = fn()
         except BaseException as e:
@@ -251,13 +279,19 @@ class Rollout:
         start = time.monotonic()
         image = release.manifest.image
         self.check_release(release)
-        statuses = self._connect()
+        statuses, lost = self._connect(release.id)
+        if not self.options.dry_run and self._stops(lost):
+            return self._stopped_at_start("rollout", release.id, statuses, lost, start)
         try:
-            self._lock_all(statuses)
-            plan = [plan_rollout(statuses[name], release.id, image.sha256, image.size) for name in self.nodes]
+            plan = [plan_rollout(statuses[name], release.id, image.sha256, image.size) for name in statuses]
             bootstrap = self._bootstrap(plan)
+            # A run that would only read (every node settled on the target) takes no locks.
+            if not only_reads(plan, bootstrap):
+                lost.update(self._lock_all(statuses, release.id))
+                plan = [p for p in plan if p.node not in lost]
+                bootstrap = self._bootstrap(plan)
             self._journal_plan(plan)
-            before = self._settle(plan, bootstrap)
+            before = {**lost, **self._settle(plan, bootstrap)}
             sent: dict[str, int] = {}
             if not self.options.dry_run:
                 plan, unstaged, sent = self._stage(release, plan)
@@ -268,15 +302,20 @@ class Rollout:
 
     def _rollback(self, to: str | None) -> RolloutResult:
         start = time.monotonic()
-        statuses = self._connect()
-        plan = [plan_rollback(statuses[name], to) for name in self.nodes]
+        statuses, lost = self._connect(to)
+        plan = [plan_rollback(statuses[name], to) for name in statuses]
         missing = [p for p in plan if p.action is Action.FAIL]
         if missing:
-            raise InputError("cannot roll back: " + "; ".join(f"node {p.node}: {p.error}" for p in missing))
+            raise InputError("cannot roll back: " + "; ".join(f"node {p.node}: {p.error}" for p in missing),
+                             nodes=[p.node for p in missing])
+        if not self.options.dry_run and self._stops(lost):
+            return self._stopped_at_start("rollback", to, statuses, lost, start)
         try:
-            self._lock_all(statuses)
+            if not only_reads(plan, None):
+                lost.update(self._lock_all(statuses, to))
+                plan = [p for p in plan if p.node not in lost]
             self._journal_plan(plan)
-            before = self._settle(plan, None)
+            before = {**lost, **self._settle(plan, None)}
             return self._activate_all("rollback", to, plan, before, start, {}, None)
         finally:
             self._unlock_all()
@@ -287,21 +326,22 @@ class Rollout:
 
     # --- connect, lock --------------------------------------------------------------------
 
-    def _connect(self) -> dict[str, NodeStatus]:
+    def _connect(self, target: str | None) -> tuple[dict[str, NodeStatus], dict[str, NodeResult]]:
+        """Every node's status, and a result for each node whose status could not be had: a node
+        unreachable, or answering with a damaged file of its own, is a failed node (the policy
+        decides whether the run goes on), and nothing is done on it."""
         for name in self.nodes:
             self.events.step(name, Step.CONNECT)
         got = self._for_each(list(self.nodes), lambda n: n.status(), self.options.parallel)
-        failed = got.failed
-        unreachable = {k: e for k, e in failed.items() if isinstance(e, UnreachableError)}
-        if unreachable:
-            raise UnreachableError(
-                f"{len(unreachable)} of {len(self.nodes)} nodes unreachable, nothing was changed: "
-                + "; ".join(str(e) for e in unreachable.values())
-            )
-        if failed:
-            raise NodeError("cannot read the status of "
-                            + "; ".join(str(e) for e in failed.values()) + " (nothing was changed)")
-        statuses: dict[str, NodeStatus] = dict(got.items())
+        lost: dict[str, NodeResult] = {}
+        for name, e in got.failed.items():
+            if isinstance(e, UnreachableError):
+                lost[name] = self._unreachable(name, target, str(e))
+            else:
+                why = f"cannot read its status: {e}; nothing was done on it"
+                self.events.step(name, Step.FAILED, why)
+                lost[name] = NodeResult(name, "failed", None, target, error=why)
+        statuses: dict[str, NodeStatus] = dict(got.succeeded.items())
         for name, st in statuses.items():
             trial = st.trial or {}
             self.events.step(name, Step.RECONCILE,
@@ -310,11 +350,42 @@ class Rollout:
                              + (f", trial boot ({'confirmed' if trial.get('confirmed') else 'unconfirmed'})"
                                 if trial else "")
                              + (f", locked by {st.lock.get('rollout')}" if st.lock else ""))
-        return statuses
+        return statuses, lost
 
-    def _lock_all(self, statuses: dict[str, NodeStatus]) -> None:
+    def _unreachable(self, name: str, target: str | None, error: str, committed: str | None = None) -> NodeResult:
+        self.events.step(name, Step.UNREACHABLE, error)
+        return NodeResult(name, "unreachable", committed, target, error=f"{error}; nothing was done on it")
+
+    def _stops(self, before: dict[str, NodeResult]) -> bool:
+        """The failures before any batch, judged against --max-failures of every selected node."""
+        o = self.options
+        return decide(BatchOutcome(0, before), o.max_failures, o.on_failure, size=len(self.nodes)) != "continue"
+
+    def _before_reason(self, failed: int) -> str:
+        o = self.options
+        return (f"{failed} of {len(self.nodes)} node(s) failed before any reboot, more than the "
+                f"{parse_threshold(o.max_failures, len(self.nodes))} tolerated (--max-failures {o.max_failures} "
+                "of all selected nodes)")
+
+    def _stopped_at_start(self, kind: Literal["rollout", "rollback"], target: str | None,
+                          statuses: dict[str, NodeStatus], lost: dict[str, NodeResult], start: float) -> RolloutResult:
+        """Too many nodes out of reach at the start: the run stops before locking anything."""
+        results = dict(lost)
+        for name, st in statuses.items():
+            self.events.step(name, Step.NOT_STARTED, "the rollout stopped before anything was changed")
+            results[name] = NodeResult(name, "not-started", st.committed or st.default, target,
+                                       error="the rollout stopped before anything was changed")
+        unreachable = sum(r.outcome == "unreachable" for r in lost.values())
+        reason = self._before_reason(len(lost)) + ": stopped before anything was changed"
+        if unreachable == len(self.nodes):
+            reason = f"all {unreachable} node(s) unreachable, nothing was changed"
+        return self._result(kind, target, [], results, [], True, reason, start)
+
+    def _lock_all(self, statuses: dict[str, NodeStatus], target: str | None) -> dict[str, NodeResult]:
+        """Lock every node that answered. One gone since is a failed node nothing is done on
+        (returned as its result, and dropped from `statuses`); any other refusal stops the run."""
         if self.options.dry_run:
-            return
+            return {}
         o = self.options
 
         claim = self._claim
@@ -327,7 +398,7 @@ class Rollout:
                 ok, why = may_take_over(held, rollout_id=self.rollout_id, here=claim.holder, node_time=st.time,
                                         break_lock=o.break_lock, lock_max_age=o.lock_max_age)
                 if not ok:
-                    raise LockedError(f"node {n.name}: locked by {describe_lock(held)}; {why}")
+                    raise LockedError(f"node {n.name}: locked by {describe_lock(held)}; {why}", nodes=[n.name])
                 take_over = held
             self.events.step(n.name, Step.LOCK, self.rollout_id)
             # The node swaps only the very lock judged here: one taken meanwhile is refused there.
@@ -337,12 +408,18 @@ class Rollout:
                 self.events.step(n.name, Step.WARNING, f"broke the lock of {describe_lock(broken)}: {why}")
                 self.events.record("takeover", node=n.name, rollout=broken.get("rollout"), lock=broken, why=why)
 
-        got = self._for_each(list(self.nodes), lock, o.parallel)
-        self._locked = [n for name, n in self.nodes.items() if name in got.succeeded]
-        if got.failed:
-            errors = got.failed
+        got = self._for_each(list(statuses), lock, o.parallel)
+        succeeded = got.succeeded  # a new dict each time it is asked for
+        self._locked = [n for name, n in self.nodes.items() if name in succeeded]
+        lost = {name: self._unreachable(name, target, str(e), statuses[name].committed or statuses[name].default)
+                for name, e in got.failed.items() if isinstance(e, UnreachableError)}
+        for name in lost:
+            del statuses[name]
+        errors = {name: e for name, e in got.failed.items() if name not in lost}
+        if errors:
             cls = LockedError if any(isinstance(e, LockedError) for e in errors.values()) else NodeError
-            raise cls("; ".join(str(e) for e in errors.values()) + " (nothing was changed)")
+            raise cls("; ".join(str(e) for e in errors.values()) + " (nothing was changed)", nodes=list(errors))
+        return lost
 
     def _unlock_all(self) -> None:
         locked, self._locked = self._locked, []
@@ -388,7 +465,7 @@ class Rollout:
                 if p.status.next and not dry:
                     self.events.step(p.node, Step.RECONCILE, f"clearing the one-shot boot into {p.status.next}")
                     node.clear_next()
-                check_node(node, gate)
+                self.activator.health_gate(node, p.to_id, gate)
                 if p.node == bootstrap and not dry:
                     self.activator.run_once(node, p.from_id, p.to_id)
             except ImagetoolError as e:
@@ -415,7 +492,7 @@ class Rollout:
             self.events.step(name, Step.STAGE, release.id)
         report = stage_all([self.nodes[n] for n in todo], release, self.options.parallel, self._progress,
                            delta=self.options.delta, source=self.options.source)
-        self._full_bytes += sum(r.image_bytes for r in report.results.values() if r.mode)
+        self._full_bytes += sum(r.full_bytes for r in report.results.values() if r.mode)
         staged: list[NodePlan] = []
         failed: dict[str, NodeResult] = {}
         for p in plan:
@@ -425,12 +502,16 @@ class Rollout:
                 # failed node like any other: the batch policy decides, the rollout exits 3.
                 why = ("staging: verification failed: " if isinstance(r.exception, VerificationError)
                        else "staging: ") + str(r.error)
-                self.events.step(p.node, Step.FAILED, why)
-                failed[p.node] = NodeResult(p.node, "failed", p.from_id, p.to_id, r.seconds, why, r.bytes_sent)
+                gone = isinstance(r.exception, UnreachableError)
+                self.events.step(p.node, Step.UNREACHABLE if gone else Step.FAILED, why)
+                failed[p.node] = NodeResult(p.node, "unreachable" if gone else "failed", p.from_id, p.to_id,
+                                            r.seconds, why, r.bytes_sent)
                 p = p.failed(why)
             elif r is not None:
-                how = f" ({r.mode}, image {r.image_bytes} bytes)" if r.mode else ""
+                how = f" ({r.mode}, full {r.full_bytes} bytes)" if r.mode else ""
                 self.events.step(p.node, Step.STAGE, f"{r.outcome}, {r.bytes_sent} bytes{how}")
+            if r is not None:
+                self.events.record("stage", **r.to_dict())
             staged.append(p)
         return staged, failed, {name: r.bytes_sent for name, r in report.results.items()}
 
@@ -439,16 +520,15 @@ class Rollout:
     def _activate_all(self, kind: Literal["rollout", "rollback"], target: str | None, plan: list[NodePlan],
                       before: dict[str, NodeResult], start: float, sent: dict[str, int],
                       bootstrap: str | None) -> RolloutResult:
-        """The batch runner: each batch activates together, then the policy decides over the
-        results so far whether to go on, stop, or move every node this run moved back. `before`:
-        the results of the nodes settled or failed before any batch."""
+        """The batch runner: each batch activates together, then the policy judges that batch
+        alone: go on, stop, or move every node this run moved back. The failures before any
+        batch (`before`: the results of the nodes settled, out of reach or not staged) are
+        judged first, against every selected node. With --approve the run waits after the canary."""
         o = self.options
         results = dict(before)
-        total = len(self.nodes)
-        max_failures = parse_threshold(o.max_failures, total)
         batches = plan_batches(plan, o.batch_spec)
-        done_batches = [BatchOutcome(index=0, results=dict(before))]
-        stopped, reason = False, None
+        stopped, reason, approval = False, None, None
+        decision = "stop" if self._stops(before) else "continue"
 
         if o.dry_run:
             once = self.hooks.run_once
@@ -459,32 +539,40 @@ class Rollout:
                     self.events.step(p.node, Step.PLANNED, f"batch {i}: {p.from_id} → {p.to_id}: {detail}")
                     results[p.node] = NodeResult(p.node, "planned", p.from_id, p.to_id, batch=i,
                                                  detail=detail, stage_bytes=p.stage_bytes)
-            return self._result(kind, target, plan, results, batches, False, None, start)
+            failed = [r.node for r in before.values() if r.failed]
+            if decision != "continue":
+                reason = f"the rollout would stop before any reboot: {self._before_reason(len(failed))}"
+            elif failed:
+                reason = (f"{len(failed)} node(s) cannot take part ({', '.join(failed)}); within what --max-failures "
+                          f"{o.max_failures} tolerates of all selected nodes, the rollout would go on without them")
+            return self._result(kind, target, plan, results, batches, False, reason, start)
 
-        decision = decide(done_batches, total, max_failures, o.on_failure)
         batches_left = batches
         if decision != "continue":
             stopped = True
-            reason = f"{len(done_batches[0].failed)} node(s) failed before activation: stopped before any reboot"
+            reason = self._before_reason(sum(r.failed for r in before.values())) + ": stopped before any reboot"
         else:
             for i, batch in enumerate(batches, 1):
                 batches_left = batches[i:]
                 if i > 1 and o.pause:
-                    self.events.step("*", Step.WAIT, f"pausing {o.pause:g}s before batch {i}")
-                    if self._cancel.wait(o.pause):
-                        raise Interrupted("interrupted by the operator")
+                    self._pause(i)
                 outcome = self._run_batch(batch, i, len(batches), bootstrap)
                 for name, r in outcome.results.items():
                     r.bytes_sent += sent.get(name, 0)
                 results.update(outcome.results)
-                done_batches.append(outcome)
-                decision = decide(done_batches, total, max_failures, o.on_failure)
+                decision = decide(outcome, o.max_failures, o.on_failure, canary=i == 1,
+                                  canary_failures_allowed=o.canary_failures_allowed)
                 if decision != "continue":
-                    failed = sum(len(x.failed) for x in done_batches)
                     stopped = True
-                    reason = (f"{failed} node(s) failed in batch {i} or before, more than the "
-                              f"{max_failures} tolerated (--max-failures {o.max_failures})")
+                    reason = self._batch_reason(outcome, i)
                     break
+                if i == 1 and o.approve and batches_left:
+                    approval = self._await_approval(len(batches))
+                    if approval != "approved":
+                        stopped = True
+                        reason = ("rejected by the operator after the canary" if approval == "rejected" else
+                                  f"no approval within {o.approve_timeout:g}s after the canary (--approve-timeout)")
+                        break
             else:
                 batches_left = []
         for batch in batches_left:
@@ -498,9 +586,63 @@ class Rollout:
             reason = f"{reason}; every node this run moved was rolled back (--on-failure rollback-all)"
         failed_nodes = [r.node for r in results.values() if r.failed]
         if reason is None and failed_nodes:
-            reason = (f"{len(failed_nodes)} node(s) failed, within the {max_failures} tolerated: "
-                      f"{', '.join(failed_nodes)}")
-        return self._result(kind, target, plan, results, batches, stopped, reason, start)
+            reason = (f"{len(failed_nodes)} node(s) failed, no batch beyond what --max-failures "
+                      f"{o.max_failures} tolerates: {', '.join(failed_nodes)}")
+        result = self._result(kind, target, plan, results, batches, stopped, reason, start)
+        result.approval = approval
+        return result
+
+    def _batch_reason(self, outcome: BatchOutcome, index: int) -> str:
+        o = self.options
+        failed, size = len(outcome.failed), len(outcome.results)
+        tolerated = parse_threshold(o.max_failures, size)
+        if index == 1 and not o.canary_failures_allowed and failed <= tolerated:
+            return (f"{failed} node(s) failed in the canary batch: a failed canary stops the rollout "
+                    "(--canary-failures-allowed judges it by --max-failures instead)")
+        return (f"{failed} of {size} node(s) failed in batch {index}, more than the {tolerated} tolerated "
+                f"(--max-failures {o.max_failures}, per batch)")
+
+    def _pause(self, before: int) -> None:
+        """--pause before a batch, said as it runs: at the start, then every PAUSE_TICK seconds
+        (a minute for pauses over two), so a log shows the run is alive and what it waits for."""
+        pause = self.options.pause
+        tick = PAUSE_TICK if pause <= 120 else 60.0
+
+        def say(detail: str) -> None:
+            self.events.step("*", Step.WAIT, detail)
+
+        say(f"pausing {pause:g}s before batch {before} (Ctrl-C to stop)")
+        left = pause
+        for mark in [tick * k for k in range(math.ceil(pause / tick) - 1, 0, -1)]:
+            if self._cancel.wait(left - mark):
+                raise Interrupted("interrupted by the operator")
+            left = mark
+            say(f"batch {before} starts in {mark:g}s (Ctrl-C to stop)")
+        if self._cancel.wait(left):
+            raise Interrupted("interrupted by the operator")
+
+    def _await_approval(self, count: int) -> Verdict:
+        """Wait, locks held, for the operator's answer after the canary (rollout.approval)."""
+        o = self.options
+        path = self.approval_file
+
+        def say(detail: str) -> None:
+            self.events.step("*", Step.APPROVE, detail)
+
+        say(f"waiting for approval to go on after the canary (batches 2-{count} untouched, locks held): "
+            f"`imagetool approve {self.rollout_id}` (or --reject), or write approve or reject into {path}"
+            + (f"; stops after {o.approve_timeout:g}s without an answer" if o.approve_timeout else ""))
+
+        def nap(seconds: float) -> None:
+            self._cancel.wait(seconds)
+
+        verdict = wait_for_answer(path, o.approve_timeout, say, sleep=nap)
+        if self._cancel.is_set():
+            raise Interrupted("interrupted by the operator")
+        self.events.record("approval", verdict=verdict, path=str(path))
+        say({"approved": "approved by the operator: going on", "rejected": "rejected by the operator: stopping",
+             "timed-out": "no answer in time: stopping"}[verdict])
+        return verdict
 
     def _run_batch(self, batch: list[NodePlan], index: int, count: int, bootstrap: str | None) -> BatchOutcome:
         for p in batch:
@@ -532,7 +674,7 @@ class Rollout:
                 self.events.step(p.node, Step.ROLLBACK, f"rollback-all: back to {p.from_id}")
 
             def one(node: Node) -> NodeResult:
-                p = back[node.name]
+                p = back[node.name]  # noqa: B023 - runs within this iteration
                 return self.activator.activate(node, p.from_id or "", p.to_id)
 
             for name, got in self._for_each(list(back), one, len(batch)).items():
@@ -550,8 +692,10 @@ class Rollout:
     def _result(self, kind: Literal["rollout", "rollback"], target: str | None, plan: list[NodePlan],
                 results: dict[str, NodeResult], batches: list[list[NodePlan]], stopped: bool,
                 reason: str | None, start: float) -> RolloutResult:
-        ordered = [results.get(p.node) or NodeResult(p.node, "failed", p.from_id, p.to_id, error=p.error)
-                   for p in plan]
+        plans = {p.node: p for p in plan}
+        ordered = [results.get(name) or NodeResult(name, "failed", plans[name].from_id, plans[name].to_id,
+                                                   error=plans[name].error)
+                   for name in self.nodes]
         return RolloutResult(
             rollout_id=self.rollout_id, kind=kind, target=target, nodes=ordered,
             batches=[[p.node for p in b] for b in batches], stopped=stopped, reason=reason,

@@ -41,7 +41,7 @@ def needs_root() -> None:
 
 def inputs_digest(release_file: Path) -> str:
     h = hashlib.sha256()
-    paths = [release_file]
+    paths = [release_file, REPO / "imagetool/build.py"]  # the build's own steps shape the image too
     for base in (REPO / "elements", EXAMPLES / "elements"):
         paths += sorted(p for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     for p in paths:

@@ -10,8 +10,8 @@ import dataclasses
 import json
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from imagetool.build import squashfs_command
 from imagetool.manifest import ImageInfo, sha256_file

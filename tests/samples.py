@@ -35,9 +35,9 @@ def sample_manifest(name: str = "webapp", version: str = "1.0", *, packages: dic
 
 
 def make_release(store_dir: Path, name: str, version: str, content: bytes = b"squashfs image bytes", *,
-                 sign_key: Path | None = None) -> StoredRelease:
-    """A release in a store at `store_dir`: `content` as its image, a sample manifest describing it,
-    signed with `sign_key` (an ed25519 private key file) when given."""
+                 sign_key: Path | None = None, packages: dict[str, str] | None = None) -> StoredRelease:
+    """A release in a store at `store_dir`: `content` as its image, a sample manifest describing it
+    (with `packages`, if given), signed with `sign_key` (an ed25519 private key file) when given."""
     from imagetool.signing import sign_file
 
     store = Store(store_dir)
@@ -45,7 +45,7 @@ def make_release(store_dir: Path, name: str, version: str, content: bytes = b"sq
     with store.staging(rid) as st:
         st.squashfs_path.write_bytes(content)
         image = ImageInfo(f"{rid}.squashfs", len(content), sha256_file(st.squashfs_path))
-        st.manifest_path.write_bytes(sample_manifest(name, version, image=image).to_json())
+        st.manifest_path.write_bytes(sample_manifest(name, version, image=image, packages=packages).to_json())
         if sign_key is not None:
             st.sig_path.write_bytes(sign_file(st.manifest_path, sign_key))
         return st.commit()

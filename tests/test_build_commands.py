@@ -71,3 +71,54 @@ def test_build_noise_and_leftover_device_nodes_are_removed(tmp_path):
     ensure_mount_points(tmp_path)
     assert sorted(removed) == ["dev/loop19", "var/lib/apt/lists/x_Packages", "var/log/dpkg.log"]
     assert (tmp_path / "etc/keep").exists() and (tmp_path / "dev").is_dir() and (tmp_path / "proc").is_dir()
+
+
+def test_password_dates_are_clamped_to_the_epoch_day(tmp_path):
+    from imagetool.build import clamp_password_dates
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    epoch_day = 1763856000 // 86400
+    shadow = etc / "shadow"
+    shadow.write_text(f"root:*:{epoch_day + 368}:0:99999:7:::\nsshd:!:{epoch_day - 3}::::::\nodd:x\nnone:*::0:99999:7:::\n")
+    shadow.chmod(0o640)
+    (etc / "shadow-").write_text(f"root:*:{epoch_day + 368}:0:99999:7:::\n")
+    assert clamp_password_dates(tmp_path, 1763856000) == 2
+    assert shadow.read_text() == (f"root:*:{epoch_day}:0:99999:7:::\nsshd:!:{epoch_day - 3}::::::\nodd:x\n"
+                                  "none:*::0:99999:7:::\n")
+    assert (etc / "shadow-").read_text() == f"root:*:{epoch_day}:0:99999:7:::\n"
+    assert shadow.stat().st_mode & 0o777 == 0o640
+    assert clamp_password_dates(tmp_path / "nothing-here", 1763856000) == 0
+
+
+def test_clamping_keeps_a_timestamp_pyc_valid(tmp_path):
+    """A module whose source is newer than the epoch, compiled as a package's postinst does:
+    after the clamps, Python still loads it from its .pyc (the .pyc says X = 1, the source now
+    says X = 2 with the same size and time, so the value tells which one Python used)."""
+    import os
+    import py_compile
+    import subprocess
+    import sys
+
+    from imagetool.build import clamp_pyc_source_times
+
+    epoch, newer = 1763856000, 1791376507
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    mod, stale = lib / "mod.py", lib / "stale.py"
+    for path in (mod, stale):
+        path.write_text("X = 1\n")
+        os.utime(path, (newer, newer))
+        py_compile.compile(str(path), invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+        path.write_text("X = 2\n")
+        os.utime(path, (newer, newer))
+    os.utime(stale, (newer + 60, newer + 60))  # its .pyc was already out of date
+
+    def loaded(name: str) -> str:
+        return subprocess.run([sys.executable, "-B", "-c", f"import {name}; print({name}.X)"], cwd=lib,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert clamp_pyc_source_times(tmp_path, epoch) == 1
+    clamp_mtimes(tmp_path, epoch)
+    assert loaded("mod") == "1"  # the .pyc, still valid
+    assert loaded("stale") == "2"  # never made to look valid

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from imagetool.store import StoredRelease
 from imagetool.chunks import ChunkStore, read_index
+from imagetool.store import StoredRelease
 from rollout.local import LocalMachine, local_nodes
 from rollout.node import HelperNode
 from rollout.stage import stage
@@ -66,7 +66,7 @@ def test_a_node_holding_the_old_image_gets_only_the_chunks_it_lacks(node: Helper
     result = stage(node, new)
     assert result.outcome == "staged" and result.mode == "delta", result
     assert result.bytes_sent < 0.15 * SIZE, result  # 64 KiB changed, ~64 KiB chunks either side
-    assert result.image_bytes == new.manifest.image.size
+    assert result.full_bytes == new.manifest.image.size + new.manifest_path.stat().st_size
     assert installed(node, new).read_bytes() == new.squashfs_path.read_bytes()
     incoming = machine(node).node_var.incoming
     assert sorted(p.name for p in incoming.iterdir()) == []  # the pack and the chunk store are gone

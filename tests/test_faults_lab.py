@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -27,7 +28,6 @@ import pytest
 import yaml
 
 from imagetool import lab
-from imagetool.errors import NodeError, UnreachableError
 from rollout.inventory import load_inventory
 from rollout.journal import find_record, state_dir
 from rollout.update import RolloutOptions, RolloutResult, run_rollout
@@ -373,7 +373,7 @@ def test_two_controllers_race(cluster, pair):
     codes = sorted(p.returncode for p in procs)
     assert codes in ([0, 0], [0, 8]), (codes, [o[1][-1500:] for o in outs])
     done = {}
-    for (stdout, _), p in zip(outs, procs):
+    for (stdout, _), p in zip(outs, procs, strict=True):
         if p.returncode == 0:
             for r in json.loads(stdout)["nodes"]:
                 if r["outcome"] == "done":
@@ -412,7 +412,8 @@ def test_staged_image_corrupted_before_activation(cluster, pair):
 
 
 @fault("A node's boot control file (control.json) is corrupt when the rollout starts",
-       "the rollout refuses to start, naming the node and the file; no node is touched; fixed, the re-run converges")
+       "the node is a failed node naming the file, nothing done on it; no failure tolerated (the default), the "
+       "rollout stops before anything changed (exit 3), no node touched; fixed, the re-run converges")
 def test_corrupt_control_file(cluster, pair):
     target, current = target_for(cluster, "node1", pair)
     for n in ("node2", "node3"):
@@ -423,15 +424,19 @@ def test_corrupt_control_file(cluster, pair):
     before = {n.name: node_status(cluster, n) for n in cluster.nodes[:2]}
     ssh(cluster, "node3", f"echo '[1, 2' > {control}")
     try:
-        with pytest.raises(NodeError, match=r"node node3: .*control.json is not valid JSON.*nothing was changed"):
-            rollout(cluster, target, None, batches="1,2")
+        refused = rollout(cluster, target, None, batches="1,2")
+        assert refused.exit_code == 3 and refused.stopped, refused.to_dict()
+        assert [r.outcome for r in refused.nodes] == ["not-started", "not-started", "failed"], refused.to_dict()
+        error = refused.node("node3").error or ""
+        assert "node node3: " in error and "control.json is not valid JSON" in error, error
+        assert "nothing was done on it" in error and "before anything was changed" in (refused.reason or "")
         for n in cluster.nodes[:2]:
             after = node_status(cluster, n)
             assert {k: after[k] for k in ("boot_id", "committed", "next", "lock")} == {
                 k: before[n.name][k] for k in ("boot_id", "committed", "next", "lock")}
     finally:
         ssh(cluster, "node3", f"cat > {control} <<'EOF'\n{saved}EOF")
-    assert_settled(cluster)
+    assert_settled(cluster, refused)
     result = rollout(cluster, target, None, batches="1,2")
     assert result.exit_code == 0, result.to_dict()
     assert_settled(cluster, result)
@@ -441,19 +446,22 @@ def test_corrupt_control_file(cluster, pair):
 
 
 @fault("A node is powered off when the rollout starts",
-       "the rollout refuses to start, naming it unreachable (exit 4); powered on, it runs its committed image")
+       "the node is unreachable, a failed node nothing is done on (its outcome `unreachable`; exit 4 as it is "
+       "every selected node); powered on, it runs its committed image")
 def test_node_down_at_the_start(cluster, pair):
     node = "node2"
     target, current = target_for(cluster, node, pair)
     lab.kill(cluster, node)
     try:
-        with pytest.raises(UnreachableError, match=rf"node {node} \(.*\): cannot connect.*"):
-            rollout(cluster, target, node)
+        result = rollout(cluster, target, node)
     finally:
         lab.start(cluster, node)
+    assert result.exit_code == 4 and result.stopped, result.to_dict()
+    r = result.node(node)
+    assert r.outcome == "unreachable" and re.search(rf"node {node} \(.*\): cannot connect", r.error or ""), r
     wait_up(cluster, node)
     assert node_status(cluster, cluster.node(node))["committed"] == current.id
-    assert_settled(cluster)
+    assert_settled(cluster, result)
     assert_settled(cluster, converge(cluster, target, node))
 
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from imagetool.cli import main
-from imagetool.errors import InputError, NodeError, UnreachableError, VerificationError
+from imagetool.errors import InputError, NodeError, VerificationError
 from imagetool.store import StoredRelease
 from rollout.checks import CheckSpec
 from rollout.fleet import fleet_status
@@ -87,11 +87,11 @@ def test_a_failed_plan_is_listed_as_failed(release: StoredRelease, fleet: Fleet,
     nodes = fleet(2)
     machine(nodes[1]).power_off()
     journal = Journal(tmp_path, "r-plan")
-    with pytest.raises(UnreachableError):
-        Rollout(nodes, options(dry_run=True), journal=journal).run(release)
+    plan = Rollout(nodes, options(dry_run=True), journal=journal).run(release)
     journal.close()
+    assert [r.outcome for r in plan.nodes] == ["planned", "unreachable"] and plan.exit_code == 3
     [rec] = list_records(tmp_path)
-    assert rec.dry_run and rec.state == "exit 4 (dry run)"
+    assert rec.dry_run and rec.state == "exit 3 (dry run)" and rec.outcomes["n2"] == "unreachable"
     machine(nodes[1]).power_on()
 
 
@@ -168,8 +168,8 @@ def test_images_show_and_list_show_manifest_markup_as_text(tmp_path: Path) -> No
         assert "[/x][link=https://evil.example]click[/link]" in r.output and "\x1b" not in r.output
 
 
-@pytest.mark.parametrize("content", ["{broken", "[]", '{"name": "x"}', '{"name": 1, "subnet": "a", "bridge": "b", '
-                                     '"gateway": "c", "release": "d"}'])
+@pytest.mark.parametrize("content", ["{broken", "[]", '{"name": "x"}', ('{"name": 1, "subnet": "a", "bridge": "b", '
+                                      '"gateway": "c", "release": "d"}')])
 def test_a_damaged_lab_record_is_a_clear_error(tmp_path: Path, content: str) -> None:
     lab = tmp_path / "labs" / "t1"
     lab.mkdir(parents=True)

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from imagetool.errors import InputError
-from rollout.inventory import CheckSpec, NodeSpec, load_inventory, select
+from rollout.hostpattern import select
+from rollout.inventory import CheckSpec, NodeSpec, load_inventory
 
 
 def write(tmp_path: Path, text: str, name: str = "inventory.yaml") -> Path:
@@ -103,7 +104,7 @@ def test_select_by_name_and_group(tmp_path: Path, no_ssh_config: Path) -> None:
     assert names(select(inv.nodes, ["web"])) == ["node1", "node2"]
     # file order, no duplicates, names and groups mixed
     assert names(select(inv.nodes, ["db-1.example", "web", "node1"])) == ["node1", "node2", "db-1.example"]
-    with pytest.raises(InputError, match=r"'nope': no node or group of that name \(groups: canary, db, web\)"):
+    with pytest.raises(InputError, match=r"--limit 'nope': no node or group matches 'nope' \(groups: canary, db, web\)"):
         select(inv.nodes, ["nope"])
 
 

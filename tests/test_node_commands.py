@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from imagetool.errors import LockedError, NodeError, UnreachableError, VerificationError
+from imagetool.errors import HelperMissingError, LockedError, NodeError, UnreachableError, VerificationError
 from rollout.inventory import NodeSpec, load_inventory
 from rollout.locks import Holder, LockClaim
 from rollout.node import (
@@ -82,8 +82,9 @@ def test_parse_answer_ok_and_refusal() -> None:
 
 
 def test_parse_answer_without_json() -> None:
-    with pytest.raises(NodeError, match="not installed"):
+    with pytest.raises(HelperMissingError, match="node n1: node helper missing at /usr/sbin/imagetool-node") as e:
         parse_answer("n1", "status", result("", 127, "sh: imagetool-node: not found"))
+    assert not isinstance(e.value, UnreachableError) and e.value.nodes == ("n1",)
     with pytest.raises(NodeError, match=r"gave no answer \(exit status 1\):\nTraceback"):
         parse_answer("n1", "status", result("", 1, "Traceback (most recent call last):"))
 
@@ -205,6 +206,17 @@ def test_helper_node_with_become() -> None:
     t = SudoTransport({"stage-abort": [{"ok": True, "freed_bytes": 3}]})
     assert HelperNode(spec, t).stage_abort("web-1.1")["freed_bytes"] == 3  # type: ignore[arg-type]
     assert t.calls == [["sudo", "-n", "-u", "root", "--", "imagetool-node", "stage-abort", "web-1.1"]]
+    # stage-delta too, pushed pack or pulled from a store (--source)
+    t = SudoTransport({"stage-delta": [{"ok": True}]})
+    n = HelperNode(spec, t)  # type: ignore[arg-type]
+    n.stage_delta("web-1.1", ["web-1.0"], source="http://store:8080/", timeout=600)
+    n.stage_delta("web-1.1", ["web-1.0"], pack="web-1.1.delta-" + "a" * 32 + ".tar")
+    assert t.calls == [
+        ["sudo", "-n", "-u", "root", "--", "imagetool-node", "stage-delta", "web-1.1", "--source",
+         "http://store:8080/", "--timeout", "600", "--seed", "web-1.0"],
+        ["sudo", "-n", "-u", "root", "--", "imagetool-node", "stage-delta", "web-1.1", "--pack",
+         "web-1.1.delta-" + "a" * 32 + ".tar", "--seed", "web-1.0"],
+    ]
     n = HelperNode(spec, SudoTransport({}, password=True))  # type: ignore[arg-type]
     with pytest.raises(NodeError, match=r"node n1: sudo asks 'deploy' for a password to run imagetool-node as 'root' "
                                         r"\(become\); .*`deploy ALL=\(root\) NOPASSWD: /usr/sbin/imagetool-node`"):

@@ -30,13 +30,29 @@ def test_batch_outcome_counts() -> None:
     assert b.moved == ["a"]
 
 
-def test_decide_counts_over_all_batches() -> None:
-    b1 = BatchOutcome(1, {"a": r("a", "rolled-back")})
-    b2 = BatchOutcome(2, {"b": r("b", "done"), "c": r("c", "failed")})
-    assert decide([b1], 10, 1, "rollback-node") == "continue"
-    assert decide([b1, b2], 10, 1, "rollback-node") == "stop"
-    assert decide([b1, b2], 10, 1, "rollback-all") == "rollback-all"
-    assert decide([b1, b2], 10, 2, "rollback-all") == "continue"
+def test_decide_judges_one_batch() -> None:
+    b1 = BatchOutcome(1, {"a": r("a", "done"), "b": r("b", "rolled-back")})
+    b2 = BatchOutcome(2, {"c": r("c", "done"), "d": r("d", "failed"), "e": r("e", "unreachable")})
+    assert decide(b1, "1", "rollback-node") == "continue"
+    assert decide(b2, "1", "rollback-node") == "stop"
+    assert decide(b2, "1", "rollback-all") == "rollback-all"
+    assert decide(b2, "2", "rollback-all") == "continue"
+    # A share of the batch, rounded down as Ansible's max_fail_percentage compares: 2 of 3 is
+    # beyond 66% (1.98 tolerated -> 1) and within 67% (2.01 -> 2).
+    assert decide(b2, "66%", "rollback-node") == "stop"
+    assert decide(b2, "67%", "rollback-node") == "continue"
+    # Failures before any batch are judged against every selected node (`size`).
+    assert decide(BatchOutcome(0, {"e": r("e", "unreachable")}), "10%", "rollback-node", size=10) == "continue"
+    assert decide(BatchOutcome(0, {"e": r("e", "unreachable")}), "10%", "rollback-node", size=9) == "stop"
+
+
+def test_a_failed_canary_stops_unless_allowed() -> None:
+    canary = BatchOutcome(1, {"a": r("a", "rolled-back"), "b": r("b", "done")})
+    assert decide(canary, "50%", "rollback-node") == "continue"
+    assert decide(canary, "50%", "rollback-node", canary=True) == "stop"
+    assert decide(canary, "50%", "rollback-all", canary=True) == "rollback-all"
+    assert decide(canary, "50%", "rollback-node", canary=True, canary_failures_allowed=True) == "continue"
+    assert decide(BatchOutcome(1, {"a": r("a", "done")}), "0", "rollback-node", canary=True) == "continue"
 
 
 def test_exit_code() -> None:
@@ -45,6 +61,11 @@ def test_exit_code() -> None:
     assert exit_code([r("a", "done"), r("b", "rolled-back")]) == 3
     assert exit_code([r("a", "done"), r("b", "not-started")]) == 3
     assert exit_code([]) == 0
+    assert exit_code([r("a", "unreachable"), r("b", "unreachable")]) == 4
+    assert exit_code([r("a", "unreachable"), r("b", "done")]) == 3
+    assert exit_code([r("a", "done"), r("b", "not-started")], approved=False) == 9
+    assert exit_code([r("a", "rolled-back"), r("b", "not-started")], approved=False) == 3
+    assert exit_code([r("a", "done")], approved=False) == 0
 
 
 def test_node_result_to_dict() -> None:

@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 
 from imagetool.cli import main
-from imagetool.errors import UnreachableError
 from rollout.inventory import CheckSpec, load_inventory
 from rollout.update import RolloutOptions, run_rollback, run_rollout
 from tests.conftest import TEST_STORE, make_lab, node_status
@@ -141,7 +140,8 @@ def test_rollback_all_returns_the_first_batch_when_the_second_fails(cluster, inv
 
 
 @fault("A node presents an unknown or a changed SSH host key when the rollout connects",
-       "refused before any node is touched, naming the known_hosts file")
+       "that node is unreachable, naming the known_hosts file, and nothing is sent to it; no failure tolerated "
+       "(the default), the rollout stops before any node is touched (exit 4 when every node is refused)")
 def test_unknown_and_changed_host_keys_are_refused(cluster, tmp_path, release2):
     inv_text = cluster.inventory.read_text()
     empty = tmp_path / "known_hosts"
@@ -150,14 +150,18 @@ def test_unknown_and_changed_host_keys_are_refused(cluster, tmp_path, release2):
     (tmp_path / "id_ed25519").chmod(0o600)
     inv = tmp_path / "inventory.yaml"
     inv.write_text(inv_text)
-    with pytest.raises(UnreachableError, match="host key is not in"):
-        run_rollout(release2, load_inventory(inv), RolloutOptions(batches="1", **FAST))
+    refused = run_rollout(release2, load_inventory(inv), RolloutOptions(batches="1", **FAST))
+    assert refused.exit_code == 4 and all(r.outcome == "unreachable" for r in refused.nodes), refused.to_dict()
+    assert all("host key is not in" in (r.error or "") for r in refused.nodes), refused.to_dict()
     # node1's address paired with node2's key: a changed host key.
     lines = cluster.known_hosts.read_text().splitlines()
     key_of_node2 = lines[1].split(" ", 1)[1]
     empty.write_text(f"{cluster.nodes[0].address} {key_of_node2}\n" + "\n".join(lines[1:]) + "\n")
-    with pytest.raises(UnreachableError, match="(?i)changed"):
-        run_rollout(release2, load_inventory(inv), RolloutOptions(batches="1", **FAST))
+    changed = run_rollout(release2, load_inventory(inv), RolloutOptions(batches="1", **FAST))
+    assert changed.exit_code == 3 and changed.stopped, changed.to_dict()
+    assert [r.outcome for r in changed.nodes] == ["unreachable"] + ["not-started"] * 3, changed.to_dict()
+    assert "changed" in (changed.node("node1").error or "").lower()
+
 
 
 # --- an HTTP store the nodes pull from ----------------------------------------------------------------------------

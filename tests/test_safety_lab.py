@@ -360,7 +360,7 @@ def test_gc_keeps_what_it_must(cluster):
     before = {n.name: node_status(cluster, n) for n in cluster.nodes}
     r = cli("gc", "-i", str(cluster.inventory), "--keep", "0", "--json")
     assert r.exit_code == 0, r.output
-    reports = {g["node"]: g for g in json.loads(r.stdout)}
+    reports = {g["node"]: g for g in json.loads(r.stdout)["nodes"]}
     for name, s in before.items():
         must = {s["booted"], s["committed"], s["previous"]} - {None}
         left = {i["id"] for i in node_status(cluster, cluster.node(name))["images"]}

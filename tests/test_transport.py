@@ -20,8 +20,8 @@ from rollout.inventory import load_inventory
 from rollout.knownhosts import known_hosts_name
 from rollout.local import LocalMachine
 from rollout.node import HelperNode
-from rollout.stage import needed_bytes, stage
 from rollout.sshconnect import JUMPS
+from rollout.stage import needed_bytes, stage
 from rollout.transport import CommandResult, CommandTimeoutError, SSHTransport
 from tests.samples import make_release
 from tests.sshd_fixture import DEAD_ADDR, NODE_ADDR, SshdServer, keygen, sshd_node, sshd_server  # noqa: F401
@@ -82,6 +82,17 @@ def test_check_raises_node_error_with_context(ssh: SSHTransport) -> None:
     r = CommandResult("x", 1, "", "boom", host="h", name="n")
     with pytest.raises(NodeError, match=r"node n \(h\): staging failed: `x` ended with exit status 1; stderr:\nboom"):
         r.check("staging")
+
+
+def test_a_node_without_the_helper_is_not_unreachable(ssh: SSHTransport) -> None:
+    """This sshd's machine has no imagetool-node: its shell says `command not found` (127), and the
+    node client reports the missing helper, not an unreachable node."""
+    from imagetool.errors import HelperMissingError
+    from rollout.node import HelperNode
+
+    assert ssh.run(["imagetool-node", "status"]).exit_status == 127
+    with pytest.raises(HelperMissingError, match="node itest: node helper missing at /usr/sbin/imagetool-node"):
+        HelperNode(ssh.node, ssh).status()
 
 
 def test_nasty_arguments_reach_the_program_verbatim(ssh: SSHTransport, remote_dir: str) -> None:
@@ -603,4 +614,50 @@ def test_become_without_nopasswd_says_what_sudoers_needs(sshd_server: SshdServer
     with contextlib.closing(HelperNode(spec, SSHTransport(spec))) as node:
         with pytest.raises(NodeError, match=rf"node itest: sudo asks '{user}' for a password to run imagetool-node as "
                                             rf"'root' \(become\); allow it without one .*NOPASSWD: /usr/sbin/imagetool-node"):
+            node.status()
+
+
+def test_become_stages_a_delta_through_receive(sshd_server: SshdServer, login_user,
+                                               tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A login user's node staging by delta: the pack (<id>.delta-<hex>.tar) goes through the
+    helper's receive, and stage-delta runs through sudo like every helper command."""
+    from tests.test_delta import changed, old_bytes
+
+    user, sudoers = login_user
+    old = make_release(tmp_path / "store", "web", "1.0", old_bytes())
+    new = make_release(tmp_path / "store", "web", "1.1", changed(old_bytes()))
+    m = LocalMachine(tmp_path / "machine", timer_delay=0)
+    m.install_release(old, commit=True)
+    m.power_on()
+    allow_helper(sudoers, user, m, nopasswd=True)
+    spec = dataclasses.replace(sshd_server.node, user=user, become=True)
+    node = HelperNode(spec, SSHTransport(spec))
+    try:
+        result = stage(node, new)
+        assert (result.outcome, result.mode) == ("staged", "delta"), result
+        assert result.bytes_sent < needed_bytes(new, 0) / 4
+        image = m.root / "var/lib/imagetool/images/web-1.1.squashfs"
+        assert image.read_bytes() == new.squashfs_path.read_bytes() and image.stat().st_uid == 0
+    finally:
+        node.close()
+        m.power_off()
+
+
+def test_become_without_the_helper_is_helper_missing(sshd_server: SshdServer, login_user) -> None:  # type: ignore[no-untyped-def]
+    """A user sudo lets run anything: sudo says `command not found` (exit status 1, not the
+    shell's 127), still the missing helper, not a failed command or an unreachable node. (With a
+    rule naming the helper alone, sudo asks for a password instead: see _check_sudo.)"""
+    from imagetool.errors import HelperMissingError
+
+    user, sudoers = login_user
+    draft = sudoers.with_name(f".{sudoers.name}.draft")
+    draft.write_text(f"Defaults:{user} secure_path=/usr/sbin:/usr/bin:/sbin:/bin\n"
+                     f"{user} ALL=(root) NOPASSWD: ALL\n")
+    draft.chmod(0o440)
+    subprocess.run(["visudo", "-cqf", str(draft)], check=True)
+    draft.rename(sudoers)
+    spec = dataclasses.replace(sshd_server.node, user=user, become=True)
+    with contextlib.closing(HelperNode(spec, SSHTransport(spec))) as node:
+        with pytest.raises(HelperMissingError, match=r"node itest: node helper missing at /usr/sbin/imagetool-node "
+                                                     r"\(sudo: `imagetool-node`: command not found\)"):
             node.status()

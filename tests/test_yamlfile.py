@@ -51,7 +51,7 @@ def test_release_and_inventory_refuse_duplicate_keys_alike(tmp_path: Path, monke
 
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True))
 
 
 def test_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ from imagetool.cli.common import (
     print_json,
     safe,
     store_option,
+    verbosity,
+    working,
 )
 
 # ------------------------------------------------------------------------------------ build
@@ -29,7 +31,8 @@ from imagetool.cli.common import (
 @click.argument("release_file", type=click.Path(dir_okay=False))
 @store_option
 @click.option("--force", is_flag=True, help="Rebuild a release that is already in the store.")
-@click.option("--sign-key", type=click.Path(dir_okay=False), default=None, help="ed25519 private key (PEM) to sign the manifest.")
+@click.option("--sign-key", type=click.Path(dir_okay=False), default=None,
+              help="ed25519 private key (PEM) to sign the manifest.")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None, help="Scratch space (default /var/tmp).")
 @click.option("--keep-work", is_flag=True, help="Keep the scratch directory (root tree, DIB output).")
 @json_option
@@ -47,9 +50,9 @@ def build(release_file: str, store: str | None, force: bool, sign_key: str | Non
     options = BuildOptions(force=force, sign_key=Path(sign_key) if sign_key else None,
                            work_dir=Path(work_dir) if work_dir else None, keep_work=keep_work)
     started = time.monotonic()
-    with console.status(f"building {safe(release.id)}") as status:
+    with working(f"building {safe(release.id)}") as update:
         def progress(step: str, detail: str) -> None:
-            status.update(f"building {safe(release.id)}: [bold]{safe(step)}[/] {safe(detail)}  ({time.monotonic() - started:.0f}s)")
+            update(f"building {safe(release.id)}: [bold]{safe(step)}[/] {safe(detail)}")
         stored = do_build(release, st, options, progress)
     m = stored.manifest
     if as_json:
@@ -57,7 +60,8 @@ def build(release_file: str, store: str | None, force: bool, sign_key: str | Non
                     "paths": {"squashfs": str(stored.squashfs), "manifest": str(stored.manifest_path)}})
         return
     console.print(f"built [bold]{safe(m.id)}[/] in {time.monotonic() - started:.0f}s")
-    show_manifest(m, stored)
+    if not verbosity.quiet:
+        show_manifest(m, stored)
 
 
 def show_manifest(m: Any, stored: Any) -> None:
@@ -84,12 +88,16 @@ def show_manifest(m: Any, stored: Any) -> None:
 @click.option("--private", "private_key", type=click.Path(dir_okay=False), default="imagetool.key", show_default=True)
 @click.option("--public", "public_key", type=click.Path(dir_okay=False), default="imagetool.pub", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
+@json_option
 @handle_errors
-def keygen(private_key: str, public_key: str, force: bool) -> None:
+def keygen(private_key: str, public_key: str, force: bool, as_json: bool) -> None:
     """Make an ed25519 key pair for signing releases."""
     from imagetool.signing import generate_keypair
 
     generate_keypair(Path(private_key), Path(public_key), force=force)
+    if as_json:
+        print_json({"private": private_key, "public": public_key})
+        return
     console.print(f"wrote {safe(private_key)} (private, mode 0600) and {safe(public_key)}", highlight=False)
 
 
@@ -123,8 +131,8 @@ def publish(release: str, store: str | None, to: str, as_json: bool) -> None:
     """Put RELEASE's chunks, index, manifest and signature where nodes fetch them with plain HTTP
     GETs (`stage`/`rollout --source URL`). Chunks shared with releases published before are kept once."""
     from imagetool.chunks import publish as publish_release
-    from rollout.stage import check_release_files
     from imagetool.store import Store, default_store_path, resolve_release
+    from rollout.stage import check_release_files
 
     stored = resolve_release(Store(default_store_path(store)), release)
     check_release_files(stored)
@@ -249,9 +257,9 @@ def disk(release: str, output: str, disk_format: str, size: str, authorized_keys
                           authorized_keys=[Path(k) for k in authorized_keys],
                           trusted_keys=[Path(k) for k in trusted_keys], force=force)
     started = time.monotonic()
-    with console.status(f"disk for {safe(stored.id)}") as status:
+    with working(f"disk for {safe(stored.id)}") as update:
         def progress(step: str, detail: str) -> None:
-            status.update(f"disk for {safe(stored.id)}: [bold]{step}[/] {safe(detail)}")
+            update(f"disk for {safe(stored.id)}: [bold]{safe(step)}[/] {safe(detail)}")
         result = make_disk(stored, options, progress)
     seconds = round(time.monotonic() - started, 1)
     if as_json:
@@ -259,6 +267,8 @@ def disk(release: str, output: str, disk_format: str, size: str, authorized_keys
         return
     console.print(f"wrote [bold]{safe(str(result.path))}[/] ({result.format}, {human_bytes(result.size)}) "
                   f"in {seconds:.0f}s")
+    if verbosity.quiet:
+        return
     t = Table("#", "partition", "size", "holds", box=None)
     holds = {"bios": "GRUB core (BIOS)", "esp": "EFI/BOOT/BOOTX64.EFI, grub/grub.cfg",
              "var": f"/var: {safe(stored.id)} committed, GRUB environment block"}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 from rich.table import Table
@@ -20,12 +21,16 @@ from imagetool.cli.common import (
     print_json,
     safe,
     store_option,
+    verbosity,
+    working,
 )
 from imagetool.errors import ImagetoolError
 
-lab_option = click.option("--lab", "lab_name", default="default", show_default=True, help="Lab name (labs coexist by name).")
+lab_option = click.option("--lab", "lab_name", default="default", show_default=True,
+                          help="Lab name (labs coexist by name).")
 lab_root_option = click.option("--lab-dir", type=click.Path(file_okay=False), default=None,
-                               help="Where labs keep their state (default: $IMAGETOOL_LAB_DIR or /var/lib/imagetool-lab).")
+                               help="Where labs keep their state "
+                                    "(default: $IMAGETOOL_LAB_DIR or /var/lib/imagetool-lab).")
 
 
 @main.group()
@@ -42,7 +47,8 @@ def lab() -> None:
 @click.option("--vm-nodes", type=click.IntRange(min=0), default=None, metavar="K",
               help="Make the K highest-numbered nodes VMs, the others containers.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
-              help="VM accelerator; auto: $IMAGETOOL_LAB_ACCEL if set, else KVM if a short probe runs under it, else TCG.")
+              help="VM accelerator; auto: $IMAGETOOL_LAB_ACCEL if set, else KVM if a short probe runs under it, "
+                   "else TCG.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="PEM",
               help="Release signing public key the nodes trust (repeatable), on their /var as `imagetool disk "
                    "--trusted-key` puts it; RELEASE must be signed by one of them.")
@@ -62,9 +68,9 @@ def lab_up(n_nodes: int, release_ref: str, var_size: str, all_vms: bool, vm_node
     n_vms = n_nodes if all_vms else vm_nodes or 0
     release = resolve_release(Store(default_store_path(store)), release_ref)
     started = time.monotonic()
-    with console.status(f"lab {safe(lab_name)}: starting") as status:
+    with working(f"lab {safe(lab_name)}: starting") as update:
         def progress(step: str, detail: str) -> None:
-            status.update(f"lab {safe(lab_name)}: [bold]{safe(step)}[/] {safe(detail)}  ({time.monotonic() - started:.0f}s)")
+            update(f"lab {safe(lab_name)}: [bold]{safe(step)}[/] {safe(detail)}")
         the_lab = labmod.up(lab_name, n_nodes, release, root=Path(lab_dir) if lab_dir else None,
                             var_size=parse_size(var_size), vm_nodes=n_vms, accel=accel, progress=progress,
                             trusted_keys=[Path(k) for k in trusted_keys])
@@ -76,9 +82,12 @@ def lab_up(n_nodes: int, release_ref: str, var_size: str, all_vms: bool, vm_node
     vms = f" ({n_vms} of them VMs under {the_lab.accel})" if n_vms else ""
     console.print(f"lab [bold]{safe(the_lab.name)}[/]: {len(the_lab.nodes)} nodes{vms} up on {safe(release.id)} "
                   f"in {time.monotonic() - started:.0f}s")
+    if verbosity.quiet:
+        return
     out.print(f"inventory:   {safe(the_lab.inventory)}\nknown_hosts: {safe(the_lab.known_hosts)}")
     n = the_lab.nodes[0]
-    out.print(f"try: ssh -i {safe(the_lab.key)} -o UserKnownHostsFile={safe(the_lab.known_hosts)} root@{safe(n.address)}")
+    out.print(f"try: ssh -i {safe(the_lab.key)} -o UserKnownHostsFile={safe(the_lab.known_hosts)} "
+              f"root@{safe(n.address)}")
 
 
 @lab.command("status")
@@ -132,21 +141,34 @@ def _lab_node_command(name: str, doc: str, action: Callable[..., Any]) -> None:
     @click.argument("node")
     @lab_option
     @lab_root_option
+    @json_option
     @handle_errors
-    def command(node: str, lab_name: str, lab_dir: str | None) -> None:
+    def command(node: str, lab_name: str, lab_dir: str | None, as_json: bool) -> None:
         from imagetool import lab as labmod
 
         the_lab = labmod.load_lab(lab_name, Path(lab_dir) if lab_dir else None)
-        action(labmod, the_lab, node)
-        console.print(f"lab {safe(lab_name)}: {name} {safe(node)}")
+        _on_node(node, lambda: action(labmod, the_lab, node))
+        if as_json:
+            print_json({"lab": the_lab.name, "node": node, "action": name})
+        else:
+            console.print(f"lab {safe(lab_name)}: {name} {safe(node)}")
 
 
-_lab_node_command("reset", "Hard reset NODE (no clean shutdown); it boots again.", lambda m, l, n: m.reset(l, n))
-_lab_node_command("kill", "Crash NODE: it stays down until `lab start`.", lambda m, l, n: m.kill(l, n))
-_lab_node_command("start", "Power NODE on.", lambda m, l, n: m.start(l, n))
-_lab_node_command("cut", "Cut NODE's network.", lambda m, l, n: m.cut(l, n))
-_lab_node_command("heal", "Restore NODE's network.", lambda m, l, n: m.heal(l, n))
-_lab_node_command("unfill", "Remove the filler from NODE's /var.", lambda m, l, n: m.unfill(l, n))
+def _on_node(node: str, fn: Callable[[], Any]) -> Any:
+    """fn(); its error, if any, names NODE (the node a lab node command is about)."""
+    try:
+        return fn()
+    except ImagetoolError as e:
+        e.nodes = e.nodes or (node,)
+        raise
+
+
+_lab_node_command("reset", "Hard reset NODE (no clean shutdown); it boots again.", lambda m, lab, n: m.reset(lab, n))
+_lab_node_command("kill", "Crash NODE: it stays down until `lab start`.", lambda m, lab, n: m.kill(lab, n))
+_lab_node_command("start", "Power NODE on.", lambda m, lab, n: m.start(lab, n))
+_lab_node_command("cut", "Cut NODE's network.", lambda m, lab, n: m.cut(lab, n))
+_lab_node_command("heal", "Restore NODE's network.", lambda m, lab, n: m.heal(lab, n))
+_lab_node_command("unfill", "Remove the filler from NODE's /var.", lambda m, lab, n: m.unfill(lab, n))
 
 
 @lab.command("fill")
@@ -154,14 +176,18 @@ _lab_node_command("unfill", "Remove the filler from NODE's /var.", lambda m, l, 
 @click.option("--leave", default="1M", show_default=True, help="Free space to leave on NODE's /var.")
 @lab_option
 @lab_root_option
+@json_option
 @handle_errors
-def lab_fill(node: str, leave: str, lab_name: str, lab_dir: str | None) -> None:
+def lab_fill(node: str, leave: str, lab_name: str, lab_dir: str | None, as_json: bool) -> None:
     """Fill NODE's /var (a full disk, for tests)."""
     from imagetool import lab as labmod
 
     the_lab = labmod.load_lab(lab_name, Path(lab_dir) if lab_dir else None)
-    size = labmod.fill(the_lab, node, parse_size(leave))
-    console.print(f"lab {safe(lab_name)}: filled {safe(node)}'s /var with {human_bytes(size)}")
+    size = _on_node(node, lambda: labmod.fill(the_lab, node, parse_size(leave)))
+    if as_json:
+        print_json({"lab": the_lab.name, "node": node, "action": "fill", "filled_bytes": size})
+    else:
+        console.print(f"lab {safe(lab_name)}: filled {safe(node)}'s /var with {human_bytes(size)}")
 
 
 if __name__ == "__main__":

@@ -183,9 +183,11 @@ def up(name: str, n_nodes: int, release: StoredRelease, *, root: Path | None = N
             lab.nodes.append(node)
             if node.is_vm:
                 progress("provision", f"{node.name} (VM)")
-                make_vm(lab, node, release, var_size,
-                        lambda step, detail, n=node.name: progress("provision", f"{n} (VM): disk {step} {detail}"),
-                        trusted_keys=trusted_keys)
+
+                def disk_progress(step: str, detail: str, n: str = node.name) -> None:
+                    progress("provision", f"{n} (VM): disk {step} {detail}")
+
+                make_vm(lab, node, release, var_size, disk_progress, trusted_keys=trusted_keys)
             else:
                 progress("provision", node.name)
                 make_network(lab, node)

@@ -14,9 +14,9 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
@@ -74,7 +74,7 @@ def link_prefix(name: str) -> str:
 def subnet_of(name: str) -> ipaddress.IPv4Network:
     # 1..200: keeps clear of 10.250.254.0/24, which the transport tests use.
     octet = 1 + int(_hash(name), 16) % 200
-    return ipaddress.ip_network(f"10.250.{octet}.0/24")
+    return ipaddress.IPv4Network(f"10.250.{octet}.0/24")
 
 
 def tap_name(lab_name: str, index: int) -> str:
@@ -117,11 +117,11 @@ class LabNode:
     @staticmethod
     def load(node_dir: Path) -> LabNode:
         path = node_dir / "node.json"
-        data = _read_record(path, "lab node record")
         w = Where(path, style="path")
         known = {f.name: f.type for f in fields(LabNode)}
-        schema.mapping(data, w, tuple(known), required=("name", "index", "address", "netns", "host_veth",
-                                                          "machine_uuid"), optional=False)
+        data = schema.mapping(_read_record(path, "lab node record"), w, tuple(known),
+                              required=("name", "index", "address", "netns", "host_veth", "machine_uuid"),
+                              optional=False)
         schema.integer(data["index"], w / "index", minimum=0, maximum=253)
         for key, value in data.items():
             if key != "index":
@@ -182,10 +182,9 @@ def load_lab(name: str, root: Path | None = None) -> Lab:
     state = d / "lab.json"
     if not state.exists():
         raise NotFoundError(f"no lab named {name!r} (looked for {state}); start one with `imagetool lab up`")
-    data = _read_record(state, "lab record")
     w = Where(state, style="path")
-    schema.mapping(data, w, LAB_RECORD_KEYS,
-                   required=("name", "subnet", "bridge", "gateway", "release"), optional=False)
+    data = schema.mapping(_read_record(state, "lab record"), w, LAB_RECORD_KEYS,
+                          required=("name", "subnet", "bridge", "gateway", "release"), optional=False)
     for key in ("name", "subnet", "bridge", "gateway", "release"):
         schema.string(data[key], w / key, non_empty=True)
     if data.get("accel") is not None:

@@ -11,10 +11,9 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Mapping
 
 from imagetool import disk
 from imagetool.errors import HostSetupError, ImagetoolError, InputError
