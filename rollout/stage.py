@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from imagetool.chunks import ChunkStore, DeltaPlan
-from imagetool.errors import ImagetoolError, LockedError, NodeError, UnreachableError, VerificationError
+from imagetool.errors import ImagetoolError, NodeError, VerificationError
 from imagetool.signing import TrustedKey, load_trusted_keys, signed_by
 from imagetool.store import Store, StoredRelease
 from imagetool.units import human_bytes
-from rollout.node import Node, StageInfo, for_each, incoming_paths, under_lock
+from rollout.node import HelperError, Node, StageInfo, for_each, incoming_paths, under_lock
 
 StageOutcome = Literal["present", "staged", "resumed", "failed"]
 
@@ -151,11 +151,11 @@ def stage(node: Node, release: StoredRelease, progress: StageProgress | None = N
                                  time.monotonic() - start, mode="delta", full_bytes=full)
             progress.stage_end(node.name, result)
             return result
-        except (LockedError, UnreachableError, _DiskFull):
-            raise
-        except ImagetoolError as e:
-            # The node could not rebuild the image from its seeds (a seed that rotted, casync
-            # failing): it gets the whole image, as a node without seeds does.
+        except HelperError as e:
+            # The node answered that it could not rebuild the image from its seeds (a seed that
+            # rotted, casync failing, the result not verifying): it gets the whole image, as a
+            # node without seeds does. A node that stopped answering (a lost connection, a power
+            # cut) is not sent anything more: that is the node's failure, as for a whole image.
             note = f"delta failed ({e}); sent the whole image"
             info = node.stage_info(release.id)
     sent, resumed = _send_full(node, release, info, progress)
@@ -189,10 +189,6 @@ def delta_plan(release: StoredRelease, info: StageInfo) -> tuple[DeltaPlan | Non
     return plan, None if plan is not None else "a delta would not be smaller"
 
 
-class _DiskFull(NodeError):
-    pass
-
-
 def _space_for(node: Node, release: StoredRelease, info: StageInfo, need: int) -> None:
     if info.free_bytes < need:
         raise NodeError(
@@ -212,7 +208,7 @@ def _on_full_disk(node: Node, release: StoredRelease, e: ImagetoolError) -> None
         what = "the partial transfer was removed"
     except ImagetoolError as abort_error:
         what = f"removing the partial transfer failed too: {abort_error}"
-    raise _DiskFull(f"node {node.name}: /var filled up while staging {release.id} ({e}); {what}; "
+    raise NodeError(f"node {node.name}: /var filled up while staging {release.id} ({e}); {what}; "
                     "the running image is untouched") from None
 
 

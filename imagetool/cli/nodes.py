@@ -259,8 +259,9 @@ def _asking(view: LiveView, options: Any) -> Callable[[str, str, str], None]:
 @main.command()
 @click.argument("rollout_id")
 @click.option("--reject", is_flag=True, help="Stop the rollout instead: the nodes after the canary stay untouched.")
+@json_option
 @handle_errors
-def approve(rollout_id: str, reject: bool) -> None:
+def approve(rollout_id: str, reject: bool, as_json: bool) -> None:
     """Let a rollout waiting after its canary (--approve) go on, or stop it with --reject."""
     from imagetool.errors import InputError
     from rollout.approval import answer, approval_path
@@ -275,7 +276,11 @@ def approve(rollout_id: str, reject: bool) -> None:
         raise InputError(f"rollout {rec.id} runs without --approve: nothing waits for an answer")
     path = approval_path(directory, rec.id)
     answer(path, "reject" if reject else "approve")
-    console.print(f"{'rejected' if reject else 'approved'}: rollout {safe(rec.id)} ({safe(path)})", highlight=False)
+    if as_json:
+        print_json({"rollout_id": rec.id, "answer": "reject" if reject else "approve", "path": str(path)})
+    else:
+        console.print(f"{'rejected' if reject else 'approved'}: rollout {safe(rec.id)} ({safe(path)})",
+                      highlight=False)
 
 
 @main.command()
