@@ -15,8 +15,11 @@ host vars, `host_vars/HOST`. Then:
 
 - `ansible_host`, `ansible_port`, `ansible_user`, `ansible_ssh_private_key_file` (and the
   `ansible_ssh_host`, `ansible_ssh_port`, `ansible_ssh_user`, `ansible_private_key_file` names,
-  the `ssh_` ones winning as in Ansible's ssh plugin) set how the node is reached; other
-  `ansible_*` variables are Ansible's own business and ignored;
+  the `ssh_` ones winning as in Ansible's ssh plugin) set how the node is reached, and
+  `ansible_become`, `ansible_become_user` and `ansible_become_method` (only sudo) how the node
+  helper runs (imagetool's `become` keys); the ssh config fills in what they leave out, as for
+  imagetool's own inventory (rollout.inventory.resolve_node); other `ansible_*` variables are
+  Ansible's own business and ignored;
 - `imagetool_KEY` sets imagetool's own node settings (`imagetool_known_hosts`,
   `imagetool_reset_command`, `imagetool_proxy_jump`, ... winning over the `ansible_` ones), and in
   the vars of `all` its inventory-wide ones (`imagetool_health_checks`, `imagetool_hooks`,
@@ -52,15 +55,16 @@ from rollout.inventory import (
     NODE_NAME_RE,
     SETTING_KEYS,
     TOP_KEYS,
+    GivenNode,
     Inventory,
-    _ssh_config,
+    _ssh_config_path,
     check_var,
     parse_hooks,
     parse_trusted_keys,
-    resolve_node,
+    resolve_nodes,
     setting,
 )
-from rollout.nodespec import DEFAULT_KNOWN_HOSTS, NodeSpec
+from rollout.nodespec import DEFAULT_KNOWN_HOSTS
 
 NATIVE, YAML, INI = "native", "ansible-yaml", "ansible-ini"
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
@@ -75,7 +79,13 @@ ANSIBLE_SETTINGS = {
     "port": ("ansible_port", "ansible_ssh_port"),
     "user": ("ansible_user", "ansible_ssh_user"),
     "key": ("ansible_private_key_file", "ansible_ssh_private_key_file"),
+    "become": ("ansible_become",),
+    "become_user": ("ansible_become_user",),
+    "become_method": ("ansible_become_method",),
 }
+# Ansible's boolean(): what its `ansible_become: yes` (or `=true` in INI) means.
+TRUE_WORDS = ("y", "yes", "on", "1", "true", "t")
+FALSE_WORDS = ("n", "no", "off", "0", "false", "f")
 ANSIBLE_NAMES = {name: key for key, names in ANSIBLE_SETTINGS.items() for name in names}
 PREFIX = "imagetool_"
 INVENTORY_KEYS = ("health_checks", "hooks", "run_once", "trusted_keys")
@@ -162,7 +172,7 @@ def _load(path: Path, kind: str, data: Any, ssh_config: str | os.PathLike[str] |
             raise InputError(f"{e} (read as Ansible INI; as YAML: {reason})") from None
     else:
         _parse_yaml(tree, data)
-    return tree.inventory(_ssh_config(ssh_config))
+    return tree.inventory(_ssh_config_path(ssh_config))
 
 
 # --- the inventory as Ansible builds it -----------------------------------------------------------
@@ -244,11 +254,12 @@ class _Tree:
                     raise where.error(f"{name} applies to the whole inventory: set it in the vars of group "
                                       "'all' (group_vars/all.yml or all: vars:)")
             else:
-                value = setting(key, value, where, self.base)
+                value = setting(key, _boolean(value) if key == "become" else value, where, self.base)
         elif name in ANSIBLE_NAMES:
             _readable(value, where)
+            key = ANSIBLE_NAMES[name]
             # Ansible hands a relative key file to ssh, which reads it from the current directory.
-            value = setting(ANSIBLE_NAMES[name], value, where, Path.cwd())
+            value = setting(key, _boolean(value) if key == "become" else value, where, Path.cwd())
         elif name.startswith("ansible_"):
             return
         elif isinstance(value, (str, int, float)):  # bool is an int
@@ -329,7 +340,7 @@ class _Tree:
                 self.set_var(out, k, v, where / k, scope)
         return out
 
-    def inventory(self, config: Any) -> Inventory:
+    def inventory(self, config: str | None) -> Inventory:
         if not self.hosts:
             raise InputError(f"{self.path}: the inventory lists no hosts")
         for name, group in self.groups.items():
@@ -343,7 +354,7 @@ class _Tree:
 
         known_hosts = everyone["imagetool_known_hosts"].value if "imagetool_known_hosts" in everyone else (
             Path(DEFAULT_KNOWN_HOSTS).expanduser())
-        nodes: list[NodeSpec] = []
+        given: list[GivenNode] = []
         for host in self._host_order():
             direct = [g for g in host.groups if g != "all"]
             if len(direct) > 1 or direct == []:  # Ansible's ungrouped: in no group but all
@@ -356,12 +367,12 @@ class _Tree:
                 merged.update(layer)
             said = {key: merged[n].value for key, names in ANSIBLE_SETTINGS.items() for n in names if n in merged}
             said.update({k: merged[PREFIX + k].value for k in SETTING_KEYS if PREFIX + k in merged})
-            nodes.append(resolve_node(
+            given.append(GivenNode(
                 host.name, said, groups=tuple(sorted(set(groups) - {"ungrouped"})),
                 vars={k: v.value for k, v in merged.items()
                       if not k.startswith((PREFIX, "ansible_")) and isinstance(v.value, (str, int, float))},
-                config=config, where=Where(self.path, ("host " + host.name,), style="path"),
-                known_hosts=known_hosts, host_from_name=True))
+                where=Where(self.path, ("host " + host.name,), style="path")))
+        nodes = resolve_nodes(given, config=config, known_hosts=known_hosts, host_from_name=True)
 
         def where(key: str) -> Where:
             var = everyone.get(PREFIX + key)
@@ -381,6 +392,16 @@ def _group_name(name: Any, where: Where) -> str:
     if not isinstance(name, str) or not GROUP_NAME_RE.match(name):
         raise where.error(f"{schema.short(name)} is not a valid group name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
     return name
+
+
+def _boolean(value: Any) -> Any:
+    """`value` as Ansible's boolean() reads it, when it is one of its words; else as it is (and
+    refused by the setting's own check)."""
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    return value
 
 
 def _readable(value: Any, where: Where) -> None:

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paramiko
-
 from imagetool import schema
 from imagetool.errors import InputError
 from imagetool.schema import Where
@@ -25,6 +23,7 @@ from imagetool.signing import load_public_key
 from rollout.checks import CHECK_NAME_RE, CheckSpec, parse_checks
 from rollout.hooks import HOOK_POINTS, Hooks, HookSpec, RunOnceSpec
 from rollout.nodespec import DEFAULT_KNOWN_HOSTS, DEFAULT_PORT, DEFAULT_USER, NodeSpec, host_problem, user_problem
+from rollout.sshconfig import expand_path, expand_tokens, parse_hop, resolve, resolve_all
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Groups are matched against --limit values alongside node names, so they share the alphabet.
@@ -32,7 +31,6 @@ GROUP_NAME_RE = NODE_NAME_RE
 # Ansible's implicit groups, which --limit knows for every inventory (rollout.hostpattern).
 IMPLICIT_GROUPS = ("all", "ungrouped")
 
-DEFAULT_SSH_CONFIG = "~/.ssh/config"
 SSH_CONFIG_ENV = "IMAGETOOL_SSH_CONFIG"
 
 TOP_KEYS = ("defaults", "nodes", "health_checks", "hooks", "run_once", "trusted_keys")
@@ -40,8 +38,10 @@ HOOKS_KEYS = HOOK_POINTS
 # Not "on": YAML 1.1 reads an unquoted `on` key as the boolean true.
 HOOK_KEYS = ("name", "run", "where", "timeout")
 RUN_ONCE_KEYS = (*HOOK_KEYS, "node")
-DEFAULT_KEYS = ("user", "port", "key", "known_hosts", "proxy_jump", "vars", "reset_command")
-NODE_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "groups", "vars", "reset_command")
+BECOME_KEYS = ("become", "become_user", "become_method")
+DEFAULT_KEYS = ("user", "port", "key", "known_hosts", "proxy_jump", "vars", "reset_command", *BECOME_KEYS)
+NODE_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "groups", "vars", "reset_command",
+             *BECOME_KEYS)
 
 
 @dataclass
@@ -133,14 +133,32 @@ def _groups(value: Any, where: Where) -> tuple[str, ...]:
 
 
 def _proxy_jump(value: Any, where: Where) -> str | None:
+    """ProxyJump: "none" or hops "[user@]host[:port],..." (ssh's -J), each checked here."""
     text = _str(value, where).strip()
     if text.lower() == "none":
         return None
-    if "," in text:
-        raise where.error(f"{text!r}: only one jump host is supported")
-    if text.startswith("-") or any(c.isspace() or ord(c) < 32 for c in text):
-        raise where.error(f"{schema.short(text)}: expected [user@]host[:port], without spaces or a leading '-'")
+    for hop in text.split(","):
+        try:
+            user, host, _ = parse_hop(hop, DEFAULT_USER)
+        except ValueError:
+            user, host = "", ""
+        if hop.startswith("-") or any(c.isspace() or ord(c) < 32 for c in hop) or host_problem(host) \
+                or user_problem(user):
+            raise where.error(f"{schema.short(text)}: expected [user@]host[:port] hops separated by ',', "
+                              "without spaces or a leading '-'")
     return text
+
+
+def _become(value: Any, where: Where) -> bool:
+    if not isinstance(value, bool):
+        raise where.got("true or false", value)
+    return value
+
+
+def _become_method(value: Any, where: Where) -> str:
+    if value != "sudo":
+        raise where.error(f"{value!r}: the only become_method is 'sudo'")
+    return "sudo"
 
 
 def _reset_command(value: Any, where: Where) -> str:
@@ -155,31 +173,21 @@ def _reset_command(value: Any, where: Where) -> str:
 # --- ~/.ssh/config ----------------------------------------------------------------------------
 
 
-def _ssh_config(path: str | os.PathLike[str] | None) -> paramiko.SSHConfig | None:
+def _ssh_config_path(path: str | os.PathLike[str] | None) -> str | None:
+    """The config `ssh -G` reads: the one named (a missing file means none), else ssh's own
+    choice (~/.ssh/config and /etc/ssh/ssh_config)."""
     if path is None:
-        path = os.environ.get(SSH_CONFIG_ENV) or DEFAULT_SSH_CONFIG
-    p = Path(path).expanduser()
-    if not p.is_file():
+        path = os.environ.get(SSH_CONFIG_ENV)
+    if path is None:
         return None
-    try:
-        return paramiko.SSHConfig.from_path(str(p))
-    except (OSError, paramiko.ssh_exception.ConfigParseError, ValueError) as e:
-        raise InputError(f"{p}: cannot parse ssh config: {e}") from None
-
-
-def _ssh_options(config: paramiko.SSHConfig | None, alias: str) -> dict[str, Any]:
-    if config is None:
-        return {}
-    try:
-        return dict(config.lookup(alias))
-    except Exception as e:  # paramiko raises several types for bad Match/token lines
-        raise InputError(f"ssh config: cannot look up {alias!r}: {e}") from None
+    p = Path(path).expanduser()
+    return str(p) if p.is_file() else os.devnull
 
 
 # --- public API -------------------------------------------------------------------------------
 
 
-SETTING_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "reset_command")
+SETTING_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "reset_command", *BECOME_KEYS)
 
 
 def setting(key: str, value: Any, where: Where, base: Path) -> Any:
@@ -187,62 +195,101 @@ def setting(key: str, value: Any, where: Where, base: Path) -> Any:
     if key in ("key", "known_hosts"):
         return _path(value, where, base)
     check = {"host": _host, "port": schema.port, "user": _user, "proxy_jump": _proxy_jump,
-             "reset_command": _reset_command}[key]
+             "reset_command": _reset_command, "become": _become, "become_user": _user,
+             "become_method": _become_method}[key]
     return check(value, where)
 
 
-def resolve_node(name: str, said: dict[str, Any], *, groups: tuple[str, ...], vars: dict[str, Any],
-                 config: paramiko.SSHConfig | None, where: Where, known_hosts: Path,
+@dataclass(frozen=True)
+class GivenNode:
+    """One node as its inventory gives it, validated, before the ssh config fills in the rest."""
+
+    name: str
+    said: dict[str, Any]  # validated SETTING_KEYS, the node's over its defaults'; absent: not said
+    groups: tuple[str, ...]
+    vars: dict[str, Any]
+    where: Where
+
+
+def _lookup(node: GivenNode, config: str | None) -> tuple[str, str | None, str | None, int | None]:
+    """What `ssh -G` is asked for `node`: `ssh ALIAS` semantics, the alias being what one would
+    type (the host if the inventory gives one, else the node name); the inventory's user and port
+    are ssh's command line (-l, -p), so they win over the config and Match user sees them."""
+    return node.said.get("host") or node.name, config, node.said.get("user"), node.said.get("port")
+
+
+def resolve_nodes(given: list[GivenNode], *, config: str | None, known_hosts: Path,
+                  host_from_name: bool = False) -> list[NodeSpec]:
+    """The nodes of an inventory (imagetool's own or Ansible's), each resolved by resolve_node.
+    Their ssh configs are asked side by side first (one `ssh -G` per distinct lookup), so an
+    inventory of thousands loads in seconds; errors are then raised in the inventory's order."""
+    resolve_all([_lookup(node, config) for node in given])
+    return [resolve_node(node, config=config, known_hosts=known_hosts, host_from_name=host_from_name)
+            for node in given]
+
+
+def resolve_node(node: GivenNode, *, config: str | None, known_hosts: Path,
                  host_from_name: bool = False) -> NodeSpec:
-    """One node from what its inventory said (validated SETTING_KEYS; absent: not said), with the
-    ssh config filling in what it left out. A node without a host is an error, unless
-    `host_from_name`: Ansible connects to the inventory hostname itself."""
-    # `ssh ALIAS` semantics: the alias looked up is what one would type, the host if the
-    # inventory gives one, else the node name. The inventory wins over the ssh config.
+    """One node from what its inventory said, with the ssh config (`config` for `ssh -F`; None:
+    ssh's own) filling in what it left out, as `ssh ALIAS` would. A node without a host is an
+    error, unless `host_from_name`: Ansible connects to the inventory hostname itself."""
+    name, said, w = node.name, node.said, node.where
+    lookup = _lookup(node, config)
+    alias, _, given_user, given_port = lookup
+    opts = resolve(*lookup)
     host = said.get("host")
-    opts = _ssh_options(config, host or name)
-    if host is None:
-        # paramiko echoes the alias back as hostname when no HostName line matched.
-        resolved = opts.get("hostname")
-        if resolved and resolved != name:
-            host = _host(resolved, Where("ssh config", (name, "HostName"), style="path"))
-        elif host_from_name:
-            host = name
-        else:
-            raise where.error("missing 'host' (and no HostName for it in the ssh config)")
+    if opts.has_hostname:  # ssh applies HostName to the name typed, given or not
+        host = _host(opts.hostname, Where("ssh config", (alias, "HostName"), style="path"))
+    elif host is None:
+        if not host_from_name:
+            raise w.error("missing 'host' (and no HostName for it in the ssh config)")
+        host = name
+    port = given_port or opts.port or DEFAULT_PORT
+    user = given_user or (_user(opts.user, Where("ssh config", (alias, "User"), style="path"))
+                          if opts.user else DEFAULT_USER)
+    tokens = {"host": host, "port": port, "user": user, "alias": alias}
 
-    if "port" in said:
-        port = said["port"]
-    elif "port" in opts:
-        port = schema.port(opts["port"], Where("ssh config", (host, "Port"), style="path"))
-    else:
-        port = DEFAULT_PORT
-
-    if "user" in said:
-        user = said["user"]
-    elif opts.get("user"):
-        user = _user(opts["user"], Where("ssh config", (host, "User"), style="path"))
-    else:
-        user = DEFAULT_USER
-
+    identities: list[Path] = []
     if "key" in said:
         key: Path | None = said["key"]
     else:
-        identities = [Path(p).expanduser() for p in opts.get("identityfile", [])]
         # Like ssh, skip IdentityFile lines whose file is absent (a shared config may list
         # keys for other machines); none present means agent and default keys.
-        key = next((p for p in identities if p.is_file()), None)
+        identities = [p for p in (expand_path(f, what="IdentityFile", **tokens) for f in opts.identity_files)
+                      if p.is_file()]
+        key = identities.pop(0) if identities else None
+    certificates = tuple(p for p in (expand_path(f, what="CertificateFile", **tokens)
+                                     for f in opts.certificate_files) if p.is_file())
 
+    proxy_command = None
     if "proxy_jump" in said:  # None when the inventory says "none"
         jump = said["proxy_jump"]
-    elif "proxyjump" in opts:
-        jump = _proxy_jump(opts["proxyjump"], Where("ssh config", (host, "ProxyJump"), style="path"))
+    elif opts.proxy_jump:
+        jump = _proxy_jump(opts.proxy_jump, Where("ssh config", (alias, "ProxyJump"), style="path"))
     else:
         jump = None
+        if opts.proxy_command:
+            proxy_command = expand_tokens(opts.proxy_command, what="ProxyCommand", host=host, port=port,
+                                          user=user, alias=alias)
 
-    return NodeSpec(name=name, host=host, port=port, user=user, key=key, groups=groups, vars=vars,
-                    proxy_jump=jump, known_hosts=said.get("known_hosts", known_hosts),
-                    reset_command=said.get("reset_command"))
+    if "known_hosts" in said:
+        node_known_hosts = said["known_hosts"]
+        known_hosts_also: tuple[Path, ...] = ()
+    else:
+        # OpenSSH reads every UserKnownHostsFile and GlobalKnownHostsFile, and adds new keys
+        # to the first user file.
+        user_files = list(opts.user_known_hosts) or [known_hosts, Path("~/.ssh/known_hosts2").expanduser()]
+        node_known_hosts = user_files[0]
+        known_hosts_also = tuple(dict.fromkeys([*user_files[1:], *opts.global_known_hosts]))
+
+    return NodeSpec(
+        name=name, host=host, port=port, user=user, key=key, groups=node.groups, vars=node.vars,
+        proxy_jump=jump, known_hosts=node_known_hosts, reset_command=said.get("reset_command"),
+        proxy_command=proxy_command, identities=tuple(identities), certificates=certificates,
+        identities_only=opts.identities_only, known_hosts_also=known_hosts_also,
+        strict_host_key_checking=opts.strict_host_key_checking, ssh_config=config,
+        become=said.get("become", False), become_user=said.get("become_user", DEFAULT_USER),
+    )
 
 
 def load_inventory(
@@ -261,10 +308,10 @@ def load_inventory(
     kind, data = ansible.inventory_kind(path)
     if kind != "native":
         return ansible.load(path, kind, data, ssh_config=ssh_config)
-    return _load_native(path, data, _ssh_config(ssh_config))
+    return _load_native(path, data, _ssh_config_path(ssh_config))
 
 
-def _load_native(path: Path, data: Any, config: paramiko.SSHConfig | None) -> Inventory:
+def _load_native(path: Path, data: Any, config: str | None) -> Inventory:
     base = path.resolve().parent
     root = Where(path, style="path")
     data = schema.mapping(data, root, TOP_KEYS)
@@ -283,17 +330,16 @@ def _load_native(path: Path, data: Any, config: paramiko.SSHConfig | None) -> In
             raise (root / "nodes").error("missing: the inventory lists no nodes")
         raise (root / "nodes").got("a mapping of node names to node settings", raw_nodes)
 
-    nodes: list[NodeSpec] = []
+    given: list[GivenNode] = []
     for name, raw in raw_nodes.items():
         w = root / "nodes" / name
         if not isinstance(name, str) or not NODE_NAME_RE.match(name):
             raise w.error(f"{name!r} is not a valid node name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
         spec = schema.mapping(raw, w, NODE_KEYS)
         said = {**said_by_default, **{k: setting(k, v, w / k, base) for k, v in spec.items() if k in SETTING_KEYS}}
-        nodes.append(resolve_node(
-            name, said, groups=_groups(spec.get("groups"), w / "groups"),
-            vars={**default_vars, **_vars(spec.get("vars"), w / "vars")},
-            config=config, where=w, known_hosts=known_hosts))
+        given.append(GivenNode(name, said, groups=_groups(spec.get("groups"), w / "groups"),
+                               vars={**default_vars, **_vars(spec.get("vars"), w / "vars")}, where=w))
+    nodes = resolve_nodes(given, config=config, known_hosts=known_hosts)
 
     names = {n.name for n in nodes}
     for node in nodes:

@@ -590,9 +590,11 @@ class LocalTransport:
                             r.stderr.decode("utf-8", "replace"))
 
     def put_file(self, local: Path, remote: str, *, offset: int = 0, progress: ProgressFn | None = None,
-                 timeout: float = 600) -> int:
+                 timeout: float = 600, receiver: str | None = None) -> int:
         """Append local[offset:] to `remote` on the node (offset 0 truncates), as SSHTransport
         does with `cat`: same errors, same count of bytes sent, /var's free space respected."""
+        if receiver is not None:
+            raise NotImplementedError("a local machine has no login user to become another")
         local = Path(local)
         size, command = upload_command(local, remote, offset)
         m = self.machine

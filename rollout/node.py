@@ -44,6 +44,8 @@ from rollout.nodespec import NodeSpec
 from rollout.transport import CommandResult, ProgressFn, SSHTransport, Transport
 
 HELPER = "imagetool-node"
+# The helper protocol that can `receive` a transfer (what `become` stages through).
+RECEIVE_PROTOCOL = 4
 # Where images built with the imagetool-node element install it (a link to /usr/lib/imagetool/).
 HELPER_PATH = "/usr/sbin/imagetool-node"
 # The exit status of a command the node's shell cannot find.
@@ -328,6 +330,40 @@ def helper_argv(command: str, /, *args: str, **options: Any) -> list[str]:
     return argv
 
 
+def become_argv(spec: NodeSpec, argv: list[str]) -> list[str]:
+    """argv as the node's login user runs it: as is, or through `sudo -n` (never a password
+    prompt: there is no one to answer it) when the inventory says `become`.
+
+    become_argv(NodeSpec("n", "h", user="deploy", become=True), ["imagetool-node", "status"])
+      == ["sudo", "-n", "-u", "root", "--", "imagetool-node", "status"]
+    """
+    if not spec.become:
+        return list(argv)
+    return ["sudo", "-n", "-u", spec.become_user, "--", *argv]
+
+
+def _check_sudo(spec: NodeSpec, stderr: str) -> None:
+    """sudo -n refuses rather than prompt: say what the node's sudoers needs. A user sudo lets
+    run anything hears when there is no helper to run (exit status 1, not the shell's 127)."""
+    if "a password is required" in stderr:
+        raise NodeError(
+            f"node {spec.name}: sudo asks {spec.user!r} for a password to run {HELPER} as {spec.become_user!r} "
+            f"(become); allow it without one in the node's sudoers, e.g. "
+            f"`{spec.user} ALL=({spec.become_user}) NOPASSWD: {HELPER_PATH}` (sudo says the same when a rule "
+            "names a helper the node lacks)", nodes=(spec.name,)
+        )
+    if f"sudo: {HELPER}: command not found" in stderr:
+        raise _helper_missing(spec.name, f"sudo: `{HELPER}`: command not found")
+
+
+def _helper_missing(node: str, why: str) -> HelperMissingError:
+    # SSH worked and the shell answered: the node is reachable, it just is not an imagetool
+    # node (or its image lacks the imagetool-node element).
+    return HelperMissingError(
+        f"node {node}: node helper missing at {HELPER_PATH} ({why}); install the node from an imagetool image "
+        "(`imagetool disk`, or an image built with the imagetool-node element)", nodes=(node,))
+
+
 def incoming_paths(incoming: str, image_id: str) -> dict[str, str]:
     """Where the three files of a release go while they travel (the helper's .incoming)."""
     return image_paths(incoming, image_id)
@@ -344,12 +380,7 @@ def parse_answer(node: str, command: str, result: CommandResult) -> dict[str, An
             continue
     if not isinstance(doc, dict):
         if result.exit_status == COMMAND_NOT_FOUND:
-            # SSH worked and the shell answered: the node is reachable, it just is not an
-            # imagetool node (or its image lacks the imagetool-node element).
-            raise HelperMissingError(
-                f"node {node}: node helper missing at {HELPER_PATH} (`{HELPER}`: command not found, exit status "
-                f"{COMMAND_NOT_FOUND}); install the node from an imagetool image (`imagetool disk`, or an image "
-                "built with the imagetool-node element)", nodes=(node,))
+            raise _helper_missing(node, f"`{HELPER}`: command not found, exit status {COMMAND_NOT_FOUND}")
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-10:])
         raise NodeError(f"node {node}: {HELPER} {command} gave no answer (exit status {result.exit_status})"
                         + (f":\n{tail}" if tail else ""), nodes=(node,))
@@ -458,11 +489,17 @@ class HelperNode:
         return bool(self.spec.reset_command)
 
     def _call(self, command: str, /, *args: str, timeout: float = QUICK_TIMEOUT, **options: Any) -> dict[str, Any]:
-        argv = helper_argv(command, *args, **options)
+        return self._run(command, helper_argv(command, *args, **options), timeout)
+
+    def _run(self, command: str, helper: list[str], timeout: float) -> dict[str, Any]:
+        """Run one helper argv (through sudo for `become`) and parse its answer."""
+        argv = become_argv(self.spec, helper)
         started = time.monotonic()
         result = self.transport.run(argv, timeout=timeout)
         log.debug("node %s: %s: exit status %d in %.2fs", self.name, shlex.join(argv), result.exit_status,
                   time.monotonic() - started)
+        if self.spec.become:
+            _check_sudo(self.spec, result.stderr)
         return parse_answer(self.name, command, result)
 
     # --- what the node is ----------------------------------------------------------------
@@ -479,10 +516,26 @@ class HelperNode:
         return StageInfo.from_answer(self._call("stage-info", image_id), self.name)
 
     def put(self, local: Path, remote: str, offset: int = 0, progress: ProgressFn | None = None) -> int:
+        receiver = None
+        if self.spec.become:
+            # The login user cannot write /var/lib/imagetool: the helper receives the bytes as root.
+            if self.protocol < RECEIVE_PROTOCOL:
+                raise NodeError(f"node {self.name}: its {HELPER} (protocol {self.protocol}) cannot receive a "
+                                f"transfer for `become` (needs protocol {RECEIVE_PROTOCOL}): stage as root, or "
+                                "update its image", nodes=(self.name,))
+            # Its answer goes to stderr, which is what a failed transfer reports.
+            receive = helper_argv("receive", remote, offset=offset or None)
+            receiver = shlex.join(become_argv(self.spec, receive)) + " >&2"
         started = time.monotonic()
-        sent = self.transport.put_file(Path(local), remote, offset=offset, progress=progress, timeout=TRANSFER_TIMEOUT)
-        log.debug("node %s: sent %s to %s (from byte %d): %s in %.2fs", self.name, local, remote, offset,
-                  human_bytes(sent), time.monotonic() - started)
+        try:
+            sent = self.transport.put_file(Path(local), remote, offset=offset, progress=progress,
+                                           timeout=TRANSFER_TIMEOUT, receiver=receiver)
+        except NodeError as e:
+            if self.spec.become:
+                _check_sudo(self.spec, str(e))
+            raise
+        log.debug("node %s: sent %s to %s (from byte %d%s): %s in %.2fs", self.name, local, remote, offset,
+                  f", through {HELPER} receive" if receiver else "", human_bytes(sent), time.monotonic() - started)
         return sent
 
     def stage_commit(self, image_id: str) -> dict[str, Any]:
@@ -498,7 +551,7 @@ class HelperNode:
         for seed in seeds:
             argv += ["--seed", seed]
         wait = STAGE_COMMIT_TIMEOUT if timeout is None else timeout + QUICK_TIMEOUT
-        return parse_answer(self.name, "stage-delta", self.transport.run(argv, timeout=wait))
+        return self._run("stage-delta", argv, wait)
 
     # --- boot control --------------------------------------------------------------------
 
@@ -683,5 +736,5 @@ def for_each(nodes: Sequence[N], fn: Callable[[N], T], parallel: int = 8, *,
 __all__ = [
     "BootTimeoutError", "CorruptNodeError", "GroupResult", "HelperError", "NodeVerificationError", "HelperNode", "Node",
     "NodeImage", "NodeStatus",
-    "StageInfo", "for_each", "helper_argv", "incoming_paths", "parse_answer", "ssh_nodes",
+    "StageInfo", "become_argv", "for_each", "helper_argv", "incoming_paths", "parse_answer", "ssh_nodes",
 ]

@@ -58,10 +58,31 @@ class NodeSpec:
     # that stopped answering SSH: an IPMI, hypervisor or lab reset. None: wait for the node's own
     # dead-man switch instead.
     reset_command: str | None = None
+    # From ssh_config (rollout.sshconfig), where the inventory is silent. The command that carries
+    # the connection instead of TCP (%-tokens already expanded); mutually exclusive with
+    # proxy_jump, which may list several hops "a,user@b:2222".
+    proxy_command: str | None = None
+    # More identity files to offer after `key`, and client certificates for them.
+    identities: tuple[Path, ...] = ()
+    certificates: tuple[Path, ...] = ()
+    # Offer only `key` and `identities` (and their agent-held halves), no other agent keys.
+    identities_only: bool = False
+    # More known_hosts files read (never written): ssh_config's further UserKnownHostsFiles and
+    # GlobalKnownHostsFiles. New keys are appended to `known_hosts`.
+    known_hosts_also: tuple[Path, ...] = ()
+    # StrictHostKeyChecking: None or "yes"/"ask" refuse an unknown key unless
+    # --accept-new-host-keys; "accept-new", "no" and "off" add it. A changed key is always refused.
+    strict_host_key_checking: str | None = None
+    # The ssh config the node was resolved with (None: ssh's own default), for its jump hosts.
+    ssh_config: str | None = field(default=None, compare=False)
+    # `become`: a login user other than root runs the node helper as `become_user` through
+    # `sudo -n` (the only become_method).
+    become: bool = False
+    become_user: str = DEFAULT_USER
 
     def __post_init__(self) -> None:
         # The inventory says which key is wrong; this holds for every NodeSpec, whoever made it.
-        problem = host_problem(self.host) or user_problem(self.user)
+        problem = host_problem(self.host) or user_problem(self.user) or user_problem(self.become_user)
         if problem:
             raise InputError(f"node {self.name}: {problem}")
 

@@ -1,9 +1,11 @@
 """SSH to one node: run commands, push files. Knows nothing about images, batches or rollouts.
 
-Built on paramiko. Host keys are always verified against the inventory's known_hosts (OpenSSH
-format, hashed entries and `[host]:port` included); an unknown key is refused unless the operator
-asked to accept new keys, a changed key is always refused. Every failure to reach a node is an
-`UnreachableError` (or its `HostKeyError` subclass) that names the node, its address and the cause.
+Built on paramiko; the connection is opened as OpenSSH would open it (rollout.sshconnect: jump
+host chains, ProxyCommand, ssh-agent, known_hosts read by rollout.knownhosts). Host keys are
+always verified; an unknown key is refused unless the operator asked to accept new keys
+(--accept-new-host-keys, StrictHostKeyChecking accept-new), a changed or revoked key is always
+refused. Every failure to reach a node is an `UnreachableError` (or its `HostKeyError`
+subclass) that names the node, its address and the cause.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import Protocol, runtime_checkable
 import paramiko
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
-from imagetool.errors import HostKeyError, InputError, NodeError, UnreachableError
+from imagetool.errors import InputError, NodeError, UnreachableError
 from rollout.nodespec import NodeSpec
+from rollout.sshconnect import JUMPS, Endpoint, jump_chain, open_ssh, proxy_command, tcp_socket
 
 # paramiko's transport thread logs a traceback for every failed handshake, and a rebooting node
 # (a VM behind a port forward, say) resets many; the transport raises its own clear error.
@@ -40,7 +43,6 @@ MAX_PACKET_SIZE = 256 * 1024
 # (AES-NI on the controller, and cheap for sshd too); CTR+HMAC costs a second pass over every
 # byte in Python-driven code. chacha20-poly1305 is not implemented by paramiko.
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
-SOCKET_BUFFER = 4 * 1024 * 1024
 # put_file reads the file in blocks of this size and cuts them into channel packets.
 READ_BLOCK = 4 * 1024 * 1024
 STDERR_TAIL_LINES = 10
@@ -108,9 +110,10 @@ class Transport(Protocol):
         ...
 
     def put_file(self, local: Path, remote: str, *, offset: int = 0, progress: ProgressFn | None = None,
-                 timeout: float = 600) -> int:
+                 timeout: float = 600, receiver: str | None = None) -> int:
         """Append local[offset:] to `remote` on the node (offset 0 truncates it first); returns the
-        bytes sent, calling `progress` with the bytes sent so far."""
+        bytes sent, calling `progress` with the bytes sent so far. `receiver`: the node command
+        that writes its stdin there instead of `cat` (the helper, through sudo, for `become`)."""
         ...
 
     def reconnect(self, timeout: float) -> None:
@@ -118,16 +121,6 @@ class Transport(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def fingerprint(key: paramiko.PKey) -> str:
-    """The OpenSSH-style fingerprint ("SHA256:...") operators compare with `ssh-keygen -lf`."""
-    return key.fingerprint
-
-
-def known_hosts_name(host: str, port: int) -> str:
-    """How OpenSSH names a host in known_hosts: bare for port 22, `[host]:port` otherwise."""
-    return host if port == 22 else f"[{host}]:{port}"
 
 
 def _is_network_error(exc: BaseException) -> bool:
@@ -157,54 +150,6 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _parse_jump(spec: str, default_user: str) -> tuple[str, str, int]:
-    """[user@]host[:port] (ssh's ProxyJump form) -> (user, host, port)."""
-    user, _, hostport = spec.rpartition("@")
-    host, port = hostport, 22
-    if hostport.startswith("["):  # [v6addr]:port
-        inner, _, rest = hostport[1:].partition("]")
-        host = inner
-        if rest.startswith(":"):
-            port = int(rest[1:])
-    elif hostport.count(":") == 1:
-        host, _, p = hostport.partition(":")
-        port = int(p)
-    return user or default_user, host, port
-
-
-class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
-    """Called by paramiko only for a key not in known_hosts (a changed key raises
-    BadHostKeyException before this). Accepting appends to the file, like OpenSSH's
-    StrictHostKeyChecking=accept-new."""
-
-    def __init__(self, label: str, known_hosts: Path, accept_new: bool) -> None:
-        self.label = label
-        self.known_hosts = known_hosts
-        self.accept_new = accept_new
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        if not self.accept_new:
-            raise HostKeyError(
-                f"node {self.label}: host key is not in {self.known_hosts} "
-                f"({key.get_name()} {fingerprint(key)}); add it or pass --accept-new-host-keys"
-            )
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-        # Append rather than rewrite: the file is the operator's and may hold comments, hashed
-        # entries and markers paramiko would not write back faithfully.
-        with _KNOWN_HOSTS_LOCK, open(self.known_hosts, "a+") as f:
-            f.seek(0, 2)
-            if f.tell():
-                f.seek(f.tell() - 1)
-                if f.read(1) != "\n":
-                    f.write("\n")
-            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-
-
-# Many transports (one per node) may accept new keys into one file at once.
-_KNOWN_HOSTS_LOCK = threading.Lock()
-
-
 class SSHTransport:
     """One SSH connection to one node, opened on first use and reused until `close`."""
 
@@ -220,8 +165,9 @@ class SSHTransport:
         self.accept_new_host_keys = accept_new_host_keys
         self.connect_timeout = connect_timeout
         self.connect_retries = max(1, connect_retries)
-        self._client: paramiko.SSHClient | None = None
-        self._jump: paramiko.SSHClient | None = None
+        self._ssh: paramiko.Transport | None = None
+        # The jump host chain this transport rides in the shared pool, while connected.
+        self._jump: tuple[Endpoint, ...] | None = None
         self._lock = threading.Lock()
 
     # --- identity ---------------------------------------------------------------------------
@@ -252,7 +198,7 @@ class SSHTransport:
 
     @property
     def connected(self) -> bool:
-        t = self._client.get_transport() if self._client else None
+        t = self._ssh
         return bool(t and t.is_active() and t.is_authenticated())
 
     def connect(self) -> None:
@@ -286,15 +232,10 @@ class SSHTransport:
                     # No single attempt may outlive the overall budget.
                     remaining = max(0.5, min(self.connect_timeout, deadline - time.monotonic()))
                     self._connect_once(remaining)
-        except UnreachableError:
-            raise
-        except paramiko.BadHostKeyException as e:
-            raise HostKeyError(
-                f"node {self.label}: HOST KEY CHANGED for {known_hosts_name(self.node.host, self.node.port)} "
-                f"in {self.node.known_hosts} (expected fingerprint {fingerprint(e.expected_key)}, "
-                f"got {fingerprint(e.key)}) — refusing; someone may be intercepting the connection, "
-                "or the node was reinstalled: check, then remove the old key from known_hosts"
-            ) from None
+        except UnreachableError as e:  # HostKeyError too; a jump host's says which hop
+            if str(e).startswith(f"node {self.label}"):
+                raise
+            raise type(e)(f"node {self.label}: {e}") from None
         except paramiko.AuthenticationException as e:
             how = f"key {self.node.key}" if self.node.key else "ssh-agent and default keys"
             raise UnreachableError(
@@ -307,106 +248,42 @@ class SSHTransport:
         node = self.node
         if node.key is not None and not Path(node.key).is_file():
             raise UnreachableError(f"node {self.label}: key file {node.key} does not exist")
-        sock = self._open_socket(timeout)
-        client = self._new_client(node.host, node.port, self.label)
+        endpoint = Endpoint.of_node(node, f"node {self.label}", self.accept_new_host_keys)
+        jump = None
+        if node.proxy_jump:
+            chain = jump_chain(node, self.accept_new_host_keys)
+            sock, jump = JUMPS.channel(chain, node.host, node.port, timeout, _fast_transport)
+        elif node.proxy_command:
+            sock = proxy_command(node.proxy_command, timeout)
+        else:
+            sock = tcp_socket(node.host, node.port, timeout)
         try:
-            client.connect(
-                hostname=node.host,
-                port=node.port,
-                username=node.user,
-                key_filename=str(node.key) if node.key else None,
-                allow_agent=node.key is None,
-                look_for_keys=node.key is None,
-                timeout=timeout,
-                banner_timeout=timeout,
-                auth_timeout=timeout,
-                channel_timeout=timeout,
-                sock=sock,
-                transport_factory=_fast_transport,
-            )
+            t = open_ssh(endpoint, sock, timeout, _fast_transport)
         except BaseException:
-            client.close()
             sock.close()
+            if jump is not None:
+                JUMPS.release(jump)
             raise
         # Notice a node that vanished (a reset, a cable) instead of hanging on a dead TCP stream.
-        client.get_transport().set_keepalive(15)  # type: ignore[union-attr]
-        self._client = client
-
-    def _new_client(self, host: str, port: int, label: str) -> paramiko.SSHClient:
-        client = paramiko.SSHClient()
-        known_hosts = Path(self.node.known_hosts).expanduser()
-        if known_hosts.is_file():
-            try:
-                client.load_host_keys(str(known_hosts))
-            except (OSError, paramiko.SSHException) as e:
-                raise HostKeyError(f"node {label}: cannot read {known_hosts}: {e}") from None
-        client.set_missing_host_key_policy(
-            _HostKeyPolicy(label, known_hosts, self.accept_new_host_keys)
-        )
-        return client
-
-    def _open_socket(self, timeout: float) -> socket.socket | paramiko.Channel:
-        node = self.node
-        if node.proxy_jump:
-            return self._jump_channel(timeout)
-        sock = socket.create_connection((node.host, node.port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # A big send buffer keeps the kernel busy while Python encrypts the next packet.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-        return sock
-
-    def _jump_channel(self, timeout: float) -> paramiko.Channel:
-        """A direct-tcpip channel through the jump host to the node, used as the node's socket.
-        The jump host is reached with the node's key, known_hosts and user unless it names one."""
-        node = self.node
-        assert node.proxy_jump
-        try:
-            user, jhost, jport = _parse_jump(node.proxy_jump, node.user)
-        except ValueError:
-            raise UnreachableError(
-                f"node {self.label}: cannot parse ProxyJump {node.proxy_jump!r} (expected [user@]host[:port])"
-            ) from None
-        jlabel = f"{self.label} via jump host {jhost}:{jport}"
-        if self._jump is None or not (self._jump.get_transport() and self._jump.get_transport().is_active()):
-            sock = socket.create_connection((jhost, jport), timeout=timeout)
-            jump = self._new_client(jhost, jport, jlabel)
-            try:
-                jump.connect(
-                    hostname=jhost, port=jport, username=user,
-                    key_filename=str(node.key) if node.key else None,
-                    allow_agent=node.key is None, look_for_keys=node.key is None,
-                    timeout=timeout, banner_timeout=timeout, auth_timeout=timeout, sock=sock,
-                )
-            except BaseException:
-                jump.close()
-                sock.close()
-                raise
-            self._jump = jump
-        transport = self._jump.get_transport()
-        assert transport is not None
-        return transport.open_channel(
-            "direct-tcpip", (node.host, node.port), ("127.0.0.1", 0), timeout=timeout
-        )
+        t.set_keepalive(15)
+        self._ssh, self._jump = t, jump
 
     def close(self) -> None:
         with self._lock:
             self._close_locked()
 
     def _close_locked(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
         if self._jump is not None:
-            self._jump.close()
+            JUMPS.release(self._jump)
             self._jump = None
 
     def _transport(self) -> paramiko.Transport:
         self.connect()
-        assert self._client is not None
-        t = self._client.get_transport()
-        assert t is not None
-        return t
+        assert self._ssh is not None
+        return self._ssh
 
     def _session(self, timeout: float) -> paramiko.Channel:
         try:
@@ -504,6 +381,7 @@ class SSHTransport:
         offset: int = 0,
         progress: Callable[[int], None] | None = None,
         timeout: float = 600,
+        receiver: str | None = None,
     ) -> int:
         """Send local[offset:] to the node and append it to `remote` (offset 0 truncates it).
 
@@ -513,6 +391,7 @@ class SSHTransport:
         """
         local = Path(local)
         size, command = upload_command(local, remote, offset)
+        command = receiver or command
         deadline = time.monotonic() + timeout
         chan = self._session(min(timeout, self.connect_timeout))
         sent = 0

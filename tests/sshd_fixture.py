@@ -46,6 +46,11 @@ class SshdServer:
     host_pubkey_line: str  # "ssh-ed25519 AAAA..." as in the .pub file, without comment
     known_hosts: Path
     process: subprocess.Popen[bytes]
+    # The CA that signed the host key's certificate (sshd presents it to clients that ask for
+    # certificates first: those with an @cert-authority line for the host), "ssh-ed25519 AAAA...".
+    ca_key: Path
+    ca_pubkey_line: str
+    authorized_keys: Path
 
     def netns(self, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """Run a command inside the server's namespace (as the node sees it)."""
@@ -84,6 +89,7 @@ def _sshd_config(tmp: Path, host_key: Path, authorized_keys: Path) -> str:
         "Port 22",
         f"ListenAddress {NODE_ADDR}",
         f"HostKey {host_key}",
+        f"HostCertificate {host_key}-cert.pub",
         f"AuthorizedKeysFile {authorized_keys}",
         "PermitRootLogin prohibit-password",
         "PasswordAuthentication no",
@@ -163,10 +169,17 @@ def throwaway_sshd() -> Iterator[SshdServer]:
 
         host_key = tmp / "ssh_host_ed25519_key"
         host_pub = keygen(host_key)
+        ca_key = tmp / "host_ca"
+        ca_pub = keygen(ca_key)
+        _run("ssh-keygen", "-q", "-s", str(ca_key), "-h", "-I", "itest-host", "-n", NODE_ADDR,
+             str(host_key.with_suffix(".pub")))
         client_key = tmp / "id_ed25519"
         client_pub = keygen(client_key)
         authorized = tmp / "authorized_keys"
         authorized.write_text(client_pub + "\n")
+        # sshd reads authorized_keys as the user logging in: tests log in as users other than root.
+        tmp.chmod(0o711)
+        authorized.chmod(0o644)
         config = tmp / "sshd_config"
         config.write_text(_sshd_config(tmp, host_key, authorized))
         known_hosts = tmp / "known_hosts"
@@ -199,6 +212,7 @@ def throwaway_sshd() -> Iterator[SshdServer]:
         yield SshdServer(
             namespace=namespace, host_if=host_if, tmp=tmp, node=node, client_key=client_key,
             host_key=host_key, host_pubkey_line=host_pub, known_hosts=known_hosts, process=process,
+            ca_key=ca_key, ca_pubkey_line=ca_pub, authorized_keys=authorized,
         )
     finally:
         # Session children (one per SSH connection) live in the namespace too; kill them all, then

@@ -67,6 +67,11 @@ INI = {
 }
 
 
+# The known_hosts files OpenSSH reads besides ~/.ssh/known_hosts when its config names none.
+OPENSSH_ALSO = (Path("~/.ssh/known_hosts2").expanduser(), Path("/etc/ssh/ssh_known_hosts"),
+                Path("/etc/ssh/ssh_known_hosts2"))
+
+
 def test_ini_inventory_with_group_vars_and_host_vars(tmp_path: Path) -> None:
     inv = load_inventory(files(tmp_path, INI))
     by_name = {n.name: n for n in inv.nodes}
@@ -74,7 +79,7 @@ def test_ini_inventory_with_group_vars_and_host_vars(tmp_path: Path) -> None:
     assert list(by_name) == ["node0", "db1", "web01", "web02", "web03", "node1"]
     reset = "ipmitool -H {name}-bmc power reset"
     assert by_name["node0"] == NodeSpec(name="node0", host="10.0.0.10", vars={"env": "staging", "region": "none"},
-                                        reset_command=reset)
+                                        reset_command=reset, known_hosts_also=OPENSSH_ALSO)
     # host:port in the host line is ansible_port.
     db1 = by_name["db1"]
     assert (db1.host, db1.port, db1.groups) == ("10.0.0.20", 2200, ("db",))
@@ -82,7 +87,7 @@ def test_ini_inventory_with_group_vars_and_host_vars(tmp_path: Path) -> None:
     # [eu:vars] and [all:vars] of the file; group_vars/all beats [all:vars].
     assert by_name["web01"] == NodeSpec(name="web01", host="web01", user="deploy", groups=("eu", "web"),
                                         vars={"env": "staging", "region": "eu", "http_port": 8080, "a": 2},
-                                        reset_command=reset)
+                                        reset_command=reset, known_hosts_also=OPENSSH_ALSO)
     # host_vars beat everything; ansible_ssh_user beats ansible_user.
     assert (by_name["web02"].user, by_name["web02"].vars["a"]) == ("admin", 3)
     node1 = by_name["node1"]
@@ -200,6 +205,63 @@ def test_imagetool_settings_and_paths(tmp_path: Path, monkeypatch: pytest.Monkey
     assert [h.run for h in inv.hooks.before_activate] == ["echo before"]
 
 
+def test_ssh_config_and_become_as_for_imagetools_own_inventory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Ansible inventory's nodes are resolved as imagetool's own are (rollout.inventory.
+    resolve_nodes): `ssh -G` for the host name or ansible_host (HostName, User, Port,
+    IdentityFile and CertificateFile with their tokens, ProxyCommand, known hosts files), one
+    lookup per distinct alias, side by side; ansible_become* are imagetool's become keys."""
+    import threading
+
+    from rollout import sshconfig
+
+    (tmp_path / "id_web1").write_text("a key")
+    (tmp_path / "id_web1-cert.pub").write_text("its certificate")
+    config = tmp_path / "ssh_config"
+    config.write_text(textwrap.dedent(f"""\
+        Host web1
+            HostName 10.250.9.1
+            User alice
+            IdentityFile {tmp_path}/id_%n
+            CertificateFile {tmp_path}/id_%n-cert.pub
+            UserKnownHostsFile {tmp_path}/kh1 {tmp_path}/kh2
+        Host behind
+            HostName 10.250.9.2
+            ProxyCommand nc -X connect %h %p
+        Host *
+            Port 2200
+    """))
+    monkeypatch.setenv("IMAGETOOL_SSH_CONFIG", str(config))
+    lookups: list[tuple[str, str]] = []
+    run_ssh_g = sshconfig._run_ssh_g
+
+    def counted(alias: str, *args: object) -> dict[str, list[str]]:
+        lookups.append((alias, threading.current_thread().name))
+        return run_ssh_g(alias, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sshconfig, "_run_ssh_g", counted)
+    web1, web2, web3, web4 = load_inventory(files(tmp_path, {"hosts.ini": """\
+        web1 ansible_become=yes
+        web2 ansible_host=behind ansible_user=bob ansible_become=True ansible_become_user=imagetool
+        web3 ansible_host=10.250.9.3 ansible_port=22 imagetool_known_hosts=kh
+        web4 ansible_host=behind ansible_user=bob imagetool_become=false
+
+        [all:vars]
+        ansible_become_method=sudo
+    """})).nodes
+    assert (web1.host, web1.user, web1.port, web1.key, web1.certificates) == (
+        "10.250.9.1", "alice", 2200, tmp_path / "id_web1", (tmp_path / "id_web1-cert.pub",))
+    assert (web1.known_hosts, web1.known_hosts_also[0]) == (tmp_path / "kh1", tmp_path / "kh2")
+    assert (web1.become, web1.become_user) == (True, "root")
+    assert (web2.host, web2.user, web2.port, web2.proxy_command, web2.become, web2.become_user) == (
+        "10.250.9.2", "bob", 2200, "nc -X connect 10.250.9.2 2200", True, "imagetool")
+    assert (web3.host, web3.port, web3.user, web3.known_hosts, web3.known_hosts_also, web3.become) == (
+        "10.250.9.3", 22, "root", tmp_path / "kh", (), False)
+    assert web4.become is False
+    # web2 and web4 are the same lookup (behind, as bob): asked once; all of them by the pool.
+    assert sorted(a for a, _ in lookups if a != "imagetool-defaults") == ["10.250.9.3", "behind", "web1"]
+    assert all(thread.startswith("ThreadPoolExecutor") for a, thread in lookups if a != "imagetool-defaults")
+
+
 def test_imagetool_key_beats_the_ansible_one_whatever_the_level(tmp_path: Path) -> None:
     path = files(tmp_path, {
         "hosts.ini": "n1 ansible_host=10.0.0.1\n",
@@ -304,6 +366,11 @@ def test_detection(tmp_path: Path, name: str, text: str, kind: str) -> None:
      r"hosts.ini:4: ansible_group_priority: expected an integer"),
     ({"inv.yml": "all:\n  hosts: {n1: }\n  vars: {imagetool_health_checks: [{name: x}]}\n"},
      r"inv.yml: all.vars.imagetool_health_checks.x: a check needs exactly one of"),
+    # become
+    ({"hosts.ini": "n1 ansible_become=maybe\n"}, r"hosts.ini:1: ansible_become: expected true or false, got 'maybe'"),
+    ({"hosts.ini": "n1 ansible_become=yes ansible_become_method=su\n"},
+     r"hosts.ini:1: ansible_become_method: 'su': the only become_method is 'sudo'"),
+    ({"hosts.ini": "n1 ansible_become_user=-x\n"}, r"hosts.ini:1: ansible_become_user: '-x' is not a user name"),
 ])
 def test_hostile_and_malformed_inventories(tmp_path: Path, tree: dict[str, str | bytes], message: str) -> None:
     for name, text in tree.items():

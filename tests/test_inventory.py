@@ -112,11 +112,11 @@ def test_select_by_name_and_group(tmp_path: Path, no_ssh_config: Path) -> None:
     "text, message",
     [
         ("nodes:\n  a: {host: 10.250.0.1, hots: x}\n",
-         r"inventory.yaml: nodes.a: unknown key 'hots' \(allowed: host, port, user, key, known_hosts, proxy_jump, groups, vars, reset_command\)"),
+         r"inventory.yaml: nodes.a: unknown key 'hots' \(allowed: host, port, user, key, known_hosts, proxy_jump, groups, vars, reset_command, become, become_user, become_method\)"),
         ("nodes:\n  a: {host: 10.250.0.1}\nnode: {}\n",
          r"inventory.yaml: unknown key 'node' \(allowed: defaults, nodes, health_checks, hooks, run_once, trusted_keys\)"),
         ("defaults: {usr: root}\nnodes:\n  a: {host: 10.250.0.1}\n",
-         r"inventory.yaml: defaults: unknown key 'usr' \(allowed: user, port, key, known_hosts, proxy_jump, vars, reset_command\)"),
+         r"inventory.yaml: defaults: unknown key 'usr' \(allowed: user, port, key, known_hosts, proxy_jump, vars, reset_command, become, become_user, become_method\)"),
         ("nodes:\n  a: {port: 22}\n", r"inventory.yaml: nodes.a: missing 'host'"),
         ("nodes:\n  a: {host: 10.250.0.1}\n  b: {host: 10.250.0.2}\n  a: {host: 10.250.0.3}\n",
          r"inventory.yaml: malformed YAML at line 4, column 3: .*duplicate key 'a' \(first at line 2\)"),
@@ -145,7 +145,10 @@ def test_select_by_name_and_group(tmp_path: Path, no_ssh_config: Path) -> None:
          r"health_checks.x.retries: expected an integer 1-1000, got 0"),
         ("nodes:\n  a: {host: 10.250.0.1}\nhealth_checks:\n  - {name: x, command: 'true'}\n  - {name: x, command: 'false'}\n",
          r"health_checks.x.name: duplicate health check name 'x'"),
-        ("nodes:\n  a: {host: 10.250.0.1, proxy_jump: 'j1,j2'}\n", r"nodes.a.proxy_jump: 'j1,j2': only one jump host"),
+        ("nodes:\n  a: {host: 10.250.0.1, proxy_jump: 'j1,-x'}\n", r"nodes.a.proxy_jump: 'j1,-x': expected \[user@\]host"),
+        ("nodes:\n  a: {host: 10.250.0.1, become: 'yes'}\n", r"nodes.a.become: expected true or false"),
+        ("nodes:\n  a: {host: 10.250.0.1, become: true, become_method: su}\n", r"nodes.a.become_method: 'su': the only"),
+        ("defaults: {become_user: '-x'}\nnodes:\n  a: {host: 10.250.0.1}\n", r"defaults.become_user: '-x' is not a user"),
         ("nodes:\n  a: {host: 10.250.0.1}\nhealth_checks:\n  - {name: x, command: 'true', timeout: .nan}\n",
          r"health_checks.x.timeout: expected a number >= 0.001 and <= 86400, got nan"),
         ("nodes:\n  a: {host: 10.250.0.1}\nhealth_checks:\n  - {name: x, command: 'true', interval: .inf}\n",
@@ -194,11 +197,12 @@ def test_ssh_config_fills_what_inventory_leaves_out(tmp_path: Path, monkeypatch:
     """))
     alpha, beta, gamma, override = inv.nodes
     assert (alpha.host, alpha.user, alpha.port, alpha.key, alpha.proxy_jump) == (
-        "10.250.9.1", "alice", 2200, key, "jumper@10.250.9.254:2022")
+        "10.250.9.1", "alice", 2200, key, "jumper@[10.250.9.254]:2022")
     assert (beta.host, beta.user, beta.port) == ("10.250.9.2", "bob", 2201)
     # the inventory wins over the ssh config
     assert (gamma.user, gamma.port) == ("carol", 22)
-    assert (override.host, override.user, override.port, override.key) == ("alpha", "dave", 2200, tmp_path / "k")
+    # `host: alpha` is what `ssh alpha` would be given: its HostName applies, as in OpenSSH.
+    assert (override.host, override.user, override.port, override.key) == ("10.250.9.1", "dave", 2200, tmp_path / "k")
 
     # The explicit argument beats the environment variable.
     other = tmp_path / "other_config"

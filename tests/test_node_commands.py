@@ -17,6 +17,7 @@ from rollout.node import (
     HelperError,
     HelperNode,
     NodeStatus,
+    become_argv,
     helper_argv,
     incoming_paths,
     parse_answer,
@@ -171,6 +172,55 @@ def test_helper_node_sends_exact_commands() -> None:
         ["imagetool-node", "commit", "web-1.1", "--rollout", "r-1"],
         ["imagetool-node", "clear-next"],
     ]
+
+
+def test_become_argv() -> None:
+    plain = NodeSpec(name="n1", host="10.0.0.1", user="deploy")
+    assert become_argv(plain, ["imagetool-node", "status"]) == ["imagetool-node", "status"]
+    become = NodeSpec(name="n1", host="10.0.0.1", user="deploy", become=True)
+    assert become_argv(become, ["imagetool-node", "status"]) == ["sudo", "-n", "-u", "root", "--", "imagetool-node", "status"]
+    other = NodeSpec(name="n1", host="10.0.0.1", user="deploy", become=True, become_user="imagetool")
+    assert become_argv(other, ["imagetool-node", "gc"]) == ["sudo", "-n", "-u", "imagetool", "--", "imagetool-node", "gc"]
+
+
+class SudoTransport(ScriptedTransport):
+    """A login user's node: helper commands arrive behind `sudo -n ... --`; `password` makes sudo
+    refuse them as it does without a NOPASSWD rule."""
+
+    def __init__(self, answers: dict[str, list[Any]], password: bool = False) -> None:
+        super().__init__(answers)
+        self.password = password
+
+    def run(self, argv: list[str], *, timeout: float = 60, **_: Any) -> CommandResult:
+        assert argv[:5] == ["sudo", "-n", "-u", "root", "--"]
+        if self.password:
+            self.calls.append(list(argv))
+            return CommandResult(" ".join(argv), 1, "", "sudo: a password is required\n")
+        result = super().run(argv[5:])
+        self.calls[-1] = list(argv)
+        return result
+
+
+def test_helper_node_with_become() -> None:
+    spec = NodeSpec(name="n1", host="10.0.0.1", user="deploy", become=True)
+    t = SudoTransport({"stage-abort": [{"ok": True, "freed_bytes": 3}]})
+    assert HelperNode(spec, t).stage_abort("web-1.1")["freed_bytes"] == 3  # type: ignore[arg-type]
+    assert t.calls == [["sudo", "-n", "-u", "root", "--", "imagetool-node", "stage-abort", "web-1.1"]]
+    # stage-delta too, pushed pack or pulled from a store (--source)
+    t = SudoTransport({"stage-delta": [{"ok": True}]})
+    n = HelperNode(spec, t)  # type: ignore[arg-type]
+    n.stage_delta("web-1.1", ["web-1.0"], source="http://store:8080/", timeout=600)
+    n.stage_delta("web-1.1", ["web-1.0"], pack="web-1.1.delta-" + "a" * 32 + ".tar")
+    assert t.calls == [
+        ["sudo", "-n", "-u", "root", "--", "imagetool-node", "stage-delta", "web-1.1", "--source",
+         "http://store:8080/", "--timeout", "600", "--seed", "web-1.0"],
+        ["sudo", "-n", "-u", "root", "--", "imagetool-node", "stage-delta", "web-1.1", "--pack",
+         "web-1.1.delta-" + "a" * 32 + ".tar", "--seed", "web-1.0"],
+    ]
+    n = HelperNode(spec, SudoTransport({}, password=True))  # type: ignore[arg-type]
+    with pytest.raises(NodeError, match=r"node n1: sudo asks 'deploy' for a password to run imagetool-node as 'root' "
+                                        r"\(become\); .*`deploy ALL=\(root\) NOPASSWD: /usr/sbin/imagetool-node`"):
+        n.stage_info("web-1.1")
 
 
 CLAIM = LockClaim("r-2", "me@here", "imagetool rollout", token="c" * 32,

@@ -522,3 +522,31 @@ def test_a_damaged_state_file_does_not_stop_the_dead_man_switch(tmp_path):
     assert answer["trial"] is True and answer["rebooting"] is True
     assert "could not settle state.json" in answer["_stderr"]
     assert (tmp_path / "systemctl.log").read_text().split() == ["reboot"]
+
+
+def test_receive_writes_only_a_transfers_files_in_incoming(node: NodeRoot) -> None:
+    """`receive` (how `become` stages as a login user other than root) appends stdin to one of a
+    transfer's files in .incoming, resuming at --offset, and writes nothing anywhere else."""
+    incoming = node.images / ".incoming"
+
+    def receive(path: str, data: bytes, *options: str) -> dict[str, Any]:
+        env = {**os.environ, "IMAGETOOL_NODE_ROOT": str(node.root), "IMAGETOOL_NODE_BOOT_ID_FILE": str(node.boot_id)}
+        r = subprocess.run([sys.executable, str(HELPER), "receive", path, *options], input=data,
+                           capture_output=True, env=env, timeout=60)
+        return json.loads(r.stdout)
+
+    target = str(incoming / "web-2.squashfs")
+    assert receive(target, b"first part ") == {"ok": True, "path": target, "received_bytes": 11}
+    assert receive(target, b"and the rest", "--offset", "11")["received_bytes"] == 12
+    assert (incoming / "web-2.squashfs").read_bytes() == b"first part and the rest"
+    wrong = receive(target, b"x", "--offset", "5")
+    assert not wrong["ok"] and "holds 23 bytes, not 5" in wrong["error"]
+    assert receive(target, b"again")["received_bytes"] == 5  # offset 0 starts over
+    assert (incoming / "web-2.squashfs").read_bytes() == b"again"
+    pack = f"{incoming}/web-2.delta-{'0' * 16}.tar"  # a delta pack (delta staging) is a transfer's file too
+    assert receive(pack, b"tar")["received_bytes"] == 3
+    for path in (str(node.root / "etc/passwd"), f"{incoming}/web-2.delta-xyz.tar", str(node.images / "web-2.squashfs"),
+                 f"{incoming}/../web-3.squashfs", f"{incoming}/web-3.squashfs.extra", f"{incoming}/.squashfs"):
+        answer = receive(path, b"evil")
+        assert not answer["ok"], path
+    assert not (node.root / "etc/passwd").exists() and not (node.images / "web-3.squashfs").exists()
