@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imagetool import schema
+from imagetool.chunks import check_source
 from imagetool.errors import InputError
 from imagetool.schema import Where
 from imagetool.signing import load_public_key
@@ -39,8 +40,8 @@ HOOKS_KEYS = HOOK_POINTS
 HOOK_KEYS = ("name", "run", "where", "timeout")
 RUN_ONCE_KEYS = (*HOOK_KEYS, "node")
 BECOME_KEYS = ("become", "become_user", "become_method")
-DEFAULT_KEYS = ("user", "port", "key", "known_hosts", "proxy_jump", "vars", "reset_command", *BECOME_KEYS)
-NODE_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "groups", "vars", "reset_command",
+DEFAULT_KEYS = ("user", "port", "key", "known_hosts", "proxy_jump", "vars", "reset_command", "source", *BECOME_KEYS)
+NODE_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "groups", "vars", "reset_command", "source",
              *BECOME_KEYS)
 
 
@@ -170,6 +171,14 @@ def _reset_command(value: Any, where: Where) -> str:
     return text
 
 
+def _source(value: Any, where: Where) -> str:
+    """An HTTP store (`imagetool publish`) the node pulls releases from itself."""
+    try:
+        return check_source(_str(value, where))
+    except InputError as e:
+        raise where.error(str(e)) from None
+
+
 # --- ~/.ssh/config ----------------------------------------------------------------------------
 
 
@@ -187,7 +196,8 @@ def _ssh_config_path(path: str | os.PathLike[str] | None) -> str | None:
 # --- public API -------------------------------------------------------------------------------
 
 
-SETTING_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "reset_command", *BECOME_KEYS)
+SETTING_KEYS = ("host", "port", "user", "key", "known_hosts", "proxy_jump", "reset_command", "source",
+                *BECOME_KEYS)
 
 
 def setting(key: str, value: Any, where: Where, base: Path) -> Any:
@@ -196,7 +206,7 @@ def setting(key: str, value: Any, where: Where, base: Path) -> Any:
         return _path(value, where, base)
     check = {"host": _host, "port": schema.port, "user": _user, "proxy_jump": _proxy_jump,
              "reset_command": _reset_command, "become": _become, "become_user": _user,
-             "become_method": _become_method}[key]
+             "become_method": _become_method, "source": _source}[key]
     return check(value, where)
 
 
@@ -289,6 +299,7 @@ def resolve_node(node: GivenNode, *, config: str | None, known_hosts: Path,
         identities_only=opts.identities_only, known_hosts_also=known_hosts_also,
         strict_host_key_checking=opts.strict_host_key_checking, ssh_config=config,
         become=said.get("become", False), become_user=said.get("become_user", DEFAULT_USER),
+        source=said.get("source"),
     )
 
 

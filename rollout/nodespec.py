@@ -58,6 +58,9 @@ class NodeSpec:
     # that stopped answering SSH: an IPMI, hypervisor or lab reset. None: wait for the node's own
     # dead-man switch instead.
     reset_command: str | None = None
+    # An HTTP store (`imagetool publish`) this node pulls releases from itself, near it (a site's
+    # mirror, a CDN); `--source` overrides it for a run. None: the controller sends what it lacks.
+    source: str | None = None
     # From ssh_config (rollout.sshconfig), where the inventory is silent. The command that carries
     # the connection instead of TCP (%-tokens already expanded); mutually exclusive with
     # proxy_jump, which may list several hops "a,user@b:2222".

@@ -347,6 +347,14 @@ def check_for_node(node: str, release: StoredRelease, info: StageInfo) -> None:
         _signed_by(release, keys, f"release {release.id} (for node {node})")
 
 
+def source_for(node: Node, source: str | None, delta: bool = True) -> str | None:
+    """The HTTP store `node` pulls from: the run's (--source), else its inventory's, unless the
+    run sends whole images (--no-delta: the way round a store that is down), else none."""
+    if source is not None or not delta:
+        return source
+    return getattr(getattr(node, "spec", None), "source", None)
+
+
 def stage_all(nodes: Sequence[Node], release: StoredRelease, parallel: int = 4,
               progress: StageProgress | None = None, *,
               lock_as: tuple[str, str, str] | None = None, trusted_keys: Sequence[Path] = (),
@@ -362,10 +370,11 @@ def stage_all(nodes: Sequence[Node], release: StoredRelease, parallel: int = 4,
 
     def one(node: Node) -> StageResult:
         start = time.monotonic()
+        src = source_for(node, source, delta)
         try:
             if lock_as is None:
-                return stage(node, release, progress, delta=delta, source=source)
-            return under_lock(node, *lock_as, lambda n: stage(n, release, progress, delta=delta, source=source))
+                return stage(node, release, progress, delta=delta, source=src)
+            return under_lock(node, *lock_as, lambda n: stage(n, release, progress, delta=delta, source=src))
         except Exception as e:  # noqa: BLE001 - a node's failure is data; Ctrl-C is not
             result = StageResult(node.name, release.id, "failed", 0, time.monotonic() - start, str(e), e)
             progress.stage_end(node.name, result)

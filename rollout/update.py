@@ -64,7 +64,7 @@ from rollout.node import GroupResult, Node, NodeStatus, for_each
 from rollout.plan import Action, NodePlan, bootstrap_node, only_reads, plan_rollback, plan_rollout
 from rollout.plan import batches as plan_batches
 from rollout.policy import BatchOutcome, NodeResult, OnFailure, decide, exit_code
-from rollout.stage import StageProgress, check_release_files, estimate, stage_all
+from rollout.stage import StageProgress, check_release_files, estimate, source_for, stage_all
 
 __all__ = [
     "EventFn", "Interrupted", "Rollout", "RolloutOptions", "RolloutResult", "Step", "default_owner",
@@ -330,8 +330,9 @@ class Rollout:
         """A node to stage, with what staging it would send: the delta from the images it holds."""
         if not p.stage_bytes:
             return p
-        if self.options.source:
-            return dataclasses.replace(p, reason=f"pull from {self.options.source}, then activate")
+        source = source_for(self.nodes[p.node], self.options.source, self.options.delta)
+        if source:
+            return dataclasses.replace(p, reason=f"pull from {source}, then activate")
         held = [(i.id, i.sha256) for i in p.status.images]
         size, how = estimate(release, held, delta=self.options.delta)
         return dataclasses.replace(p, stage_bytes=size, reason=f"stage ({how}), then activate")

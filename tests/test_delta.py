@@ -17,7 +17,7 @@ from imagetool.chunks import ChunkStore, read_index
 from imagetool.store import StoredRelease
 from rollout.local import LocalMachine, local_nodes
 from rollout.node import HelperNode
-from rollout.stage import needed_bytes, stage
+from rollout.stage import needed_bytes, stage, stage_all
 from rollout.update import Rollout
 from tests.local_fleet import OLD, Fleet, fleet, machine, options, state  # noqa: F401 - fixtures
 from tests.samples import make_release
@@ -275,6 +275,27 @@ def test_a_node_pulls_only_what_it_lacks_from_an_http_store(node: HelperNode, ne
     assert result.bytes_sent == new.manifest_path.stat().st_size
     assert 0 < served.bytes < 0.15 * SIZE, served.bytes
     assert installed(node, new).read_bytes() == new.squashfs_path.read_bytes()
+
+
+def test_a_node_whose_inventory_names_a_store_pulls_from_it(node: HelperNode, new: StoredRelease, tmp_path: Path,
+                                                            served: Served) -> None:
+    """The inventory's `source` (a site's mirror): the node pulls unless the run says otherwise."""
+    import dataclasses
+
+    from rollout.node import HelperNode as Helper
+
+    published(new, tmp_path)
+    near = Helper(dataclasses.replace(node.spec, source=served.url), node.transport)
+    planned = Rollout([near], options(dry_run=True)).run(new).node(near.name)
+    assert planned.detail == f"pull from {served.url}, then activate", planned
+    # --no-delta is the way round a store that is down: the controller sends the whole image.
+    whole = stage_all([near], new, delta=False).results[near.name]
+    assert whole.mode == "full" and served.bytes == 0, whole
+    for f in machine(near).node_var.images.glob(f"{new.id}.*"):
+        f.unlink()  # staged again below, this time from the store
+    pulled = stage_all([near], new).results[near.name]
+    assert pulled.mode == "pull" and 0 < served.bytes < 0.15 * SIZE, (pulled, served.bytes)
+    assert installed(near, new).read_bytes() == new.squashfs_path.read_bytes()
 
 
 def test_publishing_a_second_release_adds_only_its_new_chunks(new: StoredRelease, old: StoredRelease,

@@ -95,6 +95,14 @@ def test_defaults(tmp_path: Path, no_ssh_config: Path) -> None:
     assert inv.health_checks == []
 
 
+def test_source_from_defaults_and_per_node(tmp_path: Path, no_ssh_config: Path) -> None:
+    """Nodes pull from the store nearest them: a node's own `source` wins over the defaults'."""
+    inv = load_inventory(write(tmp_path, "defaults: {source: 'http://10.250.0.9:8080/store/'}\nnodes:\n"
+                                         "  a: {host: 10.250.0.1}\n"
+                                         "  b: {host: 10.250.0.2, source: 'https://eu.mirror.example/s'}\n"))
+    assert [n.source for n in inv.nodes] == ["http://10.250.0.9:8080/store", "https://eu.mirror.example/s"]
+
+
 def test_select_by_name_and_group(tmp_path: Path, no_ssh_config: Path) -> None:
     inv = load_inventory(write(tmp_path, FULL))
     names = lambda nodes: [n.name for n in nodes]  # noqa: E731
@@ -112,11 +120,11 @@ def test_select_by_name_and_group(tmp_path: Path, no_ssh_config: Path) -> None:
     "text, message",
     [
         ("nodes:\n  a: {host: 10.250.0.1, hots: x}\n",
-         r"inventory.yaml: nodes.a: unknown key 'hots' \(allowed: host, port, user, key, known_hosts, proxy_jump, groups, vars, reset_command, become, become_user, become_method\)"),
+         r"inventory.yaml: nodes.a: unknown key 'hots' \(allowed: host, port, user, key, known_hosts, proxy_jump, groups, vars, reset_command, source, become, become_user, become_method\)"),
         ("nodes:\n  a: {host: 10.250.0.1}\nnode: {}\n",
          r"inventory.yaml: unknown key 'node' \(allowed: defaults, nodes, health_checks, hooks, run_once, trusted_keys\)"),
         ("defaults: {usr: root}\nnodes:\n  a: {host: 10.250.0.1}\n",
-         r"inventory.yaml: defaults: unknown key 'usr' \(allowed: user, port, key, known_hosts, proxy_jump, vars, reset_command, become, become_user, become_method\)"),
+         r"inventory.yaml: defaults: unknown key 'usr' \(allowed: user, port, key, known_hosts, proxy_jump, vars, reset_command, source, become, become_user, become_method\)"),
         ("nodes:\n  a: {port: 22}\n", r"inventory.yaml: nodes.a: missing 'host'"),
         ("nodes:\n  a: {host: 10.250.0.1}\n  b: {host: 10.250.0.2}\n  a: {host: 10.250.0.3}\n",
          r"inventory.yaml: malformed YAML at line 4, column 3: .*duplicate key 'a' \(first at line 2\)"),
@@ -147,6 +155,10 @@ def test_select_by_name_and_group(tmp_path: Path, no_ssh_config: Path) -> None:
          r"health_checks.x.name: duplicate health check name 'x'"),
         ("nodes:\n  a: {host: 10.250.0.1, proxy_jump: 'j1,-x'}\n", r"nodes.a.proxy_jump: 'j1,-x': expected \[user@\]host"),
         ("nodes:\n  a: {host: 10.250.0.1, become: 'yes'}\n", r"nodes.a.become: expected true or false"),
+        ("defaults: {source: 'ftp://mirror/store'}\nnodes:\n  a: {host: 10.250.0.1}\n",
+         r"defaults.source: store URL 'ftp://mirror/store' is not http:// or https://HOST"),
+        ("nodes:\n  a: {host: 10.250.0.1, source: 'http://m/$(reboot)'}\n", r"nodes.a.source: store URL"),
+        ("nodes:\n  a: {host: 10.250.0.1, source: 80}\n", r"nodes.a.source: expected a non-empty string"),
         ("nodes:\n  a: {host: 10.250.0.1, become: true, become_method: su}\n", r"nodes.a.become_method: 'su': the only"),
         ("defaults: {become_user: '-x'}\nnodes:\n  a: {host: 10.250.0.1}\n", r"defaults.become_user: '-x' is not a user"),
         ("nodes:\n  a: {host: 10.250.0.1}\nhealth_checks:\n  - {name: x, command: 'true', timeout: .nan}\n",

@@ -40,11 +40,12 @@ parallel_option = click.option(
 delta_option = click.option(
     "--delta/--no-delta", default=True, show_default=True,
     help="Send a node only the chunks of the image it lacks, taking the rest from images it holds "
-         "(--no-delta: always the whole image).")
+         "(--no-delta: always the whole image, from the controller, even to nodes whose inventory "
+         "names a source).")
 source_option = click.option(
     "--source", default=None, metavar="URL",
     help="Nodes fetch the chunks they lack from this HTTP(S) store (`imagetool publish`) themselves; "
-         "the controller sends only manifests.")
+         "the controller sends only manifests. Default: each node's inventory `source`, if any.")
 trusted_key_option = click.option(
     "--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False), metavar="PEM",
     help="Release signing public key to require (repeatable; beside the inventory's trusted_keys): "
