@@ -22,7 +22,8 @@ from imagetool.yamlfile import load_yaml
 
 DISTRIBUTIONS = {"debian": "debian-minimal", "ubuntu": "ubuntu-minimal"}
 DEFAULT_DISTRIBUTION = "debian"
-DEFAULT_RELEASE = "bookworm"
+# Debian's current stable; bookworm (oldstable) keeps building and booting (examples/webapp-1-bookworm.yaml).
+DEFAULT_RELEASE = "trixie"
 
 COMPRESSIONS = ("gzip", "zstd", "xz", "lzo", "lz4")
 # GRUB (2.06 and 2.12) reads squashfs compressed with these only; a machine whose GRUB loads the

@@ -34,7 +34,7 @@ def journal_dir(tmp_path_factory) -> Iterator[Path]:
         os.environ["IMAGETOOL_STATE_DIR"] = old
 
 
-BUILT_RELEASES = {"release1", "release2", "release3"}
+BUILT_RELEASES = {"release1", "release2", "release3", "release_bookworm"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -112,6 +112,13 @@ def release2():
     """Version 2, built with --sign-key (the key pair is signing_keys())."""
     needs_root()
     return build_cached(EXAMPLES / "webapp-2.yaml", sign=True)
+
+
+@pytest.fixture(scope="session")
+def release_bookworm():
+    """webapp-1 built on Debian bookworm (oldstable; trixie is the default): it still builds and boots."""
+    needs_root()
+    return build_cached(EXAMPLES / "webapp-1-bookworm.yaml")
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ def test_squashfs_command_is_gzip_with_the_epoch():
 def test_environment_for_elements(tmp_path):
     release = load_release(EXAMPLE)
     env = dib_environment(release, tmp_path)
-    assert env["DIB_RELEASE"] == "bookworm"
+    assert env["DIB_RELEASE"] == "trixie"
     assert env["DIB_DISTRIBUTION_MIRROR"].startswith("http")
     assert env["DIB_DEBIAN_SECURITY_MIRROR"].endswith("-security")
     assert env["ELEMENTS_PATH"] == f"{tmp_path}:{EXAMPLE.parent / 'elements'}"

@@ -50,6 +50,21 @@ def test_manifest_describes_the_image(release1):
     assert release1.log is not None and "disk-image-create" in release1.log.read_text()
 
 
+def test_bookworm_still_builds_beside_the_trixie_default(release1, release_bookworm, tmp_path):
+    """Debian's current stable is the default base; the one before still builds, with its own
+    packages, into an image ready for the same boot path (kernel, initramfs, imagetool's hook)."""
+    def systemd(m) -> str:
+        return next(p.version for p in m.packages if p.name == "systemd")
+
+    assert (release1.manifest.base.release, release_bookworm.manifest.base.release) == ("trixie", "bookworm")
+    assert systemd(release1.manifest).startswith("257") and systemd(release_bookworm.manifest).startswith("252")
+    listing = subprocess.run(["unsquashfs", "-l", "-d", "", str(release_bookworm.squashfs)], capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert "/boot/vmlinuz" in listing and "/boot/initrd.img" in listing
+    assert "/etc/initramfs-tools/scripts/imagetool" in listing  # imagetool-boot: the initramfs mounts the image
+    assert "/usr/lib/imagetool/imagetool-node" in listing
+
+
 def test_squashfs_is_imagetools_own_gzip(release1):
     r = subprocess.run(["unsquashfs", "-s", str(release1.squashfs)], capture_output=True, text=True, check=True)
     assert "Compression gzip" in r.stdout  # GRUB reads gzip, not zstd

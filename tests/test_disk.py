@@ -184,6 +184,11 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 def test_disk_boots_into_its_image_under_bios_and_uefi(release1, tmp_path, firmware):
     """The same disk, on both firmwares: GRUB reads grub.cfg, loads the kernel from inside the
     squashfs, and the initramfs hands over to the image's systemd on a read-only root."""
+    boots_through_grub(release1, tmp_path, firmware)
+
+
+def boots_through_grub(release1, tmp_path, firmware: str) -> None:
+    """A disk of `release1` booted in qemu reaches the image's systemd (also used by test_vm)."""
     from tests.conftest import wait_for
 
     if not shutil.which("qemu-system-x86_64") or (firmware == "uefi" and not OVMF_CODE.exists()):

@@ -120,7 +120,7 @@ def test_minimal_release_gets_defaults(tmp_path: Path) -> None:
     r = load_release(write(tmp_path, "name: webapp\nversion: 2\n"))
     assert r.version == "2"
     assert r.description == ""
-    assert r.base == Base("debian", "bookworm")
+    assert r.base == Base("debian", "trixie")  # Debian's current stable
     assert r.mirrors == Mirrors(None, None)
     assert r.elements == () and r.packages == () and r.services == () and r.health_checks == ()
     assert r.element_paths == ()

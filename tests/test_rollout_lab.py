@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from imagetool.cli import main
 from rollout.inventory import CheckSpec, load_inventory
 from rollout.update import RolloutOptions, run_rollback, run_rollout
-from tests.conftest import TEST_STORE, make_lab, node_status
+from tests.conftest import TEST_STORE, lab_ssh, make_lab, node_status
 from tests.derive import broken_boot, broken_sshd, derive_release, failing_health_check
 from tests.faults import fault
 
@@ -252,3 +252,16 @@ def test_nodes_pull_the_release_from_an_http_store(cluster, inventory, release2,
     # Back to webapp-2 for whatever comes after.
     back = run_rollout(release2, inventory, RolloutOptions(batches="4", **FAST))
     assert back.exit_code == 0 and back.bytes_sent == 0, back.to_dict()
+
+
+def test_a_bookworm_release_rolls_out_and_back(cluster, inventory, release2, release_bookworm):
+    """The default base is trixie; a release built on bookworm runs on a lab node like any other:
+    staged, booted, its services up behind the health gate, committed; then back to trixie."""
+    result = run_rollout(release_bookworm, inventory, RolloutOptions(batches="1", limit=["node1"], **FAST))
+    assert result.exit_code == 0 and result.node("node1").outcome == "done", result.to_dict()
+    s = statuses(cluster)["node1"]
+    assert (s["booted"], s["committed"], s["system_state"]) == (release_bookworm.id, release_bookworm.id, "running"), s
+    assert lab_ssh(cluster, cluster.node("node1"), "cat", "/etc/debian_version").stdout.startswith("12.")
+    back = run_rollout(release2, inventory, RolloutOptions(batches="1", limit=["node1"], **FAST))
+    assert back.exit_code == 0 and back.bytes_sent == 0, back.to_dict()
+    assert_all_on(cluster, release2.id)

@@ -26,6 +26,7 @@ from rollout.update import RolloutOptions, run_rollback, run_rollout
 from tests.conftest import REPO, TEST_STORE, check_cut_and_heal, lab_ssh, make_lab, node_status, wait_for
 from tests.derive import broken_boot, derive_release, failing_health_check
 from tests.faults import fault
+from tests.test_disk import boots_through_grub
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm]
 
@@ -202,3 +203,11 @@ def test_failing_health_gate_on_a_vm_is_rolled_back(cluster, inventory, vm, rele
     s = node_status(cluster, vm)
     assert (s["booted"], s["default"], s["committed"]) == (release1.id,) * 3
     assert s["system_state"] == "running"
+
+
+def test_a_bookworm_release_boots_through_grub_too(release_bookworm, tmp_path):
+    """trixie is the default base; a release on bookworm (its own kernel, initramfs-tools and
+    systemd) still boots through the same GRUB path. Last in this file: the other run of
+    scripts/test has built it by then."""
+    assert release_bookworm.manifest.base.release == "bookworm"
+    boots_through_grub(release_bookworm, tmp_path, "bios")
