@@ -209,7 +209,7 @@ def boots_through_grub(release1, tmp_path, firmware: str) -> None:
             return console.read_text(errors="replace") if console.exists() else ""
 
         # "Reached target": the image's systemd is running (Debian's initramfs has no systemd).
-        handed_over = wait_for(lambda: "Reached target" in text() or "Kernel panic" in text(), timeout=300,
+        handed_over = wait_for(lambda: "Reached target" in text() or "Kernel panic" in text(), timeout=600,
                                interval=2)
         log = text()
         assert handed_over and "Kernel panic" not in log, log[-3000:]
