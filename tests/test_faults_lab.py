@@ -150,7 +150,7 @@ def power_cut_at(cluster, node: str, point: str, timeout: float = 300, armed: bo
     return thread
 
 
-def wait_up(cluster, node: str, timeout: float = 120) -> None:
+def wait_up(cluster, node: str, timeout: float = 300) -> None:
     assert wait_for(lambda: ssh(cluster, node, "systemctl is-system-running --wait", check=False,
                                 timeout=90).stdout.strip() == "running", timeout, 1), f"{node} did not come back"
 

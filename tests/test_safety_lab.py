@@ -201,7 +201,7 @@ def test_network_cut_after_boot_the_node_returns_by_itself(cluster, release2, re
 
     def heal_when_back() -> None:
         # Seen from the host while the node is cut off: its firmware boots r2 again.
-        if wait_for(lambda: host_side_booted(cluster, "node1") == release2.id, 120, 0.5):
+        if wait_for(lambda: host_side_booted(cluster, "node1") == release2.id, 240, 0.5):
             came_back.append(time.monotonic())
         lab.heal(cluster, "node1")
 

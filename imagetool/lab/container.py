@@ -98,9 +98,14 @@ def container_state(lab: Lab, node: LabNode) -> NodeState:
     init = container_init(lab, node.name)
     system_state = "off" if not powered else "booting"
     if init:
-        r = subprocess.run(["nsenter", "-t", str(init), "-m", "-p", "-u", "-i", "-n",
-                            "systemctl", "is-system-running"], capture_output=True, text=True, timeout=10)
-        system_state = r.stdout.strip() or "booting"
+        # A loaded host (or a node deep in its boot) may take longer to answer than a status
+        # should wait: then its state is not known, which is not an error of `lab status`.
+        try:
+            r = subprocess.run(["nsenter", "-t", str(init), "-m", "-p", "-u", "-i", "-n",
+                                "systemctl", "is-system-running"], capture_output=True, text=True, timeout=10)
+            system_state = r.stdout.strip() or "booting"
+        except subprocess.TimeoutExpired:
+            system_state = "unknown"
     return NodeState(node.name, node.address, powered, booted, system_state, link_state(node), node.kind)
 
 
