@@ -221,6 +221,9 @@ class Rollout:
         self.events = Events(journal, events)
         self._progress = progress
         self._cancel = threading.Event()
+        # (target, images a node holds) -> estimate: a fleet holds few distinct image sets, and
+        # each estimate reads the seeds' manifests from the store.
+        self._estimates: dict[tuple[str, tuple[tuple[str, str | None], ...], bool], tuple[int, str]] = {}
         self._locked: list[Node] = []
         self._full_bytes = 0
         o = self.options
@@ -333,8 +336,11 @@ class Rollout:
         source = source_for(self.nodes[p.node], self.options.source, self.options.delta)
         if source:
             return dataclasses.replace(p, reason=f"pull from {source}, then activate")
-        held = [(i.id, i.sha256) for i in p.status.images]
-        size, how = estimate(release, held, delta=self.options.delta)
+        held = tuple(sorted((i.id, i.sha256) for i in p.status.images))
+        key = (release.id, held, self.options.delta)
+        if key not in self._estimates:
+            self._estimates[key] = estimate(release, held, delta=self.options.delta)
+        size, how = self._estimates[key]
         return dataclasses.replace(p, stage_bytes=size, reason=f"stage ({how}), then activate")
 
     # --- connect, lock --------------------------------------------------------------------

@@ -148,19 +148,20 @@ def test_resolution_agrees_with_ssh_G(tmp_path: Path, files: dict[str, str], nod
             assert parity[field]() == value, f"ssh -G disagrees on {field}"
 
 
-def test_unknown_token_is_an_error(tmp_path: Path) -> None:
+def load_with_config(tmp_path: Path, config_text: str, inventory_text: str) -> None:
     config = tmp_path / "config"
-    config.write_text("Host t\n  HostName 10.1.0.1\n  ProxyCommand nc %h %Z\n")
+    config.write_text(config_text)
     inv = tmp_path / "inventory.yaml"
-    inv.write_text("nodes: {t: {}}\n")
+    inv.write_text(inventory_text)
+    load_inventory(inv, ssh_config=config)
+
+
+def test_unknown_token_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"ProxyCommand 'nc %h %Z': unknown token %Z"):
-        load_inventory(inv, ssh_config=config)
+        load_with_config(tmp_path, "Host t\n  HostName 10.1.0.1\n  ProxyCommand nc %h %Z\n", "nodes: {t: {}}\n")
 
 
 def test_a_broken_config_names_the_file(tmp_path: Path) -> None:
-    config = tmp_path / "config"
-    config.write_text("Host t\n  NoSuchOption yes\n")
-    inv = tmp_path / "inventory.yaml"
-    inv.write_text("nodes: {t: {host: 10.1.0.1}}\n")
-    with pytest.raises(InputError, match=rf"ssh config {config}: cannot resolve '10.1.0.1': .*line 2: Bad configuration option: nosuchoption"):
-        load_inventory(inv, ssh_config=config)
+    with pytest.raises(InputError, match=rf"ssh config {tmp_path / 'config'}: cannot resolve '10.1.0.1': .*line 2: "
+                                          "Bad configuration option: nosuchoption"):
+        load_with_config(tmp_path, "Host t\n  NoSuchOption yes\n", "nodes: {t: {host: 10.1.0.1}}\n")
