@@ -39,7 +39,9 @@ def rsync_bytes(old: Path, new: Path) -> int:
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         target = Path(tmp) / new.name
         shutil.copyfile(old, target)
-        out = subprocess.run(["rsync", "--no-whole-file", "--inplace", "--stats", str(new), str(target)],
+        # Not --inplace: in place, rsync cannot match data that moved to an earlier offset (it
+        # overwrote it already), so every insertion makes the rest of the image literal data.
+        out = subprocess.run(["rsync", "--no-whole-file", "--stats", str(new), str(target)],
                              capture_output=True, text=True, check=True).stdout
     sent = re.search(r"Total bytes sent: ([\d,]+)", out)
     received = re.search(r"Total bytes received: ([\d,]+)", out)

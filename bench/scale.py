@@ -1,6 +1,7 @@
 """Scale: the controller driving a thousand nodes through a real rollout, measured.
 
-    .venv/bin/python bench/scale.py [--nodes 1000] [--batches 1,10%,25%] [--parallel 4] [--quick] [--profile FILE]
+    .venv/bin/python bench/scale.py [--nodes 1000] [--batches 1,10%,25%] [--parallel 4] [--batch-parallel 64]
+                                       [--quick] [--profile FILE]
 
 The nodes are local machines (rollout.local): the real node helper run as a subprocess against a
 directory per node, reboots played by the machine's firmware (a new boot id, the dead-man switch
@@ -24,9 +25,10 @@ What is counted:
                    /proc/self/clear_refs) less its resident set before it, for the small and the
                    large rollout; growth per node is their difference over the difference in nodes.
                    Both fleets exist before either rollout, and the machines keep no action log,
-                   so neither shows up as the controller's. What does: per node of the running
-                   batch, its worker thread (stack, malloc arena) and its command in flight
-                   (subprocess pipes and buffers here, an SSH channel in production).
+                   so neither shows up as the controller's. What does: per node activating at
+                   once (at most --batch-parallel of a batch), its worker thread (stack, malloc
+                   arena) and its command in flight (subprocess pipes and buffers here, an SSH
+                   channel in production).
   no-op re-run     its wall time over the baseline's, both with the rollout's --parallel: the
                    baseline is the `ssh NODE true` of these nodes, one helper round trip each.
 With --profile FILE the large rollout runs under cProfile, every thread of it (pstats format);
@@ -252,6 +254,7 @@ def main() -> int:
     p.add_argument("--nodes", type=int, default=1000, help="nodes of the large fleet (default 1000)")
     p.add_argument("--batches", default=None, help="default 1,10%%,25%% (--quick: 1,50%%)")
     p.add_argument("--parallel", type=int, default=RolloutOptions.parallel)
+    p.add_argument("--batch-parallel", type=int, default=RolloutOptions.batch_parallel)
     p.add_argument("--quick", action="store_true", help="a smoke run: 6 nodes in two batches after the canary")
     p.add_argument("--profile", metavar="FILE", help="cProfile the large rollout into FILE")
     args = p.parse_args()
@@ -277,7 +280,8 @@ def run(args: argparse.Namespace, n: int, small: int, root: Path) -> int:
         print(f"{small} + {n} local nodes set up in {time.monotonic() - t:.0f} s ({root})", flush=True)
 
         def options(rid: str) -> RolloutOptions:
-            return RolloutOptions(batches=args.batches, parallel=args.parallel, rollout_id=rid)
+            return RolloutOptions(batches=args.batches, parallel=args.parallel, batch_parallel=args.batch_parallel,
+                                  rollout_id=rid)
 
         state = root / "state"
         first = measure(rollout(small_fleet, new, options("small"), state), meter)
@@ -310,7 +314,8 @@ def run(args: argparse.Namespace, n: int, small: int, root: Path) -> int:
         growth = (big.growth_kib - first.growth_kib) / (n - small)
         ratio = noop.wall / base.wall
         print()
-        print(f"rollout of {n} nodes, batches {args.batches}, --parallel {args.parallel}: "
+        print(f"rollout of {n} nodes, batches {args.batches}, --parallel {args.parallel}, "
+              f"--batch-parallel {args.batch_parallel}: "
               f"{'done' if big.result.exit_code == 0 else 'FAILED'} on "
               f"{sum(r.outcome == 'done' for r in big.result.nodes)} of {n} nodes in {big.wall:.1f} s")
         for i in sorted(big.batch_starts):

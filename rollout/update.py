@@ -92,8 +92,12 @@ class RolloutOptions:
     health_timeout: float = 120.0
     # Seconds between asking a settling node for its health again.
     health_interval: float = 2.0
-    # Nodes staged (or connected to) at once; a batch's nodes always activate together.
+    # Nodes staged (or connected to) at once.
     parallel: int = 4
+    # Nodes of one batch that activate at once (Ansible's forks): a larger batch's other nodes
+    # follow as these finish. It bounds the controller's threads and commands in flight, and so
+    # its memory, whatever the batch size (a batch of 25% of 10,000 nodes).
+    batch_parallel: int = 64
     # Stage by delta where a node holds images to take chunks from (imagetool.chunks).
     delta: bool = True
     # An HTTP(S) store (`imagetool publish`) the nodes pull the image from themselves.
@@ -139,6 +143,9 @@ class RolloutOptions:
                 raise InputError(f"--{name.replace('_', '-')} {value!r}: expected seconds from 0 to {maximum:g}")
         if isinstance(self.parallel, bool) or not isinstance(self.parallel, int) or not 1 <= self.parallel <= 1024:
             raise InputError(f"--parallel {self.parallel!r}: expected 1 to 1024")
+        bp = self.batch_parallel
+        if isinstance(bp, bool) or not isinstance(bp, int) or not 1 <= bp <= 4096:
+            raise InputError(f"--batch-parallel {bp!r}: expected 1 to 4096")
         # A node that confirms after its own dead-man switch fired has already gone back: the
         # switch must outlast booting plus the health gate.
         if self.confirm_timeout < self.health_timeout:
@@ -670,8 +677,11 @@ class Rollout:
         return verdict
 
     def _run_batch(self, batch: list[NodePlan], index: int, count: int, bootstrap: str | None) -> BatchOutcome:
+        at_once = min(len(batch), self.options.batch_parallel)
+        detail = (f"{index}/{count}{' (canary)' if index == 1 and count > 1 else ''}"
+                  f"{f', {at_once} of its {len(batch)} nodes at a time' if at_once < len(batch) else ''}")
         for p in batch:
-            self.events.step(p.node, Step.BATCH, f"{index}/{count}{' (canary)' if index == 1 and count > 1 else ''}")
+            self.events.step(p.node, Step.BATCH, detail)
         plans = {p.node: p for p in batch}
 
         def one(node: Node) -> NodeResult:
@@ -681,7 +691,7 @@ class Rollout:
             r.batch = index
             return r
 
-        got = self._for_each(list(plans), one, len(batch))
+        got = self._for_each(list(plans), one, at_once)
         return BatchOutcome(index=index, results={name: _result(plans[name], r) for name, r in got.items()})
 
     def _rollback_moved(self, plan: list[NodePlan], results: dict[str, NodeResult],
@@ -702,7 +712,7 @@ class Rollout:
                 p = back[node.name]  # noqa: B023 - runs within this iteration
                 return self.activator.activate(node, p.from_id or "", p.to_id)
 
-            for name, got in self._for_each(list(back), one, len(batch)).items():
+            for name, got in self._for_each(list(back), one, min(len(batch), self.options.batch_parallel)).items():
                 p, orig = back[name], results[name]
                 r = _result(p, got)
                 seconds = orig.seconds + r.seconds

@@ -63,6 +63,32 @@ def test_canary_first_then_batches(release: StoredRelease, fleet: Fleet) -> None
     assert ("n1", "done", f"{OLD} → {NEW}") in events
 
 
+def test_batch_parallel_bounds_the_nodes_activating_at_once(release: StoredRelease, fleet: Fleet) -> None:
+    log: list[Action] = []
+    nodes = fleet(5, log)
+    events: list[tuple[str, str, str]] = []
+    result = Rollout(nodes, options(batches="1,4", batch_parallel=2), events=lambda *e: events.append(e)).run(release)
+
+    assert result.exit_code == 0 and [r.outcome for r in result.nodes] == ["done"] * 5
+    assert result.batches == [["n1"], ["n2", "n3", "n4", "n5"]]
+    # A node is activating from its set-next to its commit; never more than two at once.
+    active, most = set(), 0
+    for a in log:
+        if a.action == "set-next":
+            active.add(a.node)
+        elif a.action == "commit":
+            active.discard(a.node)
+        most = max(most, len(active))
+    assert most == 2
+    assert ("n3", "batch", "2/2, 2 of its 4 nodes at a time") in events
+
+
+def test_batch_parallel_must_be_a_count() -> None:
+    for bad in (0, 4097, 2.5, True, "8"):
+        with pytest.raises(InputError, match="--batch-parallel"):
+            RolloutOptions(batch_parallel=bad)  # type: ignore[arg-type]
+
+
 def test_second_run_is_a_no_op(release: StoredRelease, fleet: Fleet) -> None:
     nodes = fleet(3)
     Rollout(nodes, options()).run(release)

@@ -107,6 +107,8 @@ def rollout_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--dry-run", is_flag=True, help="Connect, plan and show; change nothing."),
         limit_option,
         parallel_option,
+        click.option("--batch-parallel", type=click.IntRange(1, 4096), default=64, show_default=True,
+                     help="Nodes of a batch that activate at once; a larger batch's others follow as they finish."),
         delta_option,
         source_option,
         host_keys_option,
