@@ -9,7 +9,8 @@ started), exactly as the unit tests run rollouts. The controller is the real one
 Rollout with its batches, policy, health gate and a real journal. The release is a small sample
 (1000 bytes), so what is measured is the controller, not disk I/O. No root needed.
 
-In one process, in this order: a fleet of N/10 nodes and one of N nodes, all on OLD; a rollout of
+In one process, in this order: a small fleet (N/10 nodes, or more until its largest batch fills
+--batch-parallel as the large one's does: 256 of 1000 by default) and one of N nodes, all on OLD; a rollout of
 NEW to the small fleet; the same to the large one (timed per batch); a no-op re-run on the large
 one; one helper `status` per node of the large fleet (the baseline); every node must end done,
 then skipped, or the bench fails.
@@ -56,6 +57,7 @@ from typing import Any, TypeVar
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from rollout.batch import BatchSpec  # noqa: E402
 from rollout.journal import Journal  # noqa: E402
 from rollout.local import Action, LocalMachine, LocalTransport  # noqa: E402
 from rollout.node import HelperNode, for_each  # noqa: E402
@@ -260,12 +262,28 @@ def main() -> int:
     args = p.parse_args()
     n = 6 if args.quick else args.nodes
     args.batches = args.batches or ("1,50%" if args.quick else "1,10%,25%")
-    small = max(2, n // 10)
+    small = small_fleet_size(n, args.batches, args.batch_parallel)
     if n <= small:
         p.error(f"--nodes {n}: need more than {small} nodes to compare two fleet sizes")
 
     with tempfile.TemporaryDirectory(prefix="imagetool-bench-scale-", dir="/var/tmp") as tmp:
         return run(args, n, small, Path(tmp))
+
+
+def small_fleet_size(n: int, batches: str, batch_parallel: int) -> int:
+    """The small fleet: a tenth of the large one, or more, until its largest batch runs as many
+    nodes at once as the large fleet's (--batch-parallel caps both). The controller's memory grows
+    with the nodes it activates at once as well as with the fleet: with both rollouts running the
+    same number at once, their difference is what the fleet's size alone costs."""
+    spec = BatchSpec.parse(batches)
+
+    def at_once(nodes: int) -> int:
+        return min(batch_parallel, max(spec.sizes(nodes)))
+
+    small = max(2, n // 10)
+    while small < n // 2 and at_once(small) < at_once(n):
+        small += 1
+    return small
 
 
 def run(args: argparse.Namespace, n: int, small: int, root: Path) -> int:

@@ -11,12 +11,14 @@ subclass) that names the node, its address and the cause.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import select
 import shlex
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +152,42 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class OpenConnections:
+    """The SSH connections this process holds open, least recently used first. Beyond `limit`,
+    the least recently used idle ones are closed: a transport connects again on its next use.
+
+    A rollout of a thousand nodes would otherwise hold a connection to every node from its first
+    status to its last unlock (each connection is a paramiko thread and its buffers, about 60 KiB
+    in the controller). A fleet within the limit keeps every connection for the whole run; a
+    larger one reconnects a node for each phase that reaches it. A connection running a command
+    is never closed as idle, so the limit only bounds the idle ones."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: OrderedDict[SSHTransport, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def used(self, transport: SSHTransport) -> None:
+        with self._lock:
+            self._open[transport] = None
+            self._open.move_to_end(transport)
+            over = len(self._open) - self.limit
+            oldest = [t for t in itertools.islice(self._open, max(0, over) + 1) if t is not transport][:max(0, over)]
+        # Closed outside the lock: closing waits for the connection's thread.
+        for t in oldest:
+            t.close_if_idle()
+
+    def forget(self, transport: SSHTransport) -> None:
+        with self._lock:
+            self._open.pop(transport, None)
+
+
+CONNECTIONS = OpenConnections(limit=128)
+
+
 class SSHTransport:
     """One SSH connection to one node, opened on first use and reused until `close`."""
 
@@ -169,6 +207,8 @@ class SSHTransport:
         # The jump host chain this transport rides in the shared pool, while connected.
         self._jump: tuple[Endpoint, ...] | None = None
         self._lock = threading.Lock()
+        # Commands running on the connection now: it is not idle (rollout.transport.CONNECTIONS).
+        self._busy = 0
 
     # --- identity ---------------------------------------------------------------------------
 
@@ -204,12 +244,16 @@ class SSHTransport:
     def connect(self) -> None:
         """Connect and authenticate unless already connected; retries network errors only."""
         with self._lock:
-            if self.connected:
-                return
-            self._close_locked()
-            budget = self.connect_timeout * self.connect_retries
-            self._connect_retrying(stop=stop_after_attempt(self.connect_retries) | stop_after_delay(budget),
-                                   deadline=time.monotonic() + budget)
+            self._connect_locked()
+        CONNECTIONS.used(self)
+
+    def _connect_locked(self) -> None:
+        if self.connected:
+            return
+        self._close_locked()
+        budget = self.connect_timeout * self.connect_retries
+        self._connect_retrying(stop=stop_after_attempt(self.connect_retries) | stop_after_delay(budget),
+                               deadline=time.monotonic() + budget)
 
     def reconnect(self, timeout: float) -> None:
         """Drop the connection and connect again, retrying until `timeout` seconds have passed.
@@ -219,6 +263,7 @@ class SSHTransport:
         with self._lock:
             self._close_locked()
             self._connect_retrying(stop=stop_after_delay(timeout), deadline=time.monotonic() + timeout)
+        CONNECTIONS.used(self)
 
     def _connect_retrying(self, *, stop, deadline: float) -> None:  # type: ignore[no-untyped-def]
         try:
@@ -272,7 +317,20 @@ class SSHTransport:
         with self._lock:
             self._close_locked()
 
+    def close_if_idle(self) -> bool:
+        """Close the connection unless a command is running on it (or it is being opened)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._busy:
+                return False
+            self._close_locked()
+            return True
+        finally:
+            self._lock.release()
+
     def _close_locked(self) -> None:
+        CONNECTIONS.forget(self)
         if self._ssh is not None:
             self._ssh.close()
             self._ssh = None
@@ -280,16 +338,26 @@ class SSHTransport:
             JUMPS.release(self._jump)
             self._jump = None
 
-    def _transport(self) -> paramiko.Transport:
-        self.connect()
-        assert self._ssh is not None
-        return self._ssh
-
     def _session(self, timeout: float) -> paramiko.Channel:
+        """A new channel for one command; the connection counts as busy until `_done`."""
+        with self._lock:
+            self._connect_locked()
+            assert self._ssh is not None
+            ssh = self._ssh
+            self._busy += 1
+        CONNECTIONS.used(self)
         try:
-            return self._transport().open_session(timeout=timeout)
+            return ssh.open_session(timeout=timeout)
         except (paramiko.SSHException, OSError, EOFError) as e:
+            self._done()
             raise UnreachableError(f"node {self.label}: cannot open a session: {_describe(e)}") from e
+        except BaseException:
+            self._done()
+            raise
+
+    def _done(self) -> None:
+        with self._lock:
+            self._busy -= 1
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -340,6 +408,7 @@ class SSHTransport:
             ) from e
         finally:
             chan.close()
+            self._done()
         result = CommandResult(
             command=command,
             exit_status=status,
@@ -449,6 +518,7 @@ class SSHTransport:
             ) from e
         finally:
             chan.close()
+            self._done()
         CommandResult(
             command=command, exit_status=status, stdout="",
             stderr=b"".join(err).decode("utf-8", "replace"), host=self.node.host, name=self.node.name,

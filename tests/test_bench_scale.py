@@ -17,7 +17,7 @@ def test_scale_bench_quick_run_prints_its_figures_and_ends_done_everywhere() -> 
                        text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    assert "rollout of 6 nodes, batches 1,50%, --parallel 4: done on 6 of 6 nodes" in out
+    assert "rollout of 6 nodes, batches 1,50%, --parallel 4, --batch-parallel 64: done on 6 of 6 nodes" in out
     assert re.search(r"batch  1 \(   1 nodes\): +[\d.]+ s", out)
     assert re.search(r"batch  3 \(   2 nodes\): +[\d.]+ s", out)
     for figure, unit in (("controller CPU per node", "ms"), ("memory growth per node", "KiB"),

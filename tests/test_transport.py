@@ -9,6 +9,7 @@ import itertools
 import os
 import subprocess
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from rollout.local import LocalMachine
 from rollout.node import HelperNode
 from rollout.sshconnect import JUMPS
 from rollout.stage import needed_bytes, stage
-from rollout.transport import CommandResult, CommandTimeoutError, SSHTransport
+from rollout.transport import CONNECTIONS, CommandResult, CommandTimeoutError, SSHTransport
 from tests.samples import make_release
 from tests.sshd_fixture import DEAD_ADDR, NODE_ADDR, SshdServer, keygen, sshd_node, sshd_server  # noqa: F401
 
@@ -281,6 +282,51 @@ def test_reconnect_after_the_connection_died(sshd_server: SshdServer) -> None:
     t.close()
 
 
+# --- how many connections stay open ------------------------------------------------------------
+
+def test_idle_connections_beyond_the_limit_are_closed_and_reopen_on_use(
+        sshd_server: SshdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(CONNECTIONS, "limit", 2)
+    ts = [SSHTransport(sshd_server.node) for _ in range(5)]
+    try:
+        for i, t in enumerate(ts):
+            assert t.run(["echo", str(i)]).stdout == f"{i}\n"
+            assert sum(x.connected for x in ts) <= 2
+        # The two used last are open; the first was closed as idle and connects again on use.
+        assert [t.connected for t in ts] == [False, False, False, True, True]
+        assert ts[0].run(["echo", "again"]).stdout == "again\n"
+        assert [t.connected for t in ts] == [True, False, False, False, True]
+    finally:
+        for t in ts:
+            t.close()
+    assert len(CONNECTIONS) == 0
+
+
+def test_a_connection_running_a_command_is_never_closed_as_idle(
+        sshd_server: SshdServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(CONNECTIONS, "limit", 1)
+    ts = [SSHTransport(sshd_server.node) for _ in range(4)]
+    results: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        results[i] = ts[i].run(["sh", "-c", f"sleep 1; echo {i}"], check=True).stdout
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        # All four ran at once, over the limit of one: none was cut.
+        assert results == {i: f"{i}\n" for i in range(4)}
+        # Once idle, they are closed down to the limit on the next use.
+        assert ts[0].run(["true"]).ok
+        assert sum(t.connected for t in ts) == 1 and ts[0].connected
+    finally:
+        for t in ts:
+            t.close()
+
+
 # --- ssh config and jump hosts ----------------------------------------------------------------
 
 
@@ -383,7 +429,7 @@ def test_host_certificate_signed_by_a_trusted_ca(sshd_server: SshdServer, tmp_pa
     node, _ = _node_with_known_hosts(sshd_server, tmp_path, f"@cert-authority 10.250.254.* {sshd_server.ca_pubkey_line}\n")
     with SSHTransport(node) as t:
         assert t.run(["true"]).ok
-        key = t._transport().get_remote_server_key()  # noqa: SLF001
+        key = t._ssh.get_remote_server_key()  # noqa: SLF001
         assert key.public_blob.key_type == "ssh-ed25519-cert-v01@openssh.com"
 
 
