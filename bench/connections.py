@@ -23,15 +23,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.scale import status_kib  # noqa: E402
 from rollout.transport import CONNECTIONS, SSHTransport  # noqa: E402
 from tests.sshd_fixture import throwaway_sshd  # noqa: E402
-
-
-def rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def one_case(nodes: int, step: int, limit: int | None) -> None:
@@ -42,14 +36,14 @@ def one_case(nodes: int, step: int, limit: int | None) -> None:
         warm.run(["true"], check=True)
         warm.close()
         gc.collect()
-        before = rss_kib()
+        before = status_kib("VmRSS")
         transports = [SSHTransport(server.node) for _ in range(nodes)]
         try:
             for i, t in enumerate(transports, 1):
                 t.run(["true"], check=True)
                 if i % step == 0 or i == nodes:
                     gc.collect()
-                    gained = rss_kib() - before
+                    gained = status_kib("VmRSS") - before
                     print(f"{label:>10}: {i:5d} nodes reached, {len(CONNECTIONS):5d} open, "
                           f"{threading.active_count():5d} threads, +{gained / 1024:6.1f} MiB "
                           f"({gained / i:5.1f} KiB per node)", flush=True)

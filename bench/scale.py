@@ -137,7 +137,8 @@ def make_fleet(base: Path, n: int, old: Any, meter: Meter) -> list[HelperNode]:
         return list(pool.map(one, range(1, n + 1)))
 
 
-def _status_kib(key: str) -> int:
+def status_kib(key: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in KiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
@@ -180,7 +181,7 @@ def measure(fn: Callable[[Run], T], meter: Meter) -> Run:
     gc.collect()
     # Linux: writing 5 resets the peak resident set (VmHWM) to the current one.
     Path("/proc/self/clear_refs").write_text("5")
-    run.rss_before_kib = _status_kib("VmRSS")
+    run.rss_before_kib = status_kib("VmRSS")
     cpu0, kids0, t_cpu0, t_calls0 = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN), meter.cpu, meter.calls
     t0 = time.monotonic()
     run.result = fn(run)
@@ -188,7 +189,7 @@ def measure(fn: Callable[[Run], T], meter: Meter) -> Run:
     run.self_cpu = _cpu(resource.RUSAGE_SELF) - cpu0
     run.children_cpu = _cpu(resource.RUSAGE_CHILDREN) - kids0
     run.transport_cpu, run.transport_calls = meter.cpu - t_cpu0, meter.calls - t_calls0
-    run.peak_kib = _status_kib("VmHWM")
+    run.peak_kib = status_kib("VmHWM")
     return run
 
 

@@ -174,8 +174,8 @@ class OpenConnections:
         with self._lock:
             self._open[transport] = None
             self._open.move_to_end(transport)
-            over = len(self._open) - self.limit
-            oldest = [t for t in itertools.islice(self._open, max(0, over) + 1) if t is not transport][:max(0, over)]
+            # `transport` is now the newest, so never among them while the limit is at least one.
+            oldest = list(itertools.islice(self._open, max(0, len(self._open) - self.limit)))
         # Closed outside the lock: closing waits for the connection's thread.
         for t in oldest:
             t.close_if_idle()

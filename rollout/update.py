@@ -712,7 +712,7 @@ class Rollout:
                 p = back[node.name]  # noqa: B023 - runs within this iteration
                 return self.activator.activate(node, p.from_id or "", p.to_id)
 
-            for name, got in self._for_each(list(back), one, min(len(batch), self.options.batch_parallel)).items():
+            for name, got in self._for_each(list(back), one, self.options.batch_parallel).items():
                 p, orig = back[name], results[name]
                 r = _result(p, got)
                 seconds = orig.seconds + r.seconds

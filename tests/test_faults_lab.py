@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from imagetool import lab
-from imagetool.lab.container import container_init
+from imagetool.lab.container import run_in_container
 from rollout.inventory import load_inventory
 from rollout.journal import find_record, state_dir
 from rollout.update import RolloutOptions, RolloutResult, run_rollout
@@ -543,10 +543,7 @@ def test_host_key_changed_mid_rollout(cluster, pair):
         # sshd holds the host keys it loaded at its start (OpenSSH 9.8 and later pass them from the
         # listener to each session): the node's sshd, started in the boot above, still serves the
         # swapped key until it restarts. Restart it from the host side, as its console would.
-        init = container_init(cluster, node)
-        if init:
-            subprocess.run(["nsenter", "-t", str(init), "-m", "-p", "-u", "-i", "-n",
-                            "systemctl", "try-restart", "ssh.service"], check=False, timeout=120)
+        run_in_container(cluster, node, ["systemctl", "try-restart", "ssh.service"], timeout=120)
     wait_up(cluster, node)
     assert node_status(cluster, cluster.node(node))["committed"] == current.id
     assert_settled(cluster, converge(cluster, target, node))

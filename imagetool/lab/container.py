@@ -87,6 +87,16 @@ def container_init(lab: Lab, node: str) -> int | None:
     return inits[0] if inits else None
 
 
+def run_in_container(lab: Lab, node: str, argv: list[str], timeout: float) -> subprocess.CompletedProcess[str] | None:
+    """argv inside the node's running container, from the host (its console, not its SSH); None
+    when no container runs. A command that overruns `timeout` raises subprocess.TimeoutExpired."""
+    init = container_init(lab, node)
+    if init is None:
+        return None
+    return subprocess.run(["nsenter", "-t", str(init), "-m", "-p", "-u", "-i", "-n", *argv],
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def container_state(lab: Lab, node: LabNode) -> NodeState:
     nd = lab.node_dir(node.name)
     powered = firmware_pid(lab, node.name) is not None
@@ -95,17 +105,15 @@ def container_state(lab: Lab, node: LabNode) -> NodeState:
         booted = json.loads((nd / "booted").read_text())["image"]
     except (OSError, ValueError, KeyError):
         pass
-    init = container_init(lab, node.name)
     system_state = "off" if not powered else "booting"
-    if init:
-        # A loaded host (or a node deep in its boot) may take longer to answer than a status
-        # should wait: then its state is not known, which is not an error of `lab status`.
-        try:
-            r = subprocess.run(["nsenter", "-t", str(init), "-m", "-p", "-u", "-i", "-n",
-                                "systemctl", "is-system-running"], capture_output=True, text=True, timeout=10)
+    # A loaded host (or a node deep in its boot) may take longer to answer than a status
+    # should wait: then its state is not known, which is not an error of `lab status`.
+    try:
+        r = run_in_container(lab, node.name, ["systemctl", "is-system-running"], timeout=10)
+        if r is not None:
             system_state = r.stdout.strip() or "booting"
-        except subprocess.TimeoutExpired:
-            system_state = "unknown"
+    except subprocess.TimeoutExpired:
+        system_state = "unknown"
     return NodeState(node.name, node.address, powered, booted, system_state, link_state(node), node.kind)
 
 
